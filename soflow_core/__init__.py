@@ -1,0 +1,133 @@
+"""soflow_core: Solution Flow Models (SoFlow) as typed, backbone-agnostic PyTorch building blocks.
+
+Time runs from data (t = 0) to noise (t = 1). A network F_θ(x, t, s, cond) is turned into the
+solution f_θ(x_t, t, s) = a·x_t + b·F_θ of the flow ODE, trained with Flow Matching plus the
+JVP-free solution-consistency loss, and sampled in one step as f_θ(noise, 1, 0).
+
+Example:
+    >>> import torch
+    >>> from soflow_core import MLPBackbone, SoFlowObjective, sample_one_step
+    >>> model, objective = MLPBackbone(dim=2), SoFlowObjective()
+    >>> out = objective(model, torch.randn(32, 2), step=0, total_steps=1000)
+    >>> out.backprop.backward()
+"""
+
+from soflow_core._tensor import bcast_right
+from soflow_core.guidance import (
+    ClassifierFreeGuidance,
+    cfg_decay,
+    drop_cond,
+    guided_target,
+    guided_velocity,
+    mixed_velocity,
+    sample_drop_mask,
+)
+from soflow_core.losses import (
+    ConsistencyOutput,
+    FlowMatchingLoss,
+    FlowMatchingOutput,
+    SolutionConsistencyLoss,
+    consistency_quotient,
+    flow_matching_loss,
+    solution_consistency_loss,
+    teacher_state,
+)
+from soflow_core.metrics import energy_distance
+from soflow_core.nets import MLPBackbone
+from soflow_core.objective import (
+    PRESETS,
+    ConsistencyBatch,
+    FlowMatchingBatch,
+    ObjectiveOutput,
+    SoFlowObjective,
+    TrainingBatch,
+    has_active_dropout,
+    split_sizes,
+)
+from soflow_core.parameterizations import AbstractParam, EulerParam, TrigParam, make_param
+from soflow_core.paths import AbstractPath, LinearPath, PathSample, TrigPath, make_path
+from soflow_core.rng import RngSnapshot, replay_rng, snapshot_rng
+from soflow_core.samplers import sample_chain, sample_few_step, sample_one_step, uniform_time_grid
+from soflow_core.time_samplers import (
+    MIN_TIME_GAP,
+    AbstractRSchedule,
+    AbstractTimeDistribution,
+    ConsistencyTimeSampler,
+    ConstSchedule,
+    CosineSchedule,
+    ExponentSchedule,
+    LinearSchedule,
+    LogitNormal,
+    TimeTriple,
+    Uniform,
+    consistency_times,
+    make_schedule,
+)
+from soflow_core.toy import sample_toy_2d
+from soflow_core.typing import Backbone
+from soflow_core.weighting import AdaptiveWeighting, adaptive_weight, flow_matching_weight
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MIN_TIME_GAP",
+    "PRESETS",
+    "AbstractParam",
+    "AbstractPath",
+    "AbstractRSchedule",
+    "AbstractTimeDistribution",
+    "AdaptiveWeighting",
+    "Backbone",
+    "ClassifierFreeGuidance",
+    "ConsistencyBatch",
+    "ConsistencyOutput",
+    "ConsistencyTimeSampler",
+    "ConstSchedule",
+    "CosineSchedule",
+    "EulerParam",
+    "ExponentSchedule",
+    "FlowMatchingBatch",
+    "FlowMatchingLoss",
+    "FlowMatchingOutput",
+    "LinearPath",
+    "LinearSchedule",
+    "LogitNormal",
+    "MLPBackbone",
+    "ObjectiveOutput",
+    "PathSample",
+    "RngSnapshot",
+    "SoFlowObjective",
+    "SolutionConsistencyLoss",
+    "TimeTriple",
+    "TrainingBatch",
+    "TrigParam",
+    "TrigPath",
+    "Uniform",
+    "adaptive_weight",
+    "bcast_right",
+    "cfg_decay",
+    "consistency_quotient",
+    "consistency_times",
+    "drop_cond",
+    "energy_distance",
+    "flow_matching_loss",
+    "flow_matching_weight",
+    "guided_target",
+    "guided_velocity",
+    "has_active_dropout",
+    "make_param",
+    "make_path",
+    "make_schedule",
+    "mixed_velocity",
+    "replay_rng",
+    "sample_chain",
+    "sample_drop_mask",
+    "sample_few_step",
+    "sample_one_step",
+    "sample_toy_2d",
+    "snapshot_rng",
+    "solution_consistency_loss",
+    "split_sizes",
+    "teacher_state",
+    "uniform_time_grid",
+]

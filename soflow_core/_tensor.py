@@ -1,0 +1,32 @@
+"""Small tensor helpers used throughout the package."""
+
+import torch
+from torch import Tensor
+
+
+def bcast_right(t: Tensor, like: Tensor) -> Tensor:
+    """Append singleton dimensions to a per-sample tensor so it broadcasts against ``like``.
+
+    Args:
+        t: A tensor of shape ``(b,)``.
+        like: A tensor of shape ``(b, *shape)``.
+
+    Returns:
+        ``t`` viewed as ``(b, 1, ..., 1)`` with ``like.ndim`` dimensions.
+
+    Example:
+        >>> import torch
+        >>> bcast_right(torch.ones(4), torch.zeros(4, 3, 8, 8)).shape
+        torch.Size([4, 1, 1, 1])
+    """
+    return t.reshape(t.shape + (1,) * (like.ndim - t.ndim))
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype losses accumulate in: float64 for float64 inputs, float32 otherwise."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def per_sample_mean(x: Tensor) -> Tensor:
+    """Mean over every dimension but the first: ``(b, *shape) -> (b,)``."""
+    return x.flatten(1).mean(dim=1)

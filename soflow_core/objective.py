@@ -1,0 +1,531 @@
+r"""`SoFlowObjective`: one training step's loss, composed from the building blocks (spec §5.3, §15).
+
+The objective owns no network, optimizer or state. Each call draws noise, times and label
+masks from an explicit ``generator``, evaluates the backbone in as few batched calls as the
+maths allows, and returns the scalar to backpropagate with detached metrics:
+
+1. one no-grad call for every guidance velocity (unconditional for both sub-batches, the
+   model's conditional velocity for the consistency sub-batch when m < 1);
+2. one grad call over the Flow Matching and consistency samples together;
+3. one no-grad teacher call at (x_ℓ, ℓ, s), replaying the random stream of call 2.
+
+When the backbone has active dropout, a joint call 2 would draw masks for a batch shape the
+teacher never sees, so ``forward_batching="auto"`` then splits call 2 into a Flow Matching
+call and a consistency call, and the teacher replays the consistency call's masks exactly.
+"""
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from soflow_core._validation import (
+    check_choice,
+    check_cond,
+    check_finite,
+    check_int,
+    check_real,
+    check_same_shape,
+    check_tensor,
+)
+from soflow_core.guidance import ClassifierFreeGuidance, drop_cond, guided_target, sample_drop_mask
+from soflow_core.losses import (
+    ConsistencyOutput,
+    FlowMatchingOutput,
+    flow_matching_loss,
+    solution_consistency_loss,
+    teacher_state,
+)
+from soflow_core.parameterizations import AbstractParam, EulerParam
+from soflow_core.paths import AbstractPath, LinearPath
+from soflow_core.rng import randn, replay_rng, snapshot_rng
+from soflow_core.time_samplers import (
+    AbstractTimeDistribution,
+    ConsistencyTimeSampler,
+    ExponentSchedule,
+    LogitNormal,
+)
+from soflow_core.typing import Backbone, Cond, Data, DropMask, Scalar, Time
+from soflow_core.weighting import AdaptiveWeighting
+
+__all__ = [
+    "PRESETS",
+    "ConsistencyBatch",
+    "FlowMatchingBatch",
+    "ForwardBatching",
+    "ObjectiveOutput",
+    "SoFlowObjective",
+    "TrainingBatch",
+    "has_active_dropout",
+    "split_sizes",
+]
+
+ForwardBatching = Literal["auto", "joint", "split"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class FlowMatchingBatch:
+    """The random draws of the Flow Matching sub-batch.
+
+    Attributes:
+        x_t: Points on the path.
+        v_t: Their conditional velocities.
+        t: Times.
+        cond: Conditions after the label drop, or None.
+        drop_mask: True where the condition was dropped, or None without guidance.
+    """
+
+    x_t: Data
+    v_t: Data
+    t: Time
+    cond: Cond | None = None
+    drop_mask: DropMask | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConsistencyBatch:
+    """The random draws of the solution-consistency sub-batch.
+
+    Attributes:
+        x_t: Points on the path at time t.
+        v_t: Their conditional velocities.
+        t: Times of x_t.
+        s: Target times.
+        ell: Intermediate times.
+        cond: Conditions after the label drop, or None.
+        drop_mask: True where the condition was dropped, or None without guidance.
+    """
+
+    x_t: Data
+    v_t: Data
+    t: Time
+    s: Time
+    ell: Time
+    cond: Cond | None = None
+    drop_mask: DropMask | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainingBatch:
+    """Everything random about one step; the loss is a deterministic function of it and the network.
+
+    Attributes:
+        flow_matching: The first int(λ·B) samples, or None if there are none.
+        consistency: The remaining samples, or None if there are none.
+    """
+
+    flow_matching: FlowMatchingBatch | None
+    consistency: ConsistencyBatch | None
+
+    @property
+    def batch_size(self) -> int:
+        """B, the number of samples of both sub-batches together."""
+        return sum(part.t.shape[0] for part in (self.flow_matching, self.consistency) if part is not None)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ObjectiveOutput:
+    """Result of one objective call.
+
+    Attributes:
+        backprop: L_FM·N_fm/B + L_sur·N_c/B, the scalar to call ``.backward()`` on. Its gradient
+            is that of the weighted losses; its value is not a loss (the consistency part is a
+            surrogate).
+        flow_matching: The Flow Matching output, or None when N_fm = 0.
+        consistency: The consistency output, or None when N_c = 0.
+        metrics: Detached 0-dim tensors for logging (no device sync until you read them):
+            ``fm_loss``, ``fm_mse``, ``fm_weight``, ``consistency_mse``, ``consistency_weight``,
+            ``consistency_loss`` (the value of the loss the surrogate's gradient belongs to),
+            and ``finite`` (1.0 when every loss term is finite, else 0.0).
+    """
+
+    backprop: Scalar
+    flow_matching: FlowMatchingOutput | None
+    consistency: ConsistencyOutput | None
+    metrics: dict[str, Tensor]
+
+
+def split_sizes(batch_size: int, fm_fraction: float) -> tuple[int, int]:
+    """The reference's per-device split: N_fm = int(λ·B) Flow Matching samples, the rest consistency.
+
+    Args:
+        batch_size: B, the per-device batch.
+        fm_fraction: λ ∈ [0, 1] (reference ``velocity_loss_ratio``).
+
+    Returns:
+        (N_fm, N_c).
+
+    Example:
+        >>> split_sizes(32, 0.75)
+        (24, 8)
+    """
+    n_fm = int(fm_fraction * batch_size)
+    return n_fm, batch_size - n_fm
+
+
+def has_active_dropout(model: object) -> bool:
+    """Whether ``model`` is a module in training mode holding a dropout layer with p > 0.
+
+    Args:
+        model: The backbone.
+
+    Returns:
+        True if some dropout layer would draw random masks.
+    """
+    if not isinstance(model, nn.Module):
+        return False
+    for module in model.modules():
+        if not module.training:
+            continue
+        if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
+            return True
+        if isinstance(module, nn.MultiheadAttention) and module.dropout > 0:
+            return True
+    return False
+
+
+def _cat(parts: Sequence[Tensor | None]) -> Tensor | None:
+    if all(p is None for p in parts):
+        return None
+    if any(p is None for p in parts):
+        raise ValueError("cond must be given for every sub-batch or for none")
+    return torch.cat(list(parts), dim=0)  # type: ignore[arg-type]
+
+
+def _batched_call(
+    model: Backbone, calls: Sequence[tuple[Tensor, Tensor, Tensor, Tensor | None]], joint: bool
+) -> list[Tensor]:
+    """Evaluate ``model(x, t, s, cond)`` for each request, as one concatenated call when ``joint``."""
+    if not joint or len(calls) == 1:
+        return [model(x, t, s, c) for x, t, s, c in calls]
+    xs, ts, ss, cs = zip(*calls)
+    out = model(torch.cat(xs), torch.cat(ts), torch.cat(ss), _cat(cs))
+    return list(torch.split(out, [x.shape[0] for x in xs]))
+
+
+@dataclass(frozen=True, kw_only=True)
+class SoFlowObjective:
+    """The SoFlow training objective: Flow Matching plus solution consistency, with optional CFG.
+
+    Defaults are the reference ImageNet recipe without guidance; see
+    [`from_preset`][soflow_core.SoFlowObjective.from_preset] for the two released recipes.
+
+    Attributes:
+        path: The noising path (reference ``noising_type``).
+        param: The solution parameterization (reference ``coefficient_type``).
+        fm_fraction: λ, the share of each per-device batch used for Flow Matching
+            (reference ``velocity_loss_ratio``).
+        fm_time: Distribution of the Flow Matching times (``time_mean[0]``, ``time_std[0]``).
+        consistency_times: Sampler of (t, s, ℓ) including the r(k, K) schedule.
+        weighting: p and ε of both adaptive weights (``adaptive_p``, ``eps``).
+        guidance: Training-time classifier-free guidance, or None.
+        forward_batching: ``"joint"`` evaluates FM and consistency samples in one grad call;
+            ``"split"`` uses separate calls (needed to share dropout masks); ``"auto"`` picks
+            ``"split"`` when the backbone is an ``nn.Module`` with active dropout, else ``"joint"``.
+            Functional dropout inside ``forward`` is not detected: choose ``"split"`` then.
+        check_inputs: Check data, cond and noise for shape and finiteness before any model
+            call (one device sync per step; skipped automatically under ``torch.compile``).
+
+    Example:
+        >>> import torch
+        >>> from soflow_core import MLPBackbone
+        >>> objective = SoFlowObjective.from_preset("cifar10")
+        >>> out = objective(MLPBackbone(dim=2), torch.randn(16, 2), step=0, total_steps=100,
+        ...                 generator=torch.Generator().manual_seed(0))
+        >>> out.backprop.backward()
+    """
+
+    path: AbstractPath = field(default_factory=LinearPath)
+    param: AbstractParam = field(default_factory=EulerParam)
+    fm_fraction: float = 0.75
+    fm_time: AbstractTimeDistribution = field(default_factory=lambda: LogitNormal(mean=-0.2, std=1.0))
+    consistency_times: ConsistencyTimeSampler = field(default_factory=ConsistencyTimeSampler)
+    weighting: AdaptiveWeighting = field(default_factory=AdaptiveWeighting)
+    guidance: ClassifierFreeGuidance | None = None
+    forward_batching: ForwardBatching = "auto"
+    check_inputs: bool = True
+
+    def __post_init__(self) -> None:
+        check_real("fm_fraction", self.fm_fraction, low=0.0, high=1.0)
+        check_choice("forward_batching", self.forward_batching, ("auto", "joint", "split"))
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: object) -> "SoFlowObjective":
+        """One of the released recipes, with field overrides.
+
+        * ``"imagenet"``: DiT-B/4 on ImageNet-256 latents with CFG (ω = 3, m = 0.25, drop 0.1,
+          t_d = 0.8, null class 1000), λ = 0.75, p = 1, ε = 0.01, times [FM, s, t] logit-normal
+          μ = [−0.2, −1.0, 0.2], σ = [1.0, 0.8, 0.8], r Exponent 0.1 → 0.002.
+        * ``"cifar10"``: unconditional CIFAR-10, λ = 0, p = 0.75, ε = 1e-3, μ = [−0.9, −4.0, −0.9],
+          σ = 1.6, r Exponent 1.0 → 0.0003125, no guidance.
+
+        Args:
+            name: ``"imagenet"`` or ``"cifar10"``.
+            **overrides: Fields to replace, e.g. ``guidance=...`` for another class count.
+
+        Returns:
+            The objective.
+
+        Raises:
+            ValueError: If the preset is unknown.
+
+        Example:
+            >>> SoFlowObjective.from_preset("imagenet").guidance.scale
+            3.0
+        """
+        key = check_choice("preset", name, tuple(PRESETS))
+        return dataclasses.replace(PRESETS[key], **overrides)
+
+    # ------------------------------------------------------------------ the step
+
+    def __call__(
+        self,
+        model: Backbone,
+        data: Data,
+        cond: Cond | None = None,
+        *,
+        step: int,
+        total_steps: int,
+        generator: torch.Generator | None = None,
+        noise: Data | None = None,
+    ) -> ObjectiveOutput:
+        """Draw a training batch from ``data`` and evaluate the objective on ``model``.
+
+        Args:
+            model: The backbone F_θ (a module, a DDP/FSDP wrapper or any callable).
+            data: Clean samples, batch first.
+            cond: Per-sample conditions (class labels for guidance), or None.
+            step: Optimizer steps done so far, k ≥ 0 (drives r(k, K)).
+            total_steps: Planned run length K ≥ 1.
+            generator: Source of every random draw of the step, or None for the global RNG.
+            noise: Noise to use instead of drawing it, shaped like ``data``.
+
+        Returns:
+            The [`ObjectiveOutput`][soflow_core.ObjectiveOutput].
+
+        Raises:
+            ValueError: On bad shapes, non-finite data, bad step counts, or guidance without ``cond``.
+            TypeError: On non-tensor inputs or non-integer step counts.
+        """
+        batch = self.sample_batch(data, cond, step=step, total_steps=total_steps, generator=generator, noise=noise)
+        return self.loss(model, batch)
+
+    def sample_batch(
+        self,
+        data: Data,
+        cond: Cond | None = None,
+        *,
+        step: int,
+        total_steps: int,
+        generator: torch.Generator | None = None,
+        noise: Data | None = None,
+    ) -> TrainingBatch:
+        """Make every random draw of one step (noise, times, label masks), in a fixed order.
+
+        Draw order: FM times, FM noise, FM mask; then s, t, consistency noise, consistency mask.
+        Times are float64 for float64 data and float32 otherwise.
+
+        Args:
+            data: Clean samples, batch first.
+            cond: Per-sample conditions, or None.
+            step: Optimizer steps done so far, k ≥ 0.
+            total_steps: Planned run length K ≥ 1.
+            generator: Source of every draw, or None for the global RNG.
+            noise: Noise to use instead of drawing it, shaped like ``data``.
+
+        Returns:
+            The [`TrainingBatch`][soflow_core.TrainingBatch].
+
+        Raises:
+            ValueError: On bad shapes, non-finite data or bad step counts.
+            TypeError: On non-tensor inputs or non-integer step counts.
+        """
+        check_int("step", step, low=0)
+        check_int("total_steps", total_steps, low=1)
+        if self.check_inputs:
+            check_tensor("data", data, min_ndim=2)
+            check_finite("data", data)
+            check_cond("cond", cond, data.shape[0])
+            if noise is not None:
+                check_tensor("noise", noise, min_ndim=2)
+                check_same_shape("noise", noise, "data", data)
+                check_finite("noise", noise)
+        guidance = self.guidance
+        if guidance is not None and cond is None and (guidance.active or guidance.drop_rate > 0):
+            raise ValueError(
+                f"cond must be given when guidance is set (scale={guidance.scale}, "
+                f"drop_rate={guidance.drop_rate}); got cond=None"
+            )
+        n_fm, n_c = split_sizes(data.shape[0], self.fm_fraction)
+        device = data.device
+        time_dtype = torch.float64 if data.dtype == torch.float64 else torch.float32
+
+        def draw_noise(part: slice) -> Tensor:
+            if noise is not None:
+                return noise[part]
+            shape = (part.stop - part.start, *data.shape[1:])
+            return randn(shape, device=device, dtype=data.dtype, generator=generator)
+
+        def draw_cond(part: slice, size: int) -> tuple[Tensor | None, Tensor | None]:
+            if cond is None:
+                return None, None
+            if guidance is None or guidance.drop_rate == 0:
+                return cond[part], None
+            mask = sample_drop_mask(size, guidance.drop_rate, device=device, generator=generator)
+            return drop_cond(cond[part], mask, guidance.null_cond), mask
+
+        fm_batch = sc_batch = None
+        if n_fm > 0:
+            part = slice(0, n_fm)
+            t = self.fm_time.sample(n_fm, device=device, dtype=time_dtype, generator=generator)
+            sample = self.path.interpolate(data[part], draw_noise(part), t)
+            fm_cond, fm_mask = draw_cond(part, n_fm)
+            fm_batch = FlowMatchingBatch(x_t=sample.x_t, v_t=sample.v_t, t=t, cond=fm_cond, drop_mask=fm_mask)
+        if n_c > 0:
+            part = slice(n_fm, n_fm + n_c)
+            times = self.consistency_times.sample(
+                n_c, step=step, total_steps=total_steps, device=device, dtype=time_dtype, generator=generator
+            )
+            sample = self.path.interpolate(data[part], draw_noise(part), times.t)
+            sc_cond, sc_mask = draw_cond(part, n_c)
+            sc_batch = ConsistencyBatch(
+                x_t=sample.x_t, v_t=sample.v_t, t=times.t, s=times.s, ell=times.ell, cond=sc_cond, drop_mask=sc_mask
+            )
+        return TrainingBatch(flow_matching=fm_batch, consistency=sc_batch)
+
+    def use_joint_forward(self, model: Backbone) -> bool:
+        """Whether the grad calls of the two sub-batches are concatenated into one call for ``model``.
+
+        Args:
+            model: The backbone.
+
+        Returns:
+            True for one joint grad call, False for separate calls.
+        """
+        if self.forward_batching == "auto":
+            return not has_active_dropout(model)
+        return self.forward_batching == "joint"
+
+    def loss(self, model: Backbone, batch: TrainingBatch) -> ObjectiveOutput:
+        """Evaluate the objective on a batch of draws (deterministic given the batch and the network).
+
+        Args:
+            model: The backbone F_θ.
+            batch: The draws from [`sample_batch`][soflow_core.SoFlowObjective.sample_batch].
+
+        Returns:
+            The [`ObjectiveOutput`][soflow_core.ObjectiveOutput].
+        """
+        fm, sc = batch.flow_matching, batch.consistency
+        guidance = self.guidance if self.guidance is not None and self.guidance.active else None
+        joint = self.use_joint_forward(model)
+        param = self.param
+
+        # 1. Guidance velocities, all without gradient, in one call when joint.
+        v_uncond_fm = v_tilde = None
+        if sc is not None:
+            v_tilde = sc.v_t
+        if guidance is not None:
+            requests: list[tuple[Tensor, Tensor, Tensor, Tensor | None]] = []
+            for part in (fm, sc):
+                if part is not None:
+                    null = drop_cond(part.cond, torch.ones_like(part.drop_mask), guidance.null_cond)
+                    requests.append((part.x_t, part.t, part.t, null))
+            if sc is not None and guidance.needs_model_velocity:
+                requests.append((sc.x_t, sc.t, sc.t, sc.cond))
+            with torch.no_grad():
+                outs = iter(_batched_call(model, requests, joint))
+                if fm is not None:
+                    v_uncond_fm = param.velocity_from_output(fm.x_t, next(outs), fm.t)
+                if sc is not None:
+                    v_uncond_sc = param.velocity_from_output(sc.x_t, next(outs), sc.t)
+                    v_model_sc = (
+                        param.velocity_from_output(sc.x_t, next(outs), sc.t)
+                        if guidance.needs_model_velocity
+                        else sc.v_t
+                    )
+                    v_tilde = guided_target(sc.v_t, v_uncond_sc, v_model_sc, sc.drop_mask, sc.t, guidance)
+
+        # 2. The grad call(s); the RNG snapshot is taken right before the consistency samples' call.
+        device = (fm or sc).x_t.device  # type: ignore[union-attr]
+        fm_out = sc_out = None
+        if joint:
+            snapshot = snapshot_rng(device)
+            requests = []
+            if fm is not None:
+                requests.append((fm.x_t, fm.t, fm.t, fm.cond))
+            if sc is not None:
+                requests.append((sc.x_t, sc.t, sc.s, sc.cond))
+            outs = iter(_batched_call(model, requests, joint=True))
+            fm_out = next(outs) if fm is not None else None
+            sc_out = next(outs) if sc is not None else None
+        else:
+            if fm is not None:
+                fm_out = model(fm.x_t, fm.t, fm.t, fm.cond)
+            snapshot = snapshot_rng(device)
+            if sc is not None:
+                sc_out = model(sc.x_t, sc.t, sc.s, sc.cond)
+
+        # 3. Losses; the teacher call replays the random stream of the consistency grad call.
+        fm_result = sc_result = None
+        if fm is not None:
+            v_pred = param.velocity_from_output(fm.x_t, fm_out, fm.t)
+            target = fm.v_t
+            if guidance is not None:
+                target = guided_target(fm.v_t, v_uncond_fm, v_pred, fm.drop_mask, fm.t, guidance)
+            fm_result = flow_matching_loss(v_pred, target, fm.t, param=param, weighting=self.weighting)
+        if sc is not None:
+            with torch.no_grad(), replay_rng(snapshot):
+                x_ell = teacher_state(sc.x_t, v_tilde, sc.t, sc.ell)
+                f_ell = param.combine(x_ell, model(x_ell, sc.ell, sc.s, sc.cond), sc.ell, sc.s)
+            sc_result = solution_consistency_loss(
+                sc_out, sc.x_t, f_ell, sc.t, sc.s, sc.ell, param=param, weighting=self.weighting
+            )
+        return _combine(fm_result, sc_result, batch.batch_size)
+
+
+def _combine(fm: FlowMatchingOutput | None, sc: ConsistencyOutput | None, batch_size: int) -> ObjectiveOutput:
+    """L = L_FM·N_fm/B + L_sur·N_c/B with merged metrics (spec §5.3)."""
+    terms: list[Tensor] = []
+    metrics: dict[str, Tensor] = {}
+    for part in (fm, sc):
+        if part is None:
+            continue
+        terms.append(part.backprop * (part.per_sample.shape[0] / batch_size))
+        metrics.update(part.metrics())
+    backprop = torch.stack(terms).sum() if len(terms) > 1 else terms[0]
+    finite = torch.stack([torch.isfinite(v).all() for v in (backprop.detach(), *metrics.values())]).all()
+    metrics["finite"] = finite.to(backprop.dtype)
+    return ObjectiveOutput(backprop=backprop, flow_matching=fm, consistency=sc, metrics=metrics)
+
+
+PRESETS: dict[str, SoFlowObjective] = {
+    "imagenet": SoFlowObjective(
+        fm_fraction=0.75,
+        fm_time=LogitNormal(mean=-0.2, std=1.0),
+        consistency_times=ConsistencyTimeSampler(
+            t_distribution=LogitNormal(mean=0.2, std=0.8),
+            s_distribution=LogitNormal(mean=-1.0, std=0.8),
+            schedule=ExponentSchedule(r_init=0.1, r_end=0.002),
+        ),
+        weighting=AdaptiveWeighting(p=1.0, eps=0.01),
+        guidance=ClassifierFreeGuidance(scale=3.0, mix=0.25, drop_rate=0.1, decay_time=0.8, null_cond=1000),
+    ),
+    "cifar10": SoFlowObjective(
+        fm_fraction=0.0,
+        fm_time=LogitNormal(mean=-0.9, std=1.6),
+        consistency_times=ConsistencyTimeSampler(
+            t_distribution=LogitNormal(mean=-0.9, std=1.6),
+            s_distribution=LogitNormal(mean=-4.0, std=1.6),
+            schedule=ExponentSchedule(r_init=1.0, r_end=0.0003125),
+        ),
+        weighting=AdaptiveWeighting(p=0.75, eps=1e-3),
+        guidance=None,
+    ),
+}
+"""The two released recipes; use [`SoFlowObjective.from_preset`][soflow_core.SoFlowObjective.from_preset]."""

@@ -1,0 +1,162 @@
+r"""Noising paths x_t = α(t)·data + β(t)·noise (spec §1).
+
+Time runs from data (t = 0) to noise (t = 1): α(0) = 1, β(0) = 0, α(1) = 0, β(1) = 1.
+The conditional velocity, the Flow Matching regression target, is
+$v_t = \alpha'(t)\,\text{data} + \beta'(t)\,\text{noise}$.
+"""
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from soflow_core._tensor import bcast_right
+from soflow_core._validation import check_choice, check_same_shape, check_tensor, check_time
+from soflow_core.typing import Data, Time
+
+__all__ = ["AbstractPath", "LinearPath", "PathName", "PathSample", "TrigPath", "make_path"]
+
+PathName = Literal["linear", "trig"]
+AnyTime = Float[Tensor, "*t"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class PathSample:
+    """A point on the path and its conditional velocity.
+
+    Attributes:
+        x_t: α(t)·data + β(t)·noise.
+        v_t: α′(t)·data + β′(t)·noise, the conditional velocity d x_t / dt.
+    """
+
+    x_t: Data
+    v_t: Data
+
+
+@dataclass(frozen=True, kw_only=True)
+class AbstractPath(ABC):
+    """An interpolant between data (t = 0) and noise (t = 1) with its time derivatives."""
+
+    @abstractmethod
+    def alpha(self, t: AnyTime) -> AnyTime:
+        """Coefficient of the data, α(t)."""
+
+    @abstractmethod
+    def beta(self, t: AnyTime) -> AnyTime:
+        """Coefficient of the noise, β(t)."""
+
+    @abstractmethod
+    def d_alpha(self, t: AnyTime) -> AnyTime:
+        """Time derivative α′(t)."""
+
+    @abstractmethod
+    def d_beta(self, t: AnyTime) -> AnyTime:
+        """Time derivative β′(t)."""
+
+    def sample(self, data: Data, noise: Data, t: Time) -> PathSample:
+        r"""Build $x_t$ and the conditional velocity $v_t$ (spec §1).
+
+        $$x_t = \alpha(t)\,\text{data} + \beta(t)\,\text{noise},\qquad
+          v_t = \alpha'(t)\,\text{data} + \beta'(t)\,\text{noise}.$$
+
+        Args:
+            data: Clean samples (t = 0).
+            noise: Gaussian noise (t = 1), same shape as ``data``.
+            t: Time of each sample, in [0, 1].
+
+        Returns:
+            The [`PathSample`][soflow_core.PathSample] ``(x_t, v_t)``.
+
+        Raises:
+            ValueError: On mismatched shapes or t outside [0, 1].
+
+        Example:
+            >>> import torch
+            >>> out = LinearPath().sample(torch.ones(2, 3), torch.zeros(2, 3), torch.tensor([0.0, 1.0]))
+            >>> out.x_t[:, 0].tolist(), out.v_t[0, 0].item()
+            ([1.0, 0.0], -1.0)
+        """
+        check_tensor("data", data, min_ndim=2)
+        check_tensor("noise", noise, min_ndim=2)
+        check_same_shape("noise", noise, "data", data)
+        check_time("t", t, data.shape[0])
+        return self.interpolate(data, noise, t)
+
+    def interpolate(self, data: Data, noise: Data, t: Time) -> PathSample:
+        """[`sample`][soflow_core.AbstractPath.sample] without input checks (for hot paths)."""
+        tb = bcast_right(t, data)
+        x_t = self.alpha(tb) * data + self.beta(tb) * noise
+        v_t = self.d_alpha(tb) * data + self.d_beta(tb) * noise
+        return PathSample(x_t=x_t, v_t=v_t)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LinearPath(AbstractPath):
+    r"""The rectified-flow path, reference name ``Linear``: α(t) = 1 − t, β(t) = t.
+
+    The conditional velocity is $v_t = \text{noise} - \text{data}$ (it points from data to
+    noise; sampling moves against it as t decreases).
+    """
+
+    def alpha(self, t: AnyTime) -> AnyTime:
+        r"""$\alpha(t) = 1 - t$."""
+        return 1.0 - t
+
+    def beta(self, t: AnyTime) -> AnyTime:
+        r"""$\beta(t) = t$."""
+        return t.clone()
+
+    def d_alpha(self, t: AnyTime) -> AnyTime:
+        r"""$\alpha'(t) = -1$."""
+        return torch.full_like(t, -1.0)
+
+    def d_beta(self, t: AnyTime) -> AnyTime:
+        r"""$\beta'(t) = 1$."""
+        return torch.ones_like(t)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrigPath(AbstractPath):
+    r"""The trigonometric path, reference name ``Trig``: α(t) = cos(πt/2), β(t) = sin(πt/2)."""
+
+    def alpha(self, t: AnyTime) -> AnyTime:
+        r"""$\alpha(t) = \cos(\pi t / 2)$."""
+        return torch.cos(0.5 * math.pi * t)
+
+    def beta(self, t: AnyTime) -> AnyTime:
+        r"""$\beta(t) = \sin(\pi t / 2)$."""
+        return torch.sin(0.5 * math.pi * t)
+
+    def d_alpha(self, t: AnyTime) -> AnyTime:
+        r"""$\alpha'(t) = -\tfrac{\pi}{2}\sin(\pi t / 2)$."""
+        return -0.5 * math.pi * torch.sin(0.5 * math.pi * t)
+
+    def d_beta(self, t: AnyTime) -> AnyTime:
+        r"""$\beta'(t) = \tfrac{\pi}{2}\cos(\pi t / 2)$."""
+        return 0.5 * math.pi * torch.cos(0.5 * math.pi * t)
+
+
+_PATHS: dict[str, type[AbstractPath]] = {"linear": LinearPath, "trig": TrigPath}
+
+
+def make_path(name: str) -> AbstractPath:
+    """Build a path from its name: ``"linear"`` or ``"trig"`` (case-insensitive, reference spelling accepted).
+
+    Args:
+        name: The path name.
+
+    Returns:
+        The path object.
+
+    Raises:
+        ValueError: If the name is unknown.
+
+    Example:
+        >>> make_path("Linear")
+        LinearPath()
+    """
+    return _PATHS[check_choice("path", name, tuple(_PATHS))]()

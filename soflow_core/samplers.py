@@ -1,0 +1,177 @@
+r"""One-step and few-step sampling with a trained solution function (spec §10).
+
+Sampling runs from noise (t = 1) to data (t = 0). Every function is stateless and takes an
+explicit ``generator`` where it draws noise.
+"""
+
+import torch
+
+from soflow_core._validation import check_cond, check_finite, check_int, check_tensor, check_time_order
+from soflow_core.parameterizations import AbstractParam
+from soflow_core.paths import AbstractPath
+from soflow_core.rng import randn
+from soflow_core.typing import Backbone, Cond, Data
+
+__all__ = ["sample_chain", "sample_few_step", "sample_one_step", "uniform_time_grid"]
+
+
+def uniform_time_grid(num_steps: int, *, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    r"""The reference grid τ_i = 1 − i/N, i = 0..N (N = number of network evaluations).
+
+    Args:
+        num_steps: N ≥ 1.
+        dtype: Result dtype.
+
+    Returns:
+        A decreasing 1-D tensor of N + 1 times from 1 to 0.
+
+    Example:
+        >>> uniform_time_grid(4).tolist()
+        [1.0, 0.75, 0.5, 0.25, 0.0]
+    """
+    n = check_int("num_steps", num_steps, low=1)
+    return 1.0 - torch.arange(n + 1, dtype=dtype) / n
+
+
+def _check_noise(noise: object, cond: object) -> torch.Tensor:
+    noise = check_tensor("noise", noise, min_ndim=2)
+    check_finite("noise", noise)
+    check_cond("cond", cond, noise.shape[0])
+    return noise
+
+
+def _full(x: torch.Tensor, value: float) -> torch.Tensor:
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return torch.full((x.shape[0],), float(value), device=x.device, dtype=dtype)
+
+
+@torch.no_grad()
+def sample_one_step(backbone: Backbone, noise: Data, *, param: AbstractParam, cond: Cond | None = None) -> Data:
+    r"""One network evaluation from noise to data: $\hat x_0 = f_\theta(\text{noise}, 1, 0)$.
+
+    Args:
+        backbone: The trained network F_θ (in eval mode, usually the EMA weights).
+        noise: Standard normal noise.
+        param: The solution parameterization used in training.
+        cond: Conditions (class labels), or None.
+
+    Returns:
+        Samples shaped like ``noise``.
+
+    Raises:
+        ValueError: On bad shapes or non-finite noise.
+
+    Example:
+        >>> import torch
+        >>> from soflow_core import EulerParam, MLPBackbone
+        >>> x = sample_one_step(MLPBackbone(dim=2).eval(), torch.randn(5, 2), param=EulerParam())
+        >>> x.shape
+        torch.Size([5, 2])
+    """
+    noise = _check_noise(noise, cond)
+    return param.combine(
+        noise, backbone(noise, _full(noise, 1.0), _full(noise, 0.0), cond), _full(noise, 1.0), _full(noise, 0.0)
+    )
+
+
+@torch.no_grad()
+def sample_few_step(
+    backbone: Backbone,
+    noise: Data,
+    *,
+    param: AbstractParam,
+    path: AbstractPath,
+    num_steps: int,
+    cond: Cond | None = None,
+    generator: torch.Generator | None = None,
+) -> Data:
+    r"""The reference's stochastic N-step sampler: jump to t = 0, re-noise to the next grid time, repeat.
+
+    With τ_i = 1 − i/N: for i = 0..N−2, $\hat x_0 = f_\theta(x, \tau_i, 0)$ and
+    $x = \alpha(\tau_{i+1})\,\hat x_0 + \beta(\tau_{i+1})\,\varepsilon$ with fresh ε; finally
+    $\hat x_0 = f_\theta(x, \tau_{N-1}, 0)$. N = 1 is the one-step sampler; N = 2 goes through t = 0.5.
+
+    Args:
+        backbone: The trained network F_θ.
+        noise: Standard normal noise (the state at t = 1).
+        param: The solution parameterization used in training.
+        path: The noising path used in training (for re-noising).
+        num_steps: N ≥ 1 network evaluations.
+        cond: Conditions, or None.
+        generator: Source of the re-noising draws, or None for the global RNG.
+
+    Returns:
+        Samples shaped like ``noise``.
+
+    Raises:
+        ValueError: On bad shapes, non-finite noise or N < 1.
+
+    Example:
+        >>> import torch
+        >>> from soflow_core import EulerParam, LinearPath, MLPBackbone
+        >>> net = MLPBackbone(dim=2).eval()
+        >>> x = sample_few_step(net, torch.randn(5, 2), param=EulerParam(), path=LinearPath(), num_steps=2)
+        >>> x.shape
+        torch.Size([5, 2])
+    """
+    noise = _check_noise(noise, cond)
+    grid = uniform_time_grid(num_steps).tolist()
+    x = noise
+    zero = _full(x, 0.0)
+    for i in range(num_steps):
+        t = _full(x, grid[i])
+        sample = param.combine(x, backbone(x, t, zero, cond), t, zero)
+        if i == num_steps - 1:
+            return sample
+        t_next = _full(x, grid[i + 1])
+        eps = randn(tuple(x.shape), device=x.device, dtype=x.dtype, generator=generator)
+        x = path.interpolate(sample, eps, t_next).x_t
+    raise AssertionError("unreachable")
+
+
+@torch.no_grad()
+def sample_chain(
+    backbone: Backbone,
+    noise: Data,
+    times: torch.Tensor | list[float],
+    *,
+    param: AbstractParam,
+    cond: Cond | None = None,
+) -> Data:
+    r"""The deterministic chain $x_{i+1} = f_\theta(x_i, t_i, t_{i+1})$ along decreasing ``times``.
+
+    ``times = [1, 0]`` is the one-step sampler; a finer grid follows the learned ODE
+    solution piecewise without re-noising.
+
+    Args:
+        backbone: The trained network F_θ.
+        noise: The state at ``times[0]`` (standard normal noise when it is 1).
+        times: Non-increasing times in [0, 1], at least two.
+        param: The solution parameterization used in training.
+        cond: Conditions, or None.
+
+    Returns:
+        The state at ``times[-1]``.
+
+    Raises:
+        ValueError: If ``times`` has fewer than two entries, leaves [0, 1] or increases.
+
+    Example:
+        >>> import torch
+        >>> from soflow_core import EulerParam, MLPBackbone
+        >>> x = sample_chain(MLPBackbone(dim=2).eval(), torch.randn(5, 2), [1.0, 0.5, 0.0], param=EulerParam())
+        >>> x.shape
+        torch.Size([5, 2])
+    """
+    noise = _check_noise(noise, cond)
+    grid = torch.as_tensor(times, dtype=torch.float64).flatten()
+    if grid.numel() < 2:
+        raise ValueError(f"times must hold at least two times; got {grid.tolist()}")
+    if bool((grid < 0).any() or (grid > 1).any()):
+        raise ValueError(f"times must lie in [0, 1]; got {grid.tolist()}")
+    check_time_order("times[i+1]", grid[1:], "times[i]", grid[:-1], strict=False)
+    x = noise
+    for t_value, s_value in zip(grid[:-1].tolist(), grid[1:].tolist()):
+        t, s = _full(x, t_value), _full(x, s_value)
+        x = param.combine(x, backbone(x, t, s, cond), t, s)
+    return x
