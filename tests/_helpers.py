@@ -1,0 +1,49 @@
+"""Shared test utilities: small deterministic networks with non-trivial outputs."""
+
+import torch
+from torch import nn
+
+from soflow_core import MLPBackbone
+
+
+def random_mlp(
+    dim: int = 3,
+    *,
+    seed: int = 0,
+    num_classes: int | None = None,
+    dropout: float = 0.0,
+    dtype: torch.dtype = torch.float64,
+    width: int = 32,
+    depth: int = 2,
+) -> MLPBackbone:
+    """An MLP whose zero-initialised output layer is randomised, so F_θ is not identically 0."""
+    torch.manual_seed(seed)
+    net = MLPBackbone(dim=dim, width=width, depth=depth, time_features=16, num_classes=num_classes, dropout=dropout)
+    nn.init.normal_(net.output.weight, std=0.5)
+    nn.init.normal_(net.output.bias, std=0.5)
+    return net.to(dtype)
+
+
+class ConvNet(nn.Module):
+    """A tiny image backbone (b, c, h, w) -> same shape, conditioned on t and t - s."""
+
+    def __init__(self, channels: int = 2, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv1 = nn.Conv2d(channels + 2, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, channels, 3, padding=1)
+
+    def forward(self, x, t, s, cond=None):
+        b, _, h, w = x.shape
+        tt = t.view(b, 1, 1, 1).expand(b, 1, h, w).to(x.dtype)
+        gap = (t - s).view(b, 1, 1, 1).expand(b, 1, h, w).to(x.dtype)
+        return self.conv2(torch.tanh(self.conv1(torch.cat([x, tt, gap], dim=1))))
+
+
+def grads(model: nn.Module) -> list[torch.Tensor]:
+    return [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+
+
+def zero_grads(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.grad = None
