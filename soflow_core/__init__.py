@@ -4,7 +4,7 @@ Time runs from data (t = 0) to noise (t = 1). A network F_θ(x, t, s, cond) is t
 solution f_θ(x_t, t, s) = a·x_t + b·F_θ of the flow ODE, trained with Flow Matching plus the
 JVP-free solution-consistency loss, and sampled in one step as f_θ(noise, 1, 0).
 
-Example:
+Examples:
     >>> import torch
     >>> from soflow_core import MLPBackbone, SoFlowObjective, sample_one_step
     >>> model, objective = MLPBackbone(dim=2), SoFlowObjective()

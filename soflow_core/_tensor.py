@@ -14,7 +14,7 @@ def bcast_right(t: Tensor, like: Tensor) -> Tensor:
     Returns:
         ``t`` viewed as ``(b, 1, ..., 1)`` with ``like.ndim`` dimensions.
 
-    Example:
+    Examples:
         >>> import torch
         >>> bcast_right(torch.ones(4), torch.zeros(4, 3, 8, 8)).shape
         torch.Size([4, 1, 1, 1])

@@ -44,7 +44,7 @@ def sample_drop_mask(
     Returns:
         A boolean mask, True = drop.
 
-    Example:
+    Examples:
         >>> sample_drop_mask(4, 0.0).tolist()
         [False, False, False, False]
     """
@@ -71,7 +71,7 @@ def drop_cond(cond: Cond, mask: DropMask, null_cond: int | float | Tensor) -> Co
     Raises:
         ValueError: If the mask does not have one entry per sample.
 
-    Example:
+    Examples:
         >>> import torch
         >>> drop_cond(torch.tensor([3, 5, 7]), torch.tensor([False, True, False]), 1000).tolist()
         [3, 1000, 7]
@@ -97,7 +97,7 @@ def cfg_decay(t: Time, decay_time: float, *, rate: float = CFG_DECAY_RATE) -> Ti
     Returns:
         c(t) ∈ [0, 1].
 
-    Example:
+    Examples:
         >>> import torch
         >>> [round(v, 3) for v in cfg_decay(torch.tensor([0.5, 0.81, 1.0]), 0.8).tolist()]
         [1.0, 0.378, 0.0]

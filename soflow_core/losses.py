@@ -287,7 +287,7 @@ class FlowMatchingLoss:
             ValueError: On bad shapes, non-finite inputs, times outside [0, 1], or guidance
                 without ``cond``/``drop_mask``.
 
-        Example:
+        Examples:
             >>> import torch
             >>> from soflow_core import LinearPath, MLPBackbone
             >>> data, noise, t = torch.randn(8, 2), torch.randn(8, 2), torch.rand(8)
@@ -357,7 +357,7 @@ class SolutionConsistencyLoss:
         Raises:
             ValueError: On bad shapes, non-finite inputs, times outside [0, 1] or out of order.
 
-        Example:
+        Examples:
             >>> import torch
             >>> from soflow_core import LinearPath, MLPBackbone
             >>> data, noise = torch.randn(8, 2), torch.randn(8, 2)

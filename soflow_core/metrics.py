@@ -30,7 +30,7 @@ def energy_distance(x: Float[Tensor, " n d"], y: Float[Tensor, " m d"]) -> float
     Raises:
         ValueError: If the samples have different dimensions or hold NaN/Inf.
 
-    Example:
+    Examples:
         >>> import torch
         >>> x = torch.randn(200, 2, generator=torch.Generator().manual_seed(0))
         >>> energy_distance(x, x)

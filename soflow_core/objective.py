@@ -64,6 +64,7 @@ __all__ = [
 ]
 
 ForwardBatching = Literal["auto", "joint", "split"]
+"""How the grad calls of a step are grouped; see `SoFlowObjective.forward_batching`."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -158,7 +159,7 @@ def split_sizes(batch_size: int, fm_fraction: float) -> tuple[int, int]:
     Returns:
         (N_fm, N_c).
 
-    Example:
+    Examples:
         >>> split_sizes(32, 0.75)
         (24, 8)
     """
@@ -211,7 +212,7 @@ class SoFlowObjective:
     """The SoFlow training objective: Flow Matching plus solution consistency, with optional CFG.
 
     Defaults are the reference ImageNet recipe without guidance; see
-    [`from_preset`][soflow_core.SoFlowObjective.from_preset] for the two released recipes.
+    [`from_preset`][soflow_core.objective.SoFlowObjective.from_preset] for the two released recipes.
 
     Attributes:
         path: The noising path (reference ``noising_type``).
@@ -229,7 +230,7 @@ class SoFlowObjective:
         check_inputs: Check data, cond and noise for shape and finiteness before any model
             call (one device sync per step; skipped automatically under ``torch.compile``).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from soflow_core import MLPBackbone
         >>> objective = SoFlowObjective.from_preset("cifar10")
@@ -274,7 +275,7 @@ class SoFlowObjective:
         Raises:
             ValueError: If the preset is unknown.
 
-        Example:
+        Examples:
             >>> SoFlowObjective.from_preset("imagenet").guidance.scale
             3.0
         """
@@ -416,7 +417,7 @@ class SoFlowObjective:
 
         Args:
             model: The backbone F_θ.
-            batch: The draws from [`sample_batch`][soflow_core.SoFlowObjective.sample_batch].
+            batch: The draws from [`sample_batch`][soflow_core.objective.SoFlowObjective.sample_batch].
 
         Returns:
             The [`ObjectiveOutput`][soflow_core.ObjectiveOutput].
@@ -528,4 +529,4 @@ PRESETS: dict[str, SoFlowObjective] = {
         guidance=None,
     ),
 }
-"""The two released recipes; use [`SoFlowObjective.from_preset`][soflow_core.SoFlowObjective.from_preset]."""
+"""The two released recipes; use [`SoFlowObjective.from_preset`][soflow_core.objective.SoFlowObjective.from_preset]."""

@@ -26,6 +26,7 @@ from soflow_core.typing import Backbone, Cond, Data, Time
 __all__ = ["AbstractParam", "EulerParam", "ParamName", "TrigParam", "make_param"]
 
 ParamName = Literal["euler", "trig"]
+"""Names accepted by [`make_param`][soflow_core.make_param] (case-insensitive)."""
 AnyTime = Float[Tensor, "*t"]
 
 
@@ -104,7 +105,7 @@ class AbstractParam(ABC):
         Raises:
             ValueError: On bad shapes, times outside [0, 1] or s > t.
 
-        Example:
+        Examples:
             >>> import torch
             >>> zero_net = lambda x, t, s, cond: torch.zeros_like(x)
             >>> x = torch.randn(3, 2)
@@ -196,7 +197,7 @@ def make_param(name: str) -> AbstractParam:
     Raises:
         ValueError: If the name is unknown.
 
-    Example:
+    Examples:
         >>> make_param("Euler")
         EulerParam()
     """

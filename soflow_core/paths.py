@@ -21,6 +21,7 @@ from soflow_core.typing import Data, Time
 __all__ = ["AbstractPath", "LinearPath", "PathName", "PathSample", "TrigPath", "make_path"]
 
 PathName = Literal["linear", "trig"]
+"""Names accepted by [`make_path`][soflow_core.make_path] (case-insensitive)."""
 AnyTime = Float[Tensor, "*t"]
 
 
@@ -74,7 +75,7 @@ class AbstractPath(ABC):
         Raises:
             ValueError: On mismatched shapes or t outside [0, 1].
 
-        Example:
+        Examples:
             >>> import torch
             >>> out = LinearPath().sample(torch.ones(2, 3), torch.zeros(2, 3), torch.tensor([0.0, 1.0]))
             >>> out.x_t[:, 0].tolist(), out.v_t[0, 0].item()
@@ -87,7 +88,7 @@ class AbstractPath(ABC):
         return self.interpolate(data, noise, t)
 
     def interpolate(self, data: Data, noise: Data, t: Time) -> PathSample:
-        """[`sample`][soflow_core.AbstractPath.sample] without input checks (for hot paths)."""
+        """[`sample`][soflow_core.paths.AbstractPath.sample] without input checks (for hot paths)."""
         tb = bcast_right(t, data)
         x_t = self.alpha(tb) * data + self.beta(tb) * noise
         v_t = self.d_alpha(tb) * data + self.d_beta(tb) * noise
@@ -155,7 +156,7 @@ def make_path(name: str) -> AbstractPath:
     Raises:
         ValueError: If the name is unknown.
 
-    Example:
+    Examples:
         >>> make_path("Linear")
         LinearPath()
     """

@@ -85,7 +85,7 @@ def snapshot_rng(device: torch.device | str) -> RngSnapshot:
     Returns:
         The snapshot to hand to [`replay_rng`][soflow_core.replay_rng].
 
-    Example:
+    Examples:
         >>> import torch
         >>> snap = snapshot_rng("cpu")
         >>> a = torch.rand(3)

@@ -25,7 +25,7 @@ def uniform_time_grid(num_steps: int, *, dtype: torch.dtype = torch.float64) -> 
     Returns:
         A decreasing 1-D tensor of N + 1 times from 1 to 0.
 
-    Example:
+    Examples:
         >>> uniform_time_grid(4).tolist()
         [1.0, 0.75, 0.5, 0.25, 0.0]
     """
@@ -61,7 +61,7 @@ def sample_one_step(backbone: Backbone, noise: Data, *, param: AbstractParam, co
     Raises:
         ValueError: On bad shapes or non-finite noise.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from soflow_core import EulerParam, MLPBackbone
         >>> x = sample_one_step(MLPBackbone(dim=2).eval(), torch.randn(5, 2), param=EulerParam())
@@ -106,7 +106,7 @@ def sample_few_step(
     Raises:
         ValueError: On bad shapes, non-finite noise or N < 1.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from soflow_core import EulerParam, LinearPath, MLPBackbone
         >>> net = MLPBackbone(dim=2).eval()
@@ -156,7 +156,7 @@ def sample_chain(
     Raises:
         ValueError: If ``times`` has fewer than two entries, leaves [0, 1] or increases.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from soflow_core import EulerParam, MLPBackbone
         >>> x = sample_chain(MLPBackbone(dim=2).eval(), torch.randn(5, 2), [1.0, 0.5, 0.0], param=EulerParam())

@@ -36,6 +36,7 @@ MIN_TIME_GAP = 1e-4
 """The reference's clamp: t ≥ 1e-4, s ≤ t − 1e-4 and ℓ ≤ t − 1e-4."""
 
 ScheduleName = Literal["const", "linear", "cosine", "exponent"]
+"""Names accepted by [`make_schedule`][soflow_core.make_schedule] (case-insensitive)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -89,7 +90,7 @@ class LogitNormal(AbstractTimeDistribution):
         Returns:
             Times in (0, 1) (1.0 exactly only through float rounding).
 
-        Example:
+        Examples:
             >>> import torch
             >>> t = LogitNormal(mean=-0.2, std=1.0).sample(4, generator=torch.Generator().manual_seed(0))
             >>> t.shape, bool(((t > 0) & (t < 1)).all())
@@ -251,7 +252,7 @@ def make_schedule(name: str, *, r_init: float, r_end: float) -> AbstractRSchedul
     Raises:
         ValueError: If the name is unknown or a ratio lies outside (0, 1].
 
-    Example:
+    Examples:
         >>> sched = make_schedule("Exponent", r_init=0.1, r_end=0.002)
         >>> round(sched(step=200_000, total_steps=400_000), 4)
         0.0141
@@ -294,7 +295,7 @@ def consistency_times(t_draw: Time, s_draw: Time, r: float) -> TimeTriple:
     Returns:
         The [`TimeTriple`][soflow_core.TimeTriple].
 
-    Example:
+    Examples:
         >>> import torch
         >>> tr = consistency_times(torch.tensor([0.5, 0.3]), torch.tensor([0.1, 0.9]), r=0.5)
         >>> [round(v, 4) for v in tr.ell.tolist()]
@@ -346,7 +347,7 @@ class ConsistencyTimeSampler:
         Returns:
             The [`TimeTriple`][soflow_core.TimeTriple].
 
-        Example:
+        Examples:
             >>> import torch
             >>> tr = ConsistencyTimeSampler().sample(8, step=0, total_steps=100,
             ...                                      generator=torch.Generator().manual_seed(0))

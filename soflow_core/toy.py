@@ -13,7 +13,9 @@ from soflow_core.rng import rand, randn
 __all__ = ["TOY_DISTRIBUTIONS", "ToyName", "sample_toy_2d"]
 
 ToyName = Literal["checkerboard", "eight_gaussians", "two_moons"]
+"""The toy distributions of [`sample_toy_2d`][soflow_core.sample_toy_2d]."""
 TOY_DISTRIBUTIONS: tuple[str, ...] = ("checkerboard", "eight_gaussians", "two_moons")
+"""Names accepted by [`sample_toy_2d`][soflow_core.sample_toy_2d]."""
 
 
 def _checkerboard(n: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
@@ -69,7 +71,7 @@ def sample_toy_2d(
     Raises:
         ValueError: If the name is unknown or ``num_samples`` < 1.
 
-    Example:
+    Examples:
         >>> import torch
         >>> x, y = sample_toy_2d("checkerboard", 100, generator=torch.Generator().manual_seed(0))
         >>> x.shape, int(y.max()) <= 7

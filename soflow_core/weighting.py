@@ -29,7 +29,7 @@ def adaptive_weight(mse: PerSample, *, p: float, eps: float) -> PerSample:
     Returns:
         The weights, without gradient.
 
-    Example:
+    Examples:
         >>> import torch
         >>> adaptive_weight(torch.tensor([0.99]), p=1.0, eps=0.01).item()
         1.0

@@ -1,5 +1,8 @@
 """Shared test utilities: small deterministic networks with non-trivial outputs."""
 
+import contextlib
+
+import jaxtyping
 import torch
 from torch import nn
 
@@ -47,3 +50,13 @@ def grads(model: nn.Module) -> list[torch.Tensor]:
 def zero_grads(model: nn.Module) -> None:
     for p in model.parameters():
         p.grad = None
+
+
+@contextlib.contextmanager
+def shape_checks_off():
+    """Turn the test-time jaxtyping/beartype checks off for long loops (they already ran on earlier calls)."""
+    jaxtyping.config.update("jaxtyping_disable", True)
+    try:
+        yield
+    finally:
+        jaxtyping.config.update("jaxtyping_disable", False)

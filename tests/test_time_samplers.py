@@ -1,3 +1,5 @@
+import itertools
+
 import pytest
 import torch
 from hypothesis import given
@@ -29,7 +31,7 @@ def test_schedules_hit_endpoints_and_are_monotone(cls, r_init, r_end, total):
     assert sched(0, total) == pytest.approx(start, rel=1e-12)
     assert sched(total, total) == pytest.approx(r_end, rel=1e-12)
     values = [sched(k, total) for k in range(0, total + 1, max(1, total // 50))]
-    diffs = [b - a for a, b in zip(values, values[1:])]
+    diffs = [b - a for a, b in itertools.pairwise(values)]
     tol = 1e-12
     if r_init >= r_end or cls is ConstSchedule:
         assert all(d <= tol for d in diffs)

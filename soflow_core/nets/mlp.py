@@ -59,7 +59,7 @@ class MLPBackbone(nn.Module):
         num_classes: Number of classes for conditional models, or None.
         dropout: Dropout probability inside the blocks.
 
-    Example:
+    Examples:
         >>> import torch
         >>> net = MLPBackbone(dim=2, num_classes=8)
         >>> net(torch.randn(4, 2), torch.rand(4), torch.zeros(4), torch.tensor([0, 1, 8, 3])).shape
