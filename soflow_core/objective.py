@@ -39,8 +39,8 @@ from soflow_core.losses import (
     solution_consistency_loss,
     teacher_state,
 )
-from soflow_core.parameterizations import AbstractParam, EulerParam
-from soflow_core.paths import AbstractPath, LinearPath
+from soflow_core.parameterizations import AbstractParam, EulerParam, make_param
+from soflow_core.paths import AbstractPath, LinearPath, make_path
 from soflow_core.rng import randn, replay_rng, snapshot_rng
 from soflow_core.time_samplers import (
     AbstractTimeDistribution,
@@ -215,8 +215,10 @@ class SoFlowObjective:
     [`from_preset`][soflow_core.objective.SoFlowObjective.from_preset] for the two released recipes.
 
     Attributes:
-        path: The noising path (reference ``noising_type``).
-        param: The solution parameterization (reference ``coefficient_type``).
+        path: The noising path (reference ``noising_type``), an object or its name
+            (``"linear"``, ``"trig"``).
+        param: The solution parameterization (reference ``coefficient_type``), an object or its
+            name (``"euler"``, ``"trig"``).
         fm_fraction: λ, the share of each per-device batch used for Flow Matching
             (reference ``velocity_loss_ratio``).
         fm_time: Distribution of the Flow Matching times (``time_mean[0]``, ``time_std[0]``).
@@ -239,8 +241,8 @@ class SoFlowObjective:
         >>> out.backprop.backward()
     """
 
-    path: AbstractPath = field(default_factory=LinearPath)
-    param: AbstractParam = field(default_factory=EulerParam)
+    path: AbstractPath | str = field(default_factory=LinearPath)
+    param: AbstractParam | str = field(default_factory=EulerParam)
     fm_fraction: float = 0.75
     fm_time: AbstractTimeDistribution = field(default_factory=lambda: LogitNormal(mean=-0.2, std=1.0))
     consistency_times: ConsistencyTimeSampler = field(default_factory=ConsistencyTimeSampler)
@@ -250,6 +252,24 @@ class SoFlowObjective:
     check_inputs: bool = True
 
     def __post_init__(self) -> None:
+        # Names are resolved once, here; afterwards `path` and `param` are always objects.
+        if isinstance(self.path, str):
+            object.__setattr__(self, "path", make_path(self.path))
+        if isinstance(self.param, str):
+            object.__setattr__(self, "param", make_param(self.param))
+        expected = {
+            "path": AbstractPath,
+            "param": AbstractParam,
+            "fm_time": AbstractTimeDistribution,
+            "consistency_times": ConsistencyTimeSampler,
+            "weighting": AdaptiveWeighting,
+        }
+        for name, cls in expected.items():
+            value = getattr(self, name)
+            if not isinstance(value, cls):
+                raise TypeError(f"{name} must be a {cls.__name__}; got {type(value).__name__}: {value!r}")
+        if self.guidance is not None and not isinstance(self.guidance, ClassifierFreeGuidance):
+            raise TypeError(f"guidance must be a ClassifierFreeGuidance or None; got {self.guidance!r}")
         check_real("fm_fraction", self.fm_fraction, low=0.0, high=1.0)
         check_choice("forward_batching", self.forward_batching, ("auto", "joint", "split"))
 

@@ -239,3 +239,8 @@ def test_nonfinite_loss_is_visible_in_metrics():
     assert out.metrics["finite"].item() == 0.0
     out = make_objective()(random_mlp(2).float(), torch.randn(8, 2), step=0, total_steps=2)
     assert out.metrics["finite"].item() == 1.0
+
+
+def test_path_and_param_by_name():
+    objective = SoFlowObjective(path="Trig", param="trig")
+    assert isinstance(objective.path, TrigPath) and isinstance(objective.param, TrigParam)

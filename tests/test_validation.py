@@ -68,6 +68,9 @@ CASES = {
     "preset": (lambda: SoFlowObjective.from_preset("imagenet512"), "preset"),
     "schedule": (lambda: make_schedule("step", r_init=0.1, r_end=0.01), "schedule"),
     "batching": (lambda: SoFlowObjective(forward_batching="fused"), "forward_batching"),
+    "path name": (lambda: SoFlowObjective(path="cosine"), "path"),
+    "param name": (lambda: SoFlowObjective(param="heun"), "parameterization"),
+    "param type": (lambda: SoFlowObjective(param=LinearPath()), "param"),
     # hyperparameters
     "lambda > 1": (lambda: SoFlowObjective(fm_fraction=1.5), "fm_fraction"),
     "lambda < 0": (lambda: SoFlowObjective(fm_fraction=-0.1), "fm_fraction"),
