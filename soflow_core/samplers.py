@@ -4,6 +4,8 @@ Sampling runs from noise (t = 1) to data (t = 0). Every function is stateless an
 explicit ``generator`` where it draws noise.
 """
 
+import itertools
+
 import torch
 
 from soflow_core._validation import check_cond, check_finite, check_int, check_tensor, check_time_order
@@ -116,17 +118,17 @@ def sample_few_step(
     """
     noise = _check_noise(noise, cond)
     grid = uniform_time_grid(num_steps).tolist()
+    zero = _full(noise, 0.0)
+
+    def jump_to_data(x: torch.Tensor, tau: float) -> torch.Tensor:
+        t = _full(x, tau)
+        return param.combine(x, backbone(x, t, zero, cond), t, zero)
+
     x = noise
-    zero = _full(x, 0.0)
-    for i in range(num_steps):
-        t = _full(x, grid[i])
-        sample = param.combine(x, backbone(x, t, zero, cond), t, zero)
-        if i == num_steps - 1:
-            return sample
-        t_next = _full(x, grid[i + 1])
+    for tau, tau_next in itertools.pairwise(grid[:num_steps]):
         eps = randn(tuple(x.shape), device=x.device, dtype=x.dtype, generator=generator)
-        x = path.interpolate(sample, eps, t_next).x_t
-    raise AssertionError("unreachable")
+        x = path.interpolate(jump_to_data(x, tau), eps, _full(x, tau_next)).x_t
+    return jump_to_data(x, grid[num_steps - 1])
 
 
 @torch.no_grad()

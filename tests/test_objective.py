@@ -2,7 +2,7 @@ import dataclasses
 
 import pytest
 import torch
-from _helpers import ConvNet, grads, random_mlp, zero_grads
+from _helpers import ConvNet, grads, random_mlp, shape_checks_off, zero_grads
 from _reference import explicit_objective, flatten_per_sample
 from hypothesis import given
 from hypothesis import strategies as st
@@ -244,3 +244,33 @@ def test_nonfinite_loss_is_visible_in_metrics():
 def test_path_and_param_by_name():
     objective = SoFlowObjective(path="Trig", param="trig")
     assert isinstance(objective.path, TrigPath) and isinstance(objective.param, TrigParam)
+
+
+def test_bf16_autocast_keeps_loss_math_in_float32():
+    net = random_mlp(3, seed=0, dtype=torch.float32)
+    data = torch.randn(16, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = make_objective()(net, data, step=0, total_steps=4, generator=torch.Generator().manual_seed(0))
+    assert out.backprop.dtype == torch.float32
+    assert out.consistency.quotient_mse.dtype == torch.float32
+    out.backprop.backward()
+    assert out.metrics["finite"].item() == 1.0
+    assert all(p.grad is not None and bool(torch.isfinite(p.grad).all()) for p in net.parameters())
+
+
+def test_objective_traces_under_torch_compile():
+    """Dynamo traces the whole call (value checks are skipped while compiling); results match eager.
+
+    The test-time jaxtyping/beartype wrappers cannot be traced (that is why the library has no
+    decorators on hot paths), so they are off here, as they are in production.
+    """
+    torch._dynamo.reset()
+    net = random_mlp(3, seed=0, dtype=torch.float32)
+    data = torch.randn(16, 3)
+    objective = make_objective()
+    eager = objective(net, data, step=2, total_steps=8, generator=torch.Generator().manual_seed(0))
+    compiled = torch.compile(objective, backend="eager")
+    with shape_checks_off():
+        out = compiled(net, data, step=2, total_steps=8, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out.backprop, eager.backprop)
+    out.backprop.backward()
