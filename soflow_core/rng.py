@@ -15,8 +15,12 @@ from torch import Tensor
 __all__ = ["RngSnapshot", "rand", "randn", "replay_rng", "snapshot_rng"]
 
 
-def _draw_device(generator: torch.Generator | None, device: torch.device) -> torch.device:
-    return generator.device if generator is not None else device
+def _draw(
+    sampler, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype, generator: torch.Generator | None
+) -> Tensor:
+    """Draw on the generator's device (so a CPU generator drives any device), then move to ``device``."""
+    draw_device = generator.device if generator is not None else device
+    return sampler(shape, generator=generator, device=draw_device, dtype=dtype).to(device)
 
 
 def randn(
@@ -33,8 +37,7 @@ def randn(
     Returns:
         A tensor of N(0, 1) draws.
     """
-    out = torch.randn(shape, generator=generator, device=_draw_device(generator, device), dtype=dtype)
-    return out.to(device)
+    return _draw(torch.randn, shape, device, dtype, generator)
 
 
 def rand(
@@ -51,8 +54,7 @@ def rand(
     Returns:
         A tensor of U[0, 1) draws.
     """
-    out = torch.rand(shape, generator=generator, device=_draw_device(generator, device), dtype=dtype)
-    return out.to(device)
+    return _draw(torch.rand, shape, device, dtype, generator)
 
 
 @dataclass(frozen=True)

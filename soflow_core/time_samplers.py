@@ -44,6 +44,9 @@ class AbstractTimeDistribution(ABC):
     """A distribution of times in [0, 1]."""
 
     @abstractmethod
+    def transform(self, n: int, device: torch.device, dtype: torch.dtype, generator: torch.Generator | None) -> Time:
+        """Draw ``n`` times (inputs already checked)."""
+
     def sample(
         self,
         batch_size: int,
@@ -52,12 +55,32 @@ class AbstractTimeDistribution(ABC):
         dtype: torch.dtype = torch.float32,
         generator: torch.Generator | None = None,
     ) -> Time:
-        """Draw ``batch_size`` times."""
+        """Draw ``batch_size`` times.
+
+        Args:
+            batch_size: Number of draws, ≥ 1.
+            device: Where the result lives.
+            dtype: Result dtype.
+            generator: Source of randomness, or None for the global RNG.
+
+        Returns:
+            One time per sample.
+
+        Examples:
+            >>> import torch
+            >>> t = LogitNormal(mean=-0.2, std=1.0).sample(4, generator=torch.Generator().manual_seed(0))
+            >>> t.shape, bool(((t > 0) & (t < 1)).all())
+            (torch.Size([4]), True)
+        """
+        n = check_int("batch_size", batch_size, low=1)
+        return self.transform(n, torch.device(device), dtype, generator)
 
 
 @dataclass(frozen=True, kw_only=True)
 class LogitNormal(AbstractTimeDistribution):
     r"""Logit-normal times: $t = \mathrm{sigmoid}(u)$, $u \sim \mathcal{N}(\mu, \sigma^2)$.
+
+    Values lie in (0, 1); 1.0 exactly only through float rounding.
 
     Attributes:
         mean: μ of the underlying normal (reference ``time_mean``).
@@ -71,39 +94,14 @@ class LogitNormal(AbstractTimeDistribution):
         check_real("mean", self.mean)
         check_real("std", self.std, low=0.0, low_open=True)
 
-    def sample(
-        self,
-        batch_size: int,
-        *,
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
-        generator: torch.Generator | None = None,
-    ) -> Time:
-        """Draw ``batch_size`` logit-normal times.
-
-        Args:
-            batch_size: Number of draws, ≥ 1.
-            device: Where the result lives.
-            dtype: Result dtype.
-            generator: Source of randomness, or None for the global RNG.
-
-        Returns:
-            Times in (0, 1) (1.0 exactly only through float rounding).
-
-        Examples:
-            >>> import torch
-            >>> t = LogitNormal(mean=-0.2, std=1.0).sample(4, generator=torch.Generator().manual_seed(0))
-            >>> t.shape, bool(((t > 0) & (t < 1)).all())
-            (torch.Size([4]), True)
-        """
-        n = check_int("batch_size", batch_size, low=1)
-        u = randn((n,), device=torch.device(device), dtype=dtype, generator=generator)
-        return torch.sigmoid(u * self.std + self.mean)
+    def transform(self, n: int, device: torch.device, dtype: torch.dtype, generator: torch.Generator | None) -> Time:
+        r"""$t = \mathrm{sigmoid}(\sigma z + \mu)$ with $z \sim \mathcal{N}(0, 1)$."""
+        return torch.sigmoid(randn((n,), device=device, dtype=dtype, generator=generator) * self.std + self.mean)
 
 
 @dataclass(frozen=True, kw_only=True)
 class Uniform(AbstractTimeDistribution):
-    """Uniform times on [low, high] ⊆ [0, 1].
+    """Uniform times on [low, high) ⊆ [0, 1].
 
     Attributes:
         low: Lower end.
@@ -117,28 +115,9 @@ class Uniform(AbstractTimeDistribution):
         check_real("low", self.low, low=0.0, high=1.0)
         check_real("high", self.high, low=self.low, high=1.0, low_open=True)
 
-    def sample(
-        self,
-        batch_size: int,
-        *,
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
-        generator: torch.Generator | None = None,
-    ) -> Time:
-        """Draw ``batch_size`` uniform times.
-
-        Args:
-            batch_size: Number of draws, ≥ 1.
-            device: Where the result lives.
-            dtype: Result dtype.
-            generator: Source of randomness, or None for the global RNG.
-
-        Returns:
-            Times in [low, high).
-        """
-        n = check_int("batch_size", batch_size, low=1)
-        u = rand((n,), device=torch.device(device), dtype=dtype, generator=generator)
-        return self.low + (self.high - self.low) * u
+    def transform(self, n: int, device: torch.device, dtype: torch.dtype, generator: torch.Generator | None) -> Time:
+        r"""$t = \text{low} + (\text{high} - \text{low})\,u$ with $u \sim U[0, 1)$."""
+        return self.low + (self.high - self.low) * rand((n,), device=device, dtype=dtype, generator=generator)
 
 
 # ---------------------------------------------------------------------------- r schedules
@@ -304,7 +283,9 @@ def consistency_times(t_draw: Time, s_draw: Time, r: float) -> TimeTriple:
     _check_ratio("r", r)
     t = torch.clamp(t_draw, min=MIN_TIME_GAP)
     s = torch.minimum(s_draw, t - MIN_TIME_GAP)
-    ell = torch.minimum(t + (s - t) * r, t - MIN_TIME_GAP)
+    # t + (s − t)·r written as s + (t − s)·(1 − r): equal in exact arithmetic, and in floating point it
+    # can never round below s, and gives ℓ = s exactly for r = 1.
+    ell = torch.minimum(s + (t - s) * (1.0 - r), t - MIN_TIME_GAP)
     return TimeTriple(t=t, s=s, ell=ell)
 
 

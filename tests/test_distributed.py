@@ -25,15 +25,20 @@ def rank_inputs(rank: int):
     return torch.randn(8, 3, generator=g, dtype=torch.float64), torch.randint(0, 4, (8,), generator=g)
 
 
-def local_gradients(rank: int, dropout: float) -> list[torch.Tensor]:
-    """What one rank's gradient is without any wrapper (same seeds as the wrapped run)."""
-    model = make_model(dropout)
+def backward_one_step(model, rank: int) -> None:
+    """One objective step on this rank's data; dropout draws from a per-rank seed."""
     data, labels = rank_inputs(rank)
     torch.manual_seed(7 + rank)
     out = SoFlowObjective(guidance=CFG)(
         model, data, labels, step=1, total_steps=5, generator=torch.Generator().manual_seed(rank)
     )
     out.backprop.backward()
+
+
+def local_gradients(rank: int, dropout: float) -> list[torch.Tensor]:
+    """What one rank's gradient is without any wrapper (same seeds as the wrapped run)."""
+    model = make_model(dropout)
+    backward_one_step(model, rank)
     return [p.grad.detach().clone() for p in model.parameters()]
 
 
@@ -51,15 +56,11 @@ def worker(rank: int, world: int, port: int, wrapper: str, dropout: float, resul
             for block in model.blocks:
                 fully_shard(block)
             wrapped = fully_shard(model)
-        data, labels = rank_inputs(rank)
-        torch.manual_seed(7 + rank)
-        out = SoFlowObjective(guidance=CFG)(
-            wrapped, data, labels, step=1, total_steps=5, generator=torch.Generator().manual_seed(rank)
-        )
-        out.backprop.backward()
+        backward_one_step(wrapped, rank)
         grads = [p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad for p in model.parameters()]
         if rank == 0:
             torch.save([g.detach().clone() for g in grads], result_file)
+        dist.barrier()  # both ranks are done before either tears gloo down
     finally:
         dist.destroy_process_group()
 

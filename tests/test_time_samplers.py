@@ -134,3 +134,15 @@ def test_sampler_uses_explicit_step():
     late = sampler.sample(16, step=10, total_steps=10, dtype=torch.float64, generator=g2)
     torch.testing.assert_close(early.t, late.t)
     assert bool((late.t - late.ell <= early.t - early.ell + 1e-12).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("r", [1.0, 0.9999999, 0.5])
+def test_rounding_never_puts_ell_below_s(dtype, r):
+    g = torch.Generator().manual_seed(0)
+    t_draw = torch.rand(100_000, generator=g, dtype=torch.float64).to(dtype)
+    s_draw = torch.rand(100_000, generator=g, dtype=torch.float64).to(dtype)
+    out = consistency_times(t_draw, s_draw, r)
+    assert bool((out.s <= out.ell).all() and (out.ell < out.t).all())
+    if r == 1.0:  # the whole interval: ℓ = s
+        assert torch.equal(out.ell, out.s)
