@@ -47,6 +47,14 @@ def _full(x: torch.Tensor, value: float) -> torch.Tensor:
     return torch.full((x.shape[0],), float(value), device=x.device, dtype=dtype)
 
 
+def _solve(
+    backbone: Backbone, param: AbstractParam, x: torch.Tensor, t_value: float, s_value: float, cond: Cond | None
+) -> torch.Tensor:
+    """f_θ(x, t, s) with the same t and s for every sample (inputs already checked)."""
+    t, s = _full(x, t_value), _full(x, s_value)
+    return param.combine(x, backbone(x, t, s, cond), t, s)
+
+
 @torch.no_grad()
 def sample_one_step(backbone: Backbone, noise: Data, *, param: AbstractParam, cond: Cond | None = None) -> Data:
     r"""One network evaluation from noise to data: $\hat x_0 = f_\theta(\text{noise}, 1, 0)$.
@@ -71,9 +79,7 @@ def sample_one_step(backbone: Backbone, noise: Data, *, param: AbstractParam, co
         torch.Size([5, 2])
     """
     noise = _check_noise(noise, cond)
-    return param.combine(
-        noise, backbone(noise, _full(noise, 1.0), _full(noise, 0.0), cond), _full(noise, 1.0), _full(noise, 0.0)
-    )
+    return _solve(backbone, param, noise, 1.0, 0.0, cond)
 
 
 @torch.no_grad()
@@ -118,17 +124,11 @@ def sample_few_step(
     """
     noise = _check_noise(noise, cond)
     grid = uniform_time_grid(num_steps).tolist()
-    zero = _full(noise, 0.0)
-
-    def jump_to_data(x: torch.Tensor, tau: float) -> torch.Tensor:
-        t = _full(x, tau)
-        return param.combine(x, backbone(x, t, zero, cond), t, zero)
-
     x = noise
     for tau, tau_next in itertools.pairwise(grid[:num_steps]):
         eps = randn(tuple(x.shape), device=x.device, dtype=x.dtype, generator=generator)
-        x = path.interpolate(jump_to_data(x, tau), eps, _full(x, tau_next)).x_t
-    return jump_to_data(x, grid[num_steps - 1])
+        x = path.interpolate(_solve(backbone, param, x, tau, 0.0, cond), eps, _full(x, tau_next)).x_t
+    return _solve(backbone, param, x, grid[num_steps - 1], 0.0, cond)
 
 
 @torch.no_grad()
@@ -173,7 +173,6 @@ def sample_chain(
         raise ValueError(f"times must lie in [0, 1]; got {grid.tolist()}")
     check_time_order("times[i+1]", grid[1:], "times[i]", grid[:-1], strict=False)
     x = noise
-    for t_value, s_value in zip(grid[:-1].tolist(), grid[1:].tolist()):
-        t, s = _full(x, t_value), _full(x, s_value)
-        x = param.combine(x, backbone(x, t, s, cond), t, s)
+    for t_value, s_value in itertools.pairwise(grid.tolist()):
+        x = _solve(backbone, param, x, t_value, s_value, cond)
     return x

@@ -1,7 +1,7 @@
 """Two-dimensional toy distributions generated in code (no downloads), with labels for conditional tests."""
 
 import math
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from jaxtyping import Float, Int
@@ -14,7 +14,7 @@ __all__ = ["TOY_DISTRIBUTIONS", "ToyName", "sample_toy_2d"]
 
 ToyName = Literal["checkerboard", "eight_gaussians", "two_moons"]
 """The toy distributions of [`sample_toy_2d`][soflow_core.sample_toy_2d]."""
-TOY_DISTRIBUTIONS: tuple[str, ...] = ("checkerboard", "eight_gaussians", "two_moons")
+TOY_DISTRIBUTIONS: tuple[str, ...] = get_args(ToyName)
 """Names accepted by [`sample_toy_2d`][soflow_core.sample_toy_2d]."""
 
 

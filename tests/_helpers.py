@@ -60,3 +60,18 @@ def shape_checks_off():
         yield
     finally:
         jaxtyping.config.update("jaxtyping_disable", False)
+
+
+class MaskRecorder(nn.Module):
+    """A dropout backbone that records the mask each call draws."""
+
+    def __init__(self, dim=3, p=0.5):
+        super().__init__()
+        self.net = random_mlp(dim)
+        self.dropout = nn.Dropout(p)
+        self.masks = []
+
+    def forward(self, x, t, s, cond=None):
+        keep = self.dropout(torch.ones_like(x)) != 0
+        self.masks.append((torch.is_grad_enabled(), keep))
+        return self.net(x, t, s, cond) * keep

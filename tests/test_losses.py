@@ -1,6 +1,6 @@
 import pytest
 import torch
-from _helpers import grads, random_mlp, zero_grads
+from _helpers import MaskRecorder, grads, random_mlp, zero_grads
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
@@ -143,21 +143,6 @@ def test_flow_matching_loss_with_guidance_uses_null_condition_for_dropped_sample
     assert calls[0][1].tolist() == [4, 4, 4, 4]  # unconditional velocity
     assert calls[1][1].tolist() == [0, 4, 2, 4]  # trained prediction with labels dropped
     out.backprop.backward()
-
-
-class MaskRecorder(nn.Module):
-    """A dropout backbone that records the mask each call draws."""
-
-    def __init__(self, dim=3, p=0.5):
-        super().__init__()
-        self.net = random_mlp(dim)
-        self.dropout = nn.Dropout(p)
-        self.masks = []
-
-    def forward(self, x, t, s, cond=None):
-        keep = self.dropout(torch.ones_like(x)) != 0
-        self.masks.append((torch.is_grad_enabled(), keep))
-        return self.net(x, t, s, cond) * keep
 
 
 def test_teacher_pass_replays_the_dropout_masks_of_the_grad_pass():

@@ -2,11 +2,10 @@ import dataclasses
 
 import pytest
 import torch
-from _helpers import ConvNet, grads, random_mlp, shape_checks_off, zero_grads
+from _helpers import ConvNet, MaskRecorder, grads, random_mlp, shape_checks_off, zero_grads
 from _reference import explicit_objective, flatten_per_sample
 from hypothesis import given
 from hypothesis import strategies as st
-from test_losses import MaskRecorder
 
 from soflow_core import (
     AdaptiveWeighting,
