@@ -33,7 +33,7 @@ from soflow_core.losses import (
     teacher_state,
 )
 from soflow_core.metrics import energy_distance
-from soflow_core.nets import MLPBackbone
+from soflow_core.nets import DIT_SIZES, DiT, MLPBackbone, SongUNet, load_dit_checkpoint
 from soflow_core.objective import (
     PRESETS,
     ConsistencyBatch,
@@ -70,6 +70,7 @@ from soflow_core.weighting import AdaptiveWeighting, adaptive_weight, flow_match
 __version__ = "0.1.0"
 
 __all__ = [
+    "DIT_SIZES",
     "MIN_TIME_GAP",
     "PRESETS",
     "AbstractParam",
@@ -84,6 +85,7 @@ __all__ = [
     "ConsistencyTimeSampler",
     "ConstSchedule",
     "CosineSchedule",
+    "DiT",
     "EulerParam",
     "ExponentSchedule",
     "FlowMatchingBatch",
@@ -98,6 +100,7 @@ __all__ = [
     "RngSnapshot",
     "SoFlowObjective",
     "SolutionConsistencyLoss",
+    "SongUNet",
     "TimeTriple",
     "TrainingBatch",
     "TrigParam",
@@ -115,6 +118,7 @@ __all__ = [
     "guided_target",
     "guided_velocity",
     "has_active_dropout",
+    "load_dit_checkpoint",
     "make_param",
     "make_path",
     "make_schedule",

@@ -1,5 +1,17 @@
 """Backbones. The losses never import this package; any callable ``model(x, t, s, cond)`` works."""
 
+from soflow_core.nets.dit import DIT_SIZES, DiT, DiTSize, load_dit_checkpoint, sincos_pos_embed_2d
 from soflow_core.nets.mlp import MLPBackbone, sinusoidal_embedding
+from soflow_core.nets.unet import SongUNet, positional_embedding
 
-__all__ = ["MLPBackbone", "sinusoidal_embedding"]
+__all__ = [
+    "DIT_SIZES",
+    "DiT",
+    "DiTSize",
+    "MLPBackbone",
+    "SongUNet",
+    "load_dit_checkpoint",
+    "positional_embedding",
+    "sincos_pos_embed_2d",
+    "sinusoidal_embedding",
+]
