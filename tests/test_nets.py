@@ -1,0 +1,435 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from _helpers import grads, zero_grads
+from torch import nn
+
+from soflow_core import (
+    DIT_SIZES,
+    ClassifierFreeGuidance,
+    DiT,
+    SoFlowObjective,
+    SongUNet,
+    has_active_dropout,
+    load_dit_checkpoint,
+)
+from soflow_core.nets.unet import positional_embedding
+
+NUM_CLASSES = 10
+TINY = {"input_size": 8, "in_channels": 4, "patch_size": 2, "hidden_size": 32, "depth": 2, "num_heads": 2}
+
+# The reference DiT layout (facebookresearch/DiT with timm's PatchEmbed, Attention and Mlp) plus
+# SoFlow's s_embedder, for TINY with 10 classes and a null row. LayerNorms have no affine
+# parameters (norm1, norm2, norm_final hold nothing), and the adaLN linears sit at index 1
+# after a SiLU. Token count T = (8 / 2)² = 16; final linear 2·2·4 = 16 outputs.
+TINY_LAYOUT = {
+    "pos_embed": (1, 16, 32),
+    "x_embedder.proj.weight": (32, 4, 2, 2),
+    "x_embedder.proj.bias": (32,),
+    "t_embedder.mlp.0.weight": (32, 256),
+    "t_embedder.mlp.0.bias": (32,),
+    "t_embedder.mlp.2.weight": (32, 32),
+    "t_embedder.mlp.2.bias": (32,),
+    "s_embedder.mlp.0.weight": (32, 256),
+    "s_embedder.mlp.0.bias": (32,),
+    "s_embedder.mlp.2.weight": (32, 32),
+    "s_embedder.mlp.2.bias": (32,),
+    "y_embedder.embedding_table.weight": (11, 32),
+    **{
+        f"blocks.{i}.{name}": shape
+        for i in range(2)
+        for name, shape in {
+            "attn.qkv.weight": (96, 32),
+            "attn.qkv.bias": (96,),
+            "attn.proj.weight": (32, 32),
+            "attn.proj.bias": (32,),
+            "mlp.fc1.weight": (128, 32),
+            "mlp.fc1.bias": (128,),
+            "mlp.fc2.weight": (32, 128),
+            "mlp.fc2.bias": (32,),
+            "adaLN_modulation.1.weight": (192, 32),
+            "adaLN_modulation.1.bias": (192,),
+        }.items()
+    },
+    "final_layer.linear.weight": (16, 32),
+    "final_layer.linear.bias": (16,),
+    "final_layer.adaLN_modulation.1.weight": (64, 32),
+    "final_layer.adaLN_modulation.1.bias": (64,),
+}
+
+TINY_UNET = {
+    "img_resolution": 8,
+    "model_channels": 16,
+    "channel_mult": [1, 2],
+    "num_blocks": 1,
+    "attn_resolutions": [4],
+}
+
+
+def tiny_dit(seed=0, *, randomise=True, **overrides):
+    """A tiny DiT; with ``randomise`` its zero-initialised layers are redrawn so F_θ is not ≡ 0."""
+    torch.manual_seed(seed)
+    net = DiT(**{**TINY, "num_classes": NUM_CLASSES, **overrides})
+    if randomise:
+        zero_init = [block.adaLN_modulation[-1] for block in net.blocks]
+        zero_init += [net.final_layer.adaLN_modulation[-1], net.final_layer.linear]
+        for layer in zero_init:
+            nn.init.normal_(layer.weight, std=0.1)
+            nn.init.normal_(layer.bias, std=0.1)
+    return net
+
+
+def image_batch(seed=0, b=3, c=4, size=8):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, c, size, size, generator=g)
+    t = torch.rand(b, generator=g) * 0.9 + 0.1
+    s = t * torch.rand(b, generator=g)
+    return x, t, s
+
+
+def labels(b=3, seed=0):
+    return torch.randint(0, NUM_CLASSES, (b,), generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------------------- DiT
+
+
+def test_dit_output_shape_dtype_and_zero_at_init():
+    net = tiny_dit(randomise=False)
+    x, t, s = image_batch()
+    out = net(x, t, s, labels())
+    assert out.shape == x.shape and out.dtype == torch.float32
+    assert torch.equal(out, torch.zeros_like(x))  # adaLN-Zero: F_θ ≡ 0 at init
+    net64 = tiny_dit().double()
+    out64 = net64(x.double(), t.double(), s.double(), labels())
+    assert out64.dtype == torch.float64 and out64.abs().max() > 0
+
+
+def test_dit_init_follows_the_reference():
+    torch.manual_seed(0)
+    net = DiT(**{**TINY, "hidden_size": 64, "num_heads": 4}, num_classes=500)
+    for name, module in net.named_modules():
+        if isinstance(module, nn.Linear):
+            assert torch.equal(module.bias, torch.zeros_like(module.bias)), name
+            bound = math.sqrt(6 / (module.in_features + module.out_features))
+            if "t_embedder" not in name:
+                assert module.weight.abs().max() <= bound, name  # xavier_uniform (or zero)
+    zeros = [b.adaLN_modulation[-1].weight for b in net.blocks]
+    zeros += [net.final_layer.adaLN_modulation[-1].weight, net.final_layer.linear.weight]
+    assert all(torch.equal(w, torch.zeros_like(w)) for w in zeros)
+    for w in (net.t_embedder.mlp[0].weight, net.t_embedder.mlp[2].weight, net.y_embedder.embedding_table.weight):
+        assert abs(w.std().item() - 0.02) < 0.003  # N(0, 0.02²)
+    # The s-embedder keeps xavier_uniform: std = bound/√3 = √(2 / (fan_in + fan_out)).
+    s_first = net.s_embedder.mlp[0].weight
+    assert abs(s_first.std().item() / math.sqrt(2 / (256 + 64)) - 1) < 0.05
+    proj = net.x_embedder.proj.weight  # xavier on the flattened kernel: fan_in = C·p·p
+    assert proj.abs().max() <= math.sqrt(6 / (64 + 4 * 2 * 2))
+    assert abs(proj.std().item() / math.sqrt(2 / (64 + 16)) - 1) < 0.1
+    assert torch.equal(net.x_embedder.proj.bias, torch.zeros(64))
+
+
+def test_dit_pos_embed_is_the_fixed_2d_sincos_table():
+    net = tiny_dit(randomise=False, hidden_size=16, num_heads=2)
+    assert net.pos_embed.shape == (1, 16, 16) and not net.pos_embed.requires_grad
+    # Independent numpy transcription of the MAE/DiT formula: token k = 4·row + col; the first half
+    # of the channels encodes the column, the second the row, each [sin(p ω), cos(p ω)], ω_j = 1e4^(−j/4).
+    omega = 1.0 / 10_000 ** (np.arange(4) / 4)
+    rows, cols = np.divmod(np.arange(16), 4)
+
+    def table(pos):
+        return np.concatenate([np.sin(np.outer(pos, omega)), np.cos(np.outer(pos, omega))], axis=1)
+
+    expected = np.concatenate([table(cols), table(rows)], axis=1)
+    np.testing.assert_allclose(net.pos_embed[0].numpy(), expected, rtol=0, atol=1e-6)
+
+
+def test_dit_unpatchify_matches_the_reference_token_layout():
+    """Each output token holds its p×p patch as (row, column, channel): einsum nhwpqc -> nchpwq."""
+    net = tiny_dit(randomise=False)
+    tokens = torch.randn(2, 16, 2 * 2 * 4)
+    expected = torch.einsum("nhwpqc->nchpwq", tokens.reshape(2, 4, 4, 2, 2, 4)).reshape(2, 4, 8, 8)
+    assert torch.equal(net._unpatchify(tokens), expected)
+
+
+def test_dit_sees_t_and_t_minus_s():
+    net = tiny_dit(seed=1)
+    x, t, s = image_batch(1)
+    seen = []
+    net.s_embedder.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    out = net(x, t, s, labels())
+    torch.testing.assert_close(seen[0], t - s, rtol=0, atol=0)  # the second embedder gets t − s, not s
+    assert not torch.allclose(out, net(x, t, s * 0.5, labels()))  # and it matters
+    assert not torch.allclose(out, net(x, t * 0.5, s * 0.5, labels()))  # t on its own too
+
+
+def test_dit_state_dict_follows_the_reference_layout():
+    net = tiny_dit(randomise=False)
+    assert {k: tuple(v.shape) for k, v in net.state_dict().items()} == TINY_LAYOUT
+    assert [n for n, p in net.named_parameters() if not p.requires_grad] == ["pos_embed"]
+    unconditional = DiT(**TINY, num_classes=None)
+    assert set(unconditional.state_dict()) == set(TINY_LAYOUT) - {"y_embedder.embedding_table.weight"}
+    no_null = DiT(**TINY, num_classes=NUM_CLASSES, null_class=False)
+    assert no_null.y_embedder.embedding_table.weight.shape == (NUM_CLASSES, 32)
+
+
+@pytest.mark.parametrize(("name", "millions"), [("DiT-B/2", 131), ("DiT-XL/2", 676)])
+def test_dit_named_sizes_have_the_reference_parameter_counts(name, millions):
+    with torch.device("meta"):
+        net = DiT.from_name(name, input_size=32, in_channels=4, num_classes=1000)
+    count = sum(p.numel() for p in net.parameters())
+    assert abs(count / (millions * 1e6) - 1) < 0.01, count
+    size = DIT_SIZES[name]
+    assert (net.patch_size, net.hidden_size, net.depth, net.num_heads) == (
+        size.patch_size,
+        size.hidden_size,
+        size.depth,
+        size.num_heads,
+    )
+
+
+def test_dit_unknown_size_lists_the_valid_ones():
+    with pytest.raises(ValueError, match=r"DiT-S/2.*'DiT-B/4', 'DiT-B/2', 'DiT-M/2', 'DiT-L/2', 'DiT-XL/2'"):
+        DiT.from_name("DiT-S/2")
+    with pytest.raises(ValueError, match="fixes depth"):
+        DiT.from_name("DiT-B/4", depth=2)
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        DiT(**{**TINY, "input_size": 9})
+
+
+def test_dit_null_class():
+    net = tiny_dit(seed=2)
+    x, t, s = image_batch(2)
+    null = torch.full((3,), NUM_CLASSES)
+    torch.testing.assert_close(net(x, t, s, None), net(x, t, s, null), rtol=0, atol=0)
+    assert not torch.allclose(net(x, t, s, None), net(x, t, s, labels()))
+    no_null = tiny_dit(null_class=False)
+    with pytest.raises(ValueError, match="no null row"):
+        no_null(x, t, s, None)
+    unconditional = tiny_dit(num_classes=None)
+    assert unconditional.y_embedder is None and unconditional(x, t, s, None).shape == x.shape
+    with pytest.raises(ValueError, match="unconditional"):
+        unconditional(x, t, s, labels())
+    with pytest.raises(ValueError, match="x must have shape"):
+        net(torch.randn(3, 4, 16, 16), t, s, None)
+
+
+# ---------------------------------------------------------------------------- DiT checkpoints
+
+
+def reference_state(seed=0, layout=TINY_LAYOUT):
+    """A state dict in the reference layout, built from the names alone, with random values."""
+    g = torch.Generator().manual_seed(seed)
+    return {name: torch.randn(shape, generator=g) * 0.1 for name, shape in layout.items()}
+
+
+def test_loader_round_trips_reference_layout(tmp_path):
+    state = reference_state()
+    net = tiny_dit(randomise=False)
+    assert load_dit_checkpoint(net, state) == []
+    for name, value in net.state_dict().items():
+        assert torch.equal(value, state[name]), name
+    x, t, s = image_batch(3)
+    expected = net(x, t, s, labels())
+    assert expected.abs().max() > 0
+
+    # Wrapped and prefixed, in memory and from a file: the same weights, the same outputs.
+    path = tmp_path / "checkpoint.pt"
+    torch.save(
+        {"model": reference_state(seed=1), "ema": {f"module.{k}": v for k, v in state.items()}, "steps": 7}, path
+    )
+    prefixed = {f"_orig_mod.{k}": v for k, v in state.items()}
+    for source in ({"ema": state}, {"state_dict": prefixed}, path, str(path)):
+        fresh = tiny_dit(seed=5)
+        load_dit_checkpoint(fresh, source)
+        torch.testing.assert_close(fresh(x, t, s, labels()), expected, rtol=0, atol=0)
+    # An explicit entry picks the non-EMA weights.
+    other = tiny_dit(seed=5)
+    load_dit_checkpoint(other, path, entry="model")
+    assert torch.equal(other.pos_embed, reference_state(seed=1)["pos_embed"])
+
+
+class _Wrapper(nn.Module):
+    """Stands in for DDP: the real model is ``.module``."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+
+def test_loader_accepts_wrapped_models():
+    net = tiny_dit(randomise=False)
+    load_dit_checkpoint(_Wrapper(net), reference_state())
+    assert torch.equal(net.pos_embed, reference_state()["pos_embed"])
+    with pytest.raises(TypeError, match="must be a DiT"):
+        load_dit_checkpoint(nn.Linear(2, 2), reference_state())
+
+
+def test_loader_rejects_mismatches_before_loading():
+    net = tiny_dit(randomise=False)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+
+    missing = reference_state()
+    del missing["s_embedder.mlp.0.weight"]
+    with pytest.raises(ValueError, match=r"1 missing key\(s\): s_embedder\.mlp\.0\.weight"):
+        load_dit_checkpoint(net, missing)
+
+    wrong = reference_state()
+    wrong["blocks.1.mlp.fc1.weight"] = torch.zeros(64, 32)
+    with pytest.raises(ValueError, match=r"1 shape mismatch\(es\): blocks\.1\.mlp\.fc1\.weight \(64, 32\) vs model"):
+        load_dit_checkpoint(net, wrong, strict=False)
+
+    extra = {**reference_state(), "blocks.2.attn.qkv.weight": torch.zeros(96, 32)}
+    with pytest.raises(ValueError, match=r"1 unexpected key\(s\): blocks\.2\.attn\.qkv\.weight"):
+        load_dit_checkpoint(net, extra)
+
+    # A real size: its shapes only (meta tensors), into the tiny model.
+    with torch.device("meta"):
+        big = DiT.from_name("DiT-B/4", input_size=32, in_channels=4, num_classes=1000).state_dict()
+    with pytest.raises(ValueError) as info:
+        load_dit_checkpoint(net, big)
+    message = str(info.value)
+    assert "looks like: DiT-B/4" in message and "input_size=32" in message and "1001 label rows" in message
+    assert "missing key(s)" not in message and "unexpected key(s): blocks.2." in message
+    assert "(95 more)" in message  # long listings are cut to the first few, with a count
+
+    # A learned-sigma DiT checkpoint (no s_embedder, 8 output channels) is recognised as such.
+    original = {k: v for k, v in reference_state().items() if not k.startswith("s_embedder")}
+    original["final_layer.linear.weight"] = torch.zeros(32, 32)
+    with pytest.raises(ValueError, match=r"(?s)out_channels=8 \(a learned-sigma checkpoint\).*no s_embedder"):
+        load_dit_checkpoint(net, original)
+
+    for name, value in net.state_dict().items():
+        assert torch.equal(value, before[name]), f"{name} changed by a failed load"
+
+
+def test_loader_non_strict_reports_missing_keys_and_requires_pos_embed():
+    net = tiny_dit(randomise=False)
+    partial = {k: v for k, v in reference_state().items() if k != "pos_embed"}
+    with pytest.raises(ValueError, match=r"missing key.*pos_embed"):
+        load_dit_checkpoint(net, partial)
+    assert load_dit_checkpoint(net, partial, strict=False) == ["pos_embed"]
+    assert torch.equal(net.x_embedder.proj.weight, partial["x_embedder.proj.weight"])
+    with pytest.raises(ValueError, match="neither a state dict nor a container"):
+        load_dit_checkpoint(net, {"weights": {"a": 1}})
+
+
+# ---------------------------------------------------------------------------- DiT training
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    x, t, s = image_batch(4)
+    results = []
+    for flag in (False, True):
+        net = tiny_dit(seed=4, gradient_checkpointing=flag)
+        zero_grads(net)
+        net(x, t, s, labels()).square().mean().backward()
+        results.append(grads(net))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_objective_step_with_tiny_dit_and_guidance():
+    guidance = ClassifierFreeGuidance(scale=3.0, mix=0.25, drop_rate=0.1, decay_time=0.8, null_cond=NUM_CLASSES)
+    objective = SoFlowObjective.from_preset("imagenet", guidance=guidance)
+    net = tiny_dit(seed=5, randomise=False)
+    g = torch.Generator().manual_seed(5)
+    data, cond = torch.randn(8, 4, 8, 8, generator=g), torch.randint(0, NUM_CLASSES, (8,), generator=g)
+    out = objective(net, data, cond, step=0, total_steps=10, generator=g)
+    out.backprop.backward()
+    assert out.metrics["finite"].item() == 1.0
+    assert all(p.grad is not None and bool(torch.isfinite(p.grad).all()) for p in net.parameters() if p.requires_grad)
+    assert net.final_layer.linear.weight.grad.abs().max() > 0
+
+
+# ---------------------------------------------------------------------------- SongUNet
+
+
+def tiny_unet(seed=0, *, randomise=True, **overrides):
+    """A tiny SongUNet; with ``randomise`` the layers EDM starts at 1e-5 × xavier are redrawn."""
+    torch.manual_seed(seed)
+    net = SongUNet(**{**TINY_UNET, **overrides})
+    if randomise:
+        for name, param in net.named_parameters():
+            if name.endswith(("conv1.weight", "proj.weight", "aux_conv.weight")):
+                nn.init.normal_(param, std=0.05)
+    return net
+
+
+def test_unet_shape_and_conditioning_inputs():
+    x, t, s = image_batch(6, c=3)
+    fresh = tiny_unet(randomise=False).eval()(x, t, s)
+    assert 0 < fresh.abs().max() < 1e-3  # EDM init: last layers at 1e-5 × xavier, small but not zero
+    net = tiny_unet().eval()
+    out = net(x, t, s)
+    assert out.shape == x.shape and out.dtype == torch.float32
+    aug = torch.randn(3, 6, generator=torch.Generator().manual_seed(0))
+    assert not torch.allclose(net(x, t, s, augment_labels=aug), out, rtol=0, atol=1e-4)
+    assert not torch.allclose(net(x, t, s * 0.5), out, rtol=0, atol=1e-4)  # t − s is embedded
+    with pytest.raises(ValueError, match="unconditional"):
+        net(x, t, s, torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="augment_labels must have shape"):
+        net(x, t, s, augment_labels=torch.zeros(3, 4))
+    with pytest.raises(ValueError, match="img_resolution must be divisible"):
+        SongUNet(**{**TINY_UNET, "img_resolution": 7})
+
+
+def test_unet_time_features_match_edm_positional_embedding():
+    x = torch.tensor([0.0, 0.3, 1.0], dtype=torch.float64)
+    got = positional_embedding(x, 8)
+    freqs = 1e-4 ** (np.arange(4) / 3)  # endpoint=True: the last frequency is exactly 1/max_positions
+    angles = np.outer(x.numpy(), freqs)
+    np.testing.assert_allclose(got.numpy(), np.concatenate([np.sin(angles), np.cos(angles)], axis=1), rtol=1e-14)
+
+
+def test_unet_dropout_active_in_train_mode_only():
+    net = tiny_unet(dropout=0.3)
+    x, t, s = image_batch(7, c=3)
+    assert has_active_dropout(net)
+    assert not torch.equal(net(x, t, s), net(x, t, s))
+    net.eval()
+    assert not has_active_dropout(net)
+    assert torch.equal(net(x, t, s), net(x, t, s))
+
+
+def test_unet_reference_defaults():
+    net = SongUNet()
+    assert net.map_layer0.weight.shape == (512, 512) and net.map_augment.weight.shape == (512, 6)
+    assert net.map_augment.bias is None
+    assert [k for k in net.enc if "down" in k] == ["16x16_down", "8x8_down"]
+    assert all(m.drop.p == 0.3 for m in net.modules() if hasattr(m, "drop"))
+    with_attention = sorted(k for k, m in [*net.enc.items(), *net.dec.items()] if getattr(m, "attention", False))
+    assert with_attention == ["16x16_block0", "16x16_block1", "16x16_block2", "16x16_block3", "16x16_block4", "8x8_in0"]
+    assert net.enc["16x16_down"].conv0.resample_filter.flatten().tolist() == pytest.approx(
+        (np.outer([1, 3, 3, 1], [1, 3, 3, 1]) / 64).flatten().tolist()
+    )
+
+
+def test_unet_objective_step_with_augment_labels_as_cond():
+    net = tiny_unet(seed=8)
+    objective = SoFlowObjective.from_preset("cifar10")
+    g = torch.Generator().manual_seed(8)
+    data, aug = torch.randn(6, 3, 8, 8, generator=g), torch.randn(6, 6, generator=g)
+    out = objective(
+        lambda x, t, s, cond: net(x, t, s, augment_labels=cond), data, aug, step=0, total_steps=10, generator=g
+    )
+    out.backprop.backward()
+    assert out.metrics["finite"].item() == 1.0
+    assert all(p.grad is not None and bool(torch.isfinite(p.grad).all()) for p in net.parameters())
+
+
+# ---------------------------------------------------------------------------- both
+
+
+@pytest.mark.parametrize("kind", ["dit", "unet"])
+def test_bf16_autocast(kind):
+    net = tiny_dit(seed=9) if kind == "dit" else tiny_unet(seed=9)
+    x, t, s = image_batch(9, c=4 if kind == "dit" else 3)
+    cond = labels() if kind == "dit" else None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net(x, t, s, cond)
+    assert out.shape == x.shape and out.dtype in (torch.bfloat16, torch.float32)
+    assert bool(torch.isfinite(out).all())
+    out.float().square().mean().backward()
+    assert all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in net.parameters())
