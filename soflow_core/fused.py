@@ -23,7 +23,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from soflow_core._dispatch import kernel_op, resolve_backend
-from soflow_core._tensor import bcast_right, per_sample_mean
+from soflow_core._tensor import bcast_right, compute_dtype, per_sample_mean
 from soflow_core.typing import Data, PerSample
 from soflow_core.weighting import adaptive_weight
 
@@ -35,13 +35,6 @@ __all__ = [
     "linear_combination",
     "linear_combination_reference",
 ]
-
-Coefficients = Float[Tensor, " b ..."]
-
-
-def _accumulation_dtype(*tensors: Tensor | None) -> torch.dtype:
-    """float64 when any input is float64, else float32 (the kernels' accumulation type)."""
-    return torch.float64 if any(x is not None and x.dtype == torch.float64 for x in tensors) else torch.float32
 
 
 def _column(coefficients: Tensor, index: int, like: Tensor) -> Tensor:
@@ -72,7 +65,7 @@ def linear_combination_reference(inputs: Sequence[Data], coefficients: Float[Ten
         >>> out[0].tolist()
         [3.0, 3.0, 3.0]
     """
-    dtype = _accumulation_dtype(*inputs)
+    dtype = compute_dtype(*inputs)
     out_dtype = inputs[0].dtype
     for x in inputs[1:]:
         out_dtype = torch.promote_types(out_dtype, x.dtype)
@@ -113,7 +106,7 @@ def flow_matching_rows_reference(
     Returns:
         (ℓ, mse, w): the weighted loss with gradient, the detached mse and weight.
     """
-    dtype = _accumulation_dtype(output, state, target)
+    dtype = compute_dtype(output, state, target)
     table = coefficients.detach().to(dtype)
     delta = _column(table, 1, output) * output.to(dtype) - target.detach().to(dtype)
     if state is not None:
@@ -157,7 +150,7 @@ def consistency_rows_reference(
     Returns:
         (surrogate, mean q², w, equivalent); only the surrogate carries a gradient.
     """
-    dtype = _accumulation_dtype(output, x_t, teacher_state, teacher_output)
+    dtype = compute_dtype(output, x_t, teacher_state, teacher_output)
     table = coefficients.detach().to(dtype)
     output = output.to(dtype)
     with torch.no_grad():

@@ -219,9 +219,9 @@ def guidance_coefficients(mask: DropMask, t: Time, guidance: ClassifierFreeGuida
 
     Expanding [`guided_target`][soflow_core.guided_target] with g = c(t)(ω − 1):
 
-    $$	ilde v = k_v\,v_t + k_u\,v_	heta(x_t,t\midarnothing) + k_m\,\mathrm{sg}(v_	heta(x_t,t\mid c)),\quad
-      (k_v, k_u, k_m) = egin{cases} (1, 0, 0) & 	ext{condition dropped} \\
-      (m(1 + g),\ -m g,\ 1 - m) & 	ext{otherwise.} \end{cases}$$
+    $$\tilde v = k_v\,v_t + k_u\,v_\theta(x_t,t\mid\varnothing) + k_m\,\mathrm{sg}(v_\theta(x_t,t\mid c)),\quad
+      (k_v, k_u, k_m) = \begin{cases} (1, 0, 0) & \text{condition dropped} \\
+      (m(1 + g),\ -m g,\ 1 - m) & \text{otherwise.} \end{cases}$$
 
     Args:
         mask: True where the condition was dropped.

@@ -141,7 +141,6 @@ def _(inputs: list[Tensor], coefficients: Tensor) -> list[Tensor]:
 def _setup_context(ctx, inputs, output) -> None:
     tensors, coefficients = inputs
     ctx.input_dtypes = [x.dtype for x in tensors]
-    ctx.n_inputs = len(tensors)
     ctx.save_coefficient_inputs = coefficients.requires_grad
     saved = [coefficients, *tensors] if coefficients.requires_grad else [coefficients]
     ctx.save_for_backward(*saved)
