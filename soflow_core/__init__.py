@@ -12,11 +12,13 @@ Examples:
     >>> out.backprop.backward()
 """
 
+from soflow_core._dispatch import Backend, kernels_available
 from soflow_core._tensor import bcast_right
 from soflow_core.guidance import (
     ClassifierFreeGuidance,
     cfg_decay,
     drop_cond,
+    guidance_coefficients,
     guided_target,
     guided_velocity,
     mixed_velocity,
@@ -27,9 +29,14 @@ from soflow_core.losses import (
     FlowMatchingLoss,
     FlowMatchingOutput,
     SolutionConsistencyLoss,
+    consistency_coefficients,
     consistency_quotient,
     flow_matching_loss,
+    flow_matching_loss_from_output,
+    guided_target_from_outputs,
+    guided_teacher_state,
     solution_consistency_loss,
+    solution_consistency_loss_from_teacher,
     teacher_state,
 )
 from soflow_core.metrics import energy_distance
@@ -79,6 +86,7 @@ __all__ = [
     "AbstractTimeDistribution",
     "AdaptiveWeighting",
     "Backbone",
+    "Backend",
     "ClassifierFreeGuidance",
     "ConsistencyBatch",
     "ConsistencyOutput",
@@ -109,15 +117,21 @@ __all__ = [
     "adaptive_weight",
     "bcast_right",
     "cfg_decay",
+    "consistency_coefficients",
     "consistency_quotient",
     "consistency_times",
     "drop_cond",
     "energy_distance",
     "flow_matching_loss",
+    "flow_matching_loss_from_output",
     "flow_matching_weight",
+    "guidance_coefficients",
     "guided_target",
+    "guided_target_from_outputs",
+    "guided_teacher_state",
     "guided_velocity",
     "has_active_dropout",
+    "kernels_available",
     "load_dit_checkpoint",
     "make_param",
     "make_path",
@@ -131,6 +145,7 @@ __all__ = [
     "sample_toy_2d",
     "snapshot_rng",
     "solution_consistency_loss",
+    "solution_consistency_loss_from_teacher",
     "split_sizes",
     "teacher_state",
     "uniform_time_grid",

@@ -22,9 +22,9 @@ def bcast_right(t: Tensor, like: Tensor) -> Tensor:
     return t.reshape(t.shape + (1,) * (like.ndim - t.ndim))
 
 
-def compute_dtype(x: Tensor) -> torch.dtype:
-    """The dtype losses accumulate in: float64 for float64 inputs, float32 otherwise."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+def compute_dtype(*tensors: Tensor | None) -> torch.dtype:
+    """The dtype losses accumulate in: float64 when any input is float64, float32 otherwise (None is skipped)."""
+    return torch.float64 if any(x is not None and x.dtype == torch.float64 for x in tensors) else torch.float32
 
 
 def per_sample_mean(x: Tensor) -> Tensor:

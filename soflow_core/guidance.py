@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 from soflow_core._tensor import bcast_right
@@ -20,6 +21,7 @@ __all__ = [
     "ClassifierFreeGuidance",
     "cfg_decay",
     "drop_cond",
+    "guidance_coefficients",
     "guided_target",
     "guided_velocity",
     "mixed_velocity",
@@ -210,3 +212,33 @@ def guided_target(
     v_g = guided_velocity(v_t, v_uncond, t, scale=guidance.scale, decay_time=guidance.decay_time)
     v_mix = mixed_velocity(v_g, v_model, mix=guidance.mix)
     return torch.where(bcast_right(mask, v_t), v_t, v_mix).detach()
+
+
+def guidance_coefficients(mask: DropMask, t: Time, guidance: ClassifierFreeGuidance) -> Float[Tensor, "b 3"]:
+    r"""The guided target as a per-sample combination of v_t, v_uncond and v_model (for the fused ops).
+
+    Expanding [`guided_target`][soflow_core.guided_target] with g = c(t)(ω − 1):
+
+    $$\tilde v = k_v\,v_t + k_u\,v_\theta(x_t,t\mid\varnothing) + k_m\,\mathrm{sg}(v_\theta(x_t,t\mid c)),\quad
+      (k_v, k_u, k_m) = \begin{cases} (1, 0, 0) & \text{condition dropped} \\
+      (m(1 + g),\ -m g,\ 1 - m) & \text{otherwise.} \end{cases}$$
+
+    Args:
+        mask: True where the condition was dropped.
+        t: Time of each sample.
+        guidance: The guidance settings.
+
+    Returns:
+        The (b, 3) columns k_v, k_u, k_m.
+
+    Examples:
+        >>> import torch
+        >>> g = ClassifierFreeGuidance(scale=3.0, mix=0.5, drop_rate=0.1, decay_time=1.0)
+        >>> guidance_coefficients(torch.tensor([False, True]), torch.tensor([0.5, 0.5]), g).tolist()
+        [[1.5, -1.0, 0.5], [1.0, 0.0, 0.0]]
+    """
+    g = cfg_decay(t, guidance.decay_time) * (guidance.scale - 1.0)
+    m = guidance.mix
+    kept = torch.stack([m * (1.0 + g), -m * g, torch.full_like(g, 1.0 - m)], dim=1)
+    dropped = torch.tensor([1.0, 0.0, 0.0], dtype=kept.dtype, device=kept.device).expand_as(kept)
+    return torch.where(mask[:, None], dropped, kept)

@@ -17,10 +17,13 @@ of a weighted MSE; its *value* is not a loss and is never reported as one.
 from dataclasses import dataclass, field
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
-from soflow_core._tensor import bcast_right, compute_dtype, per_sample_mean
+from soflow_core._dispatch import BACKENDS, Backend
+from soflow_core._tensor import bcast_right
 from soflow_core._validation import (
+    check_choice,
     check_cond,
     check_finite,
     check_same_shape,
@@ -28,20 +31,26 @@ from soflow_core._validation import (
     check_time,
     check_time_order,
 )
-from soflow_core.guidance import ClassifierFreeGuidance, drop_cond, guided_target
+from soflow_core.fused import consistency_rows, flow_matching_rows, linear_combination
+from soflow_core.guidance import ClassifierFreeGuidance, drop_cond, guidance_coefficients
 from soflow_core.parameterizations import AbstractParam, EulerParam
 from soflow_core.rng import replay_rng, snapshot_rng
 from soflow_core.typing import Backbone, Cond, Data, DropMask, PerSample, Scalar, Time
-from soflow_core.weighting import AdaptiveWeighting, adaptive_weight, flow_matching_weight
+from soflow_core.weighting import AdaptiveWeighting
 
 __all__ = [
     "ConsistencyOutput",
     "FlowMatchingLoss",
     "FlowMatchingOutput",
     "SolutionConsistencyLoss",
+    "consistency_coefficients",
     "consistency_quotient",
     "flow_matching_loss",
+    "flow_matching_loss_from_output",
+    "guided_target_from_outputs",
+    "guided_teacher_state",
     "solution_consistency_loss",
+    "solution_consistency_loss_from_teacher",
     "teacher_state",
 ]
 
@@ -103,8 +112,19 @@ class ConsistencyOutput:
 # ---------------------------------------------------------------------------- pure functions
 
 
+def _flow_matching_output(rows: tuple[Tensor, Tensor, Tensor]) -> FlowMatchingOutput:
+    per_sample, mse, weight = rows
+    return FlowMatchingOutput(backprop=per_sample.mean(), per_sample=per_sample, mse=mse, weight=weight)
+
+
 def flow_matching_loss(
-    v_pred: Data, target: Data, t: Time, *, param: AbstractParam, weighting: AdaptiveWeighting
+    v_pred: Data,
+    target: Data,
+    t: Time,
+    *,
+    param: AbstractParam,
+    weighting: AdaptiveWeighting,
+    backend: Backend = "auto",
 ) -> FlowMatchingOutput:
     r"""The adaptively weighted Flow Matching loss (spec §5.1).
 
@@ -121,16 +141,51 @@ def flow_matching_loss(
         t: Time of each sample.
         param: The parameterization (for ∂ₛb(t, t)).
         weighting: The adaptive weight's p and ε.
+        backend: Where the fused rows run: ``"auto"``, ``"torch"`` or ``"triton"``.
 
     Returns:
         The [`FlowMatchingOutput`][soflow_core.FlowMatchingOutput].
     """
-    dtype = compute_dtype(v_pred)
-    delta = v_pred.to(dtype) - target.detach().to(dtype)
-    mse = per_sample_mean(delta.square())
-    weight = flow_matching_weight(mse, param.d_s_b(t, t).to(dtype), p=weighting.p, eps=weighting.eps)
-    per_sample = weight * mse
-    return FlowMatchingOutput(backprop=per_sample.mean(), per_sample=per_sample, mse=mse.detach(), weight=weight)
+    d_s_b = param.d_s_b(t, t).detach()
+    coefficients = torch.stack([torch.zeros_like(d_s_b), torch.ones_like(d_s_b), d_s_b.abs().reciprocal()], dim=1)
+    rows = flow_matching_rows(v_pred, None, target, coefficients, p=weighting.p, eps=weighting.eps, backend=backend)
+    return _flow_matching_output(rows)
+
+
+def flow_matching_loss_from_output(
+    network_output: Data,
+    x_t: Data,
+    target: Data,
+    t: Time,
+    *,
+    param: AbstractParam,
+    weighting: AdaptiveWeighting,
+    backend: Backend = "auto",
+) -> FlowMatchingOutput:
+    r"""[`flow_matching_loss`][soflow_core.flow_matching_loss] with v_θ = ∂ₛa·x_t + ∂ₛb·F_θ fused in.
+
+    The velocity of spec §3 is never materialised: the fused rows read F_θ(x_t, t, t) (and x_t
+    only when ∂ₛa(t, t) is not identically zero) and write dF directly in the backward.
+
+    Args:
+        network_output: F_θ(x_t, t, t), with gradient.
+        x_t: The state at time t.
+        target: The target velocity ṽ (treated as constant).
+        t: Time of each sample.
+        param: The parameterization.
+        weighting: The adaptive weight's p and ε.
+        backend: Where the fused rows run.
+
+    Returns:
+        The [`FlowMatchingOutput`][soflow_core.FlowMatchingOutput].
+    """
+    d_s_a, d_s_b = param.d_s_a(t, t).detach(), param.d_s_b(t, t).detach()
+    coefficients = torch.stack([d_s_a, d_s_b, d_s_b.abs().reciprocal()], dim=1)
+    state = x_t if param.velocity_uses_state else None
+    rows = flow_matching_rows(
+        network_output, state, target, coefficients, p=weighting.p, eps=weighting.eps, backend=backend
+    )
+    return _flow_matching_output(rows)
 
 
 def consistency_quotient(f_t: Data, f_ell: Data, t: Time, ell: Time) -> Data:
@@ -151,6 +206,45 @@ def consistency_quotient(f_t: Data, f_ell: Data, t: Time, ell: Time) -> Data:
     return (f_t - f_ell) / bcast_right(t - ell, f_t)
 
 
+def consistency_coefficients(
+    param: AbstractParam, t: Time, s: Time, ell: Time, *, teacher_is_solution: bool
+) -> Float[Tensor, "b 7"]:
+    r"""Per-sample constants of the consistency loss, in the column order the fused rows take.
+
+    (a(t,s), b(t,s), a(ℓ,s), b(ℓ,s), t − ℓ, sgn b(t,s), (t − ℓ)/(2|b(t,s)|)); when the teacher
+    is given as the solution f_ℓ itself, a(ℓ,s) and b(ℓ,s) are replaced by 1 and 0.
+
+    Args:
+        param: The parameterization.
+        t: Time of x_t.
+        s: Target time.
+        ell: Intermediate time.
+        teacher_is_solution: Whether the teacher is passed as f_ℓ rather than (x_ℓ, F_ℓ).
+
+    Returns:
+        The (b, 7) table.
+    """
+    b_t = param.b(t, s)
+    gap = t - ell
+    if teacher_is_solution:
+        a_ell, b_ell = torch.ones_like(t), torch.zeros_like(t)
+    else:
+        a_ell, b_ell = param.a(ell, s), param.b(ell, s)
+    columns = [param.a(t, s), b_t, a_ell, b_ell, gap, torch.sign(b_t), gap / (2.0 * b_t.abs())]
+    return torch.stack(columns, dim=1).detach()
+
+
+def _consistency_output(rows: tuple[Tensor, Tensor, Tensor, Tensor]) -> ConsistencyOutput:
+    surrogate, quotient_mse, weight, equivalent = rows
+    return ConsistencyOutput(
+        backprop=surrogate.mean(),
+        per_sample=surrogate,
+        quotient_mse=quotient_mse,
+        weight=weight,
+        equivalent_loss=equivalent,
+    )
+
+
 def solution_consistency_loss(
     network_output: Data,
     x_t: Data,
@@ -161,6 +255,7 @@ def solution_consistency_loss(
     *,
     param: AbstractParam,
     weighting: AdaptiveWeighting,
+    backend: Backend = "auto",
 ) -> ConsistencyOutput:
     r"""The solution-consistency loss through its division-free surrogate (spec §5.2).
 
@@ -189,31 +284,59 @@ def solution_consistency_loss(
         ell: Intermediate time, ℓ < t.
         param: The parameterization.
         weighting: The adaptive weight's p and ε.
+        backend: Where the fused rows run: ``"auto"``, ``"torch"`` or ``"triton"``.
 
     Returns:
         The [`ConsistencyOutput`][soflow_core.ConsistencyOutput].
     """
-    dtype = compute_dtype(network_output)
-    network_output = network_output.to(dtype)
-    t, s, ell = t.to(dtype), s.to(dtype), ell.to(dtype)
-    with torch.no_grad():
-        f_t = param.combine(x_t.to(dtype), network_output, t, s)
-        q = consistency_quotient(f_t, f_ell.to(dtype), t, ell)
-        quotient_mse = per_sample_mean(q.square())
-        weight = adaptive_weight(quotient_mse, p=weighting.p, eps=weighting.eps)
-        b = param.b(t, s)
-        equivalent = weight * (t - ell) * quotient_mse / (2.0 * b.abs())
-    per_sample = torch.sign(b) * weight * per_sample_mean(network_output * q)
-    return ConsistencyOutput(
-        backprop=per_sample.mean(),
-        per_sample=per_sample,
-        quotient_mse=quotient_mse,
-        weight=weight,
-        equivalent_loss=equivalent,
+    coefficients = consistency_coefficients(param, t, s, ell, teacher_is_solution=True)
+    rows = consistency_rows(
+        network_output, x_t, f_ell, None, coefficients, p=weighting.p, eps=weighting.eps, backend=backend
     )
+    return _consistency_output(rows)
 
 
-def teacher_state(x_t: Data, velocity: Data, t: Time, ell: Time) -> Data:
+def solution_consistency_loss_from_teacher(
+    network_output: Data,
+    x_t: Data,
+    teacher_output: Data,
+    x_ell: Data,
+    t: Time,
+    s: Time,
+    ell: Time,
+    *,
+    param: AbstractParam,
+    weighting: AdaptiveWeighting,
+    backend: Backend = "auto",
+) -> ConsistencyOutput:
+    r"""[`solution_consistency_loss`][soflow_core.solution_consistency_loss] with f_ℓ fused in.
+
+    The teacher's solution $f_\ell = a(\ell,s)\,x_\ell + b(\ell,s)\,F_\theta(x_\ell,\ell,s)$ is
+    never materialised: the fused rows read x_ℓ and F_ℓ directly.
+
+    Args:
+        network_output: F_θ(x_t, t, s), with gradient.
+        x_t: The state at time t.
+        teacher_output: F_θ(x_ℓ, ℓ, s) from the no-grad teacher pass.
+        x_ell: The teacher's input x_ℓ.
+        t: Time of x_t.
+        s: Target time, s ≤ ℓ.
+        ell: Intermediate time, ℓ < t.
+        param: The parameterization.
+        weighting: The adaptive weight's p and ε.
+        backend: Where the fused rows run.
+
+    Returns:
+        The [`ConsistencyOutput`][soflow_core.ConsistencyOutput].
+    """
+    coefficients = consistency_coefficients(param, t, s, ell, teacher_is_solution=False)
+    rows = consistency_rows(
+        network_output, x_t, x_ell, teacher_output, coefficients, p=weighting.p, eps=weighting.eps, backend=backend
+    )
+    return _consistency_output(rows)
+
+
+def teacher_state(x_t: Data, velocity: Data, t: Time, ell: Time, *, backend: Backend = "auto") -> Data:
     r"""The teacher's input x_ℓ, one Euler step of the (guided) conditional velocity (spec §14.5).
 
     $$x_\ell = x_t + \tilde v\,(\ell - t).$$
@@ -226,11 +349,119 @@ def teacher_state(x_t: Data, velocity: Data, t: Time, ell: Time) -> Data:
         velocity: ṽ, the conditional (or guided) velocity.
         t: Time of x_t.
         ell: The intermediate time.
+        backend: Where the fused combination runs.
 
     Returns:
         x_ℓ.
     """
-    return x_t + velocity * bcast_right(ell - t, x_t).to(velocity.dtype)
+    coefficients = torch.stack([torch.ones_like(t), ell - t], dim=1)[:, None, :]
+    return linear_combination([x_t, velocity], coefficients, backend=backend)[0]
+
+
+def _guided_terms(
+    v_t: Data,
+    uncond_output: Data,
+    model_output: Data | None,
+    mask: DropMask,
+    t: Time,
+    param: AbstractParam,
+    guidance: ClassifierFreeGuidance,
+) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
+    """ṽ = Σ coefficient·input over (v_t, F_uncond, sg F_model), plus the coefficient of x_t (or None)."""
+    if model_output is None and guidance.needs_model_velocity:
+        raise ValueError(f"model_output is required when guidance mixes in the model (mix={guidance.mix})")
+    k = guidance_coefficients(mask, t, guidance)
+    d_s_a, d_s_b = param.d_s_a(t, t), param.d_s_b(t, t)
+    inputs, columns = [v_t, uncond_output], [k[:, 0], k[:, 1] * d_s_b]
+    k_state = k[:, 1]
+    if model_output is not None:
+        inputs.append(model_output.detach())
+        columns.append(k[:, 2] * d_s_b)
+        k_state = k_state + k[:, 2]
+    state_column = k_state * d_s_a if param.velocity_uses_state else None
+    return inputs, columns, state_column
+
+
+def guided_target_from_outputs(
+    v_t: Data,
+    x_t: Data,
+    uncond_output: Data,
+    model_output: Data | None,
+    mask: DropMask,
+    t: Time,
+    *,
+    param: AbstractParam,
+    guidance: ClassifierFreeGuidance,
+    backend: Backend = "auto",
+) -> Data:
+    r"""[`guided_target`][soflow_core.guided_target] from raw network outputs, in one fused pass.
+
+    With (k_v, k_u, k_m) from [`guidance_coefficients`][soflow_core.guidance_coefficients] and
+    v_θ = ∂ₛa(t,t)·x_t + ∂ₛb(t,t)·F_θ,
+
+    $$\tilde v = k_v\,v_t + k_u\,v_\theta(x_t, t\mid\varnothing) + k_m\,\mathrm{sg}(v_\theta(x_t, t\mid c)).$$
+
+    Args:
+        v_t: Conditional velocity of the path.
+        x_t: The state at time t (read only when ∂ₛa(t, t) is not identically zero).
+        uncond_output: F_θ(x_t, t, t | ∅), without gradient.
+        model_output: F_θ(x_t, t, t | c) (detached here), or None when the mix m is 1.
+        mask: True where the condition was dropped.
+        t: Time of each sample.
+        param: The parameterization.
+        guidance: The guidance settings.
+        backend: Where the fused combination runs.
+
+    Returns:
+        ṽ, without gradient.
+    """
+    inputs, columns, state_column = _guided_terms(v_t, uncond_output, model_output, mask, t, param, guidance)
+    if state_column is not None:
+        inputs.append(x_t)
+        columns.append(state_column)
+    coefficients = torch.stack(columns, dim=1)[:, None, :].detach()
+    return linear_combination(inputs, coefficients, backend=backend)[0].detach()
+
+
+def guided_teacher_state(
+    x_t: Data,
+    v_t: Data,
+    uncond_output: Data,
+    model_output: Data | None,
+    mask: DropMask,
+    t: Time,
+    ell: Time,
+    *,
+    param: AbstractParam,
+    guidance: ClassifierFreeGuidance,
+    backend: Backend = "auto",
+) -> Data:
+    r"""[`teacher_state`][soflow_core.teacher_state] with the guided velocity, in one fused pass.
+
+    $$x_\ell = x_t + (\ell - t)\,\tilde v$$ with ṽ as in
+    [`guided_target_from_outputs`][soflow_core.losses.guided_target_from_outputs]; ṽ itself is
+    never materialised.
+
+    Args:
+        x_t: The state at time t.
+        v_t: Conditional velocity of the path.
+        uncond_output: F_θ(x_t, t, t | ∅), without gradient.
+        model_output: F_θ(x_t, t, t | c), or None when the mix m is 1.
+        mask: True where the condition was dropped.
+        t: Time of each sample.
+        ell: The intermediate time.
+        param: The parameterization.
+        guidance: The guidance settings.
+        backend: Where the fused combination runs.
+
+    Returns:
+        x_ℓ, without gradient.
+    """
+    inputs, columns, state_column = _guided_terms(v_t, uncond_output, model_output, mask, t, param, guidance)
+    step = ell - t
+    x_column = torch.ones_like(t) if state_column is None else 1.0 + step * state_column
+    coefficients = torch.stack([x_column, *(step * c for c in columns)], dim=1)[:, None, :].detach()
+    return linear_combination([x_t, *inputs], coefficients, backend=backend)[0].detach()
 
 
 # ---------------------------------------------------------------------------- loss objects
@@ -253,10 +484,16 @@ class FlowMatchingLoss:
     Attributes:
         param: The solution parameterization.
         weighting: The adaptive weight's p and ε.
+        backend: Where the fused loss-path ops run: ``"auto"`` (Triton kernels for CUDA tensors
+            when installed, else PyTorch), ``"torch"`` or ``"triton"``.
     """
 
     param: AbstractParam = field(default_factory=EulerParam)
     weighting: AdaptiveWeighting = field(default_factory=AdaptiveWeighting)
+    backend: Backend = "auto"
+
+    def __post_init__(self) -> None:
+        check_choice("backend", self.backend, BACKENDS)
 
     def __call__(
         self,
@@ -304,9 +541,9 @@ class FlowMatchingLoss:
                     f"cond={'None' if cond is None else 'a tensor'}, guidance={guidance!r}"
                 )
             cond = drop_cond(cond, drop_mask, guidance.null_cond)
+        options = {"param": self.param, "weighting": self.weighting, "backend": self.backend}
         if guidance is None or not guidance.active:
-            v_pred = self.param.velocity_from_output(x_t, backbone(x_t, t, t, cond), t)
-            return flow_matching_loss(v_pred, v_t, t, param=self.param, weighting=self.weighting)
+            return flow_matching_loss_from_output(backbone(x_t, t, t, cond), x_t, v_t, t, **options)
         if cond is None or drop_mask is None:
             raise ValueError(
                 f"guidance with scale={guidance.scale} needs cond and drop_mask; got "
@@ -315,10 +552,12 @@ class FlowMatchingLoss:
             )
         with torch.no_grad():
             null = drop_cond(cond, torch.ones_like(drop_mask), guidance.null_cond)
-            v_uncond = self.param.velocity_from_output(x_t, backbone(x_t, t, t, null), t)
-        v_pred = self.param.velocity_from_output(x_t, backbone(x_t, t, t, cond), t)
-        target = guided_target(v_t, v_uncond, v_pred, drop_mask, t, guidance)
-        return flow_matching_loss(v_pred, target, t, param=self.param, weighting=self.weighting)
+            uncond_output = backbone(x_t, t, t, null)
+        output = backbone(x_t, t, t, cond)
+        target = guided_target_from_outputs(
+            v_t, x_t, uncond_output, output, drop_mask, t, param=self.param, guidance=guidance, backend=self.backend
+        )
+        return flow_matching_loss_from_output(output, x_t, target, t, **options)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -332,10 +571,16 @@ class SolutionConsistencyLoss:
     Attributes:
         param: The solution parameterization.
         weighting: The adaptive weight's p and ε.
+        backend: Where the fused loss-path ops run: ``"auto"`` (Triton kernels for CUDA tensors
+            when installed, else PyTorch), ``"torch"`` or ``"triton"``.
     """
 
     param: AbstractParam = field(default_factory=EulerParam)
     weighting: AdaptiveWeighting = field(default_factory=AdaptiveWeighting)
+    backend: Backend = "auto"
+
+    def __post_init__(self) -> None:
+        check_choice("backend", self.backend, BACKENDS)
 
     def __call__(
         self, backbone: Backbone, x_t: Data, velocity: Data, t: Time, s: Time, ell: Time, cond: Cond | None = None
@@ -375,8 +620,17 @@ class SolutionConsistencyLoss:
         snapshot = snapshot_rng(x_t.device)
         network_output = backbone(x_t, t, s, cond)
         with torch.no_grad(), replay_rng(snapshot):
-            x_ell = teacher_state(x_t, velocity, t, ell)
-            f_ell = self.param.combine(x_ell, backbone(x_ell, ell, s, cond), ell, s)
-        return solution_consistency_loss(
-            network_output, x_t, f_ell, t, s, ell, param=self.param, weighting=self.weighting
+            x_ell = teacher_state(x_t, velocity, t, ell, backend=self.backend)
+            teacher_output = backbone(x_ell, ell, s, cond)
+        return solution_consistency_loss_from_teacher(
+            network_output,
+            x_t,
+            teacher_output,
+            x_ell,
+            t,
+            s,
+            ell,
+            param=self.param,
+            weighting=self.weighting,
+            backend=self.backend,
         )

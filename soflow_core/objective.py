@@ -22,6 +22,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from soflow_core._dispatch import BACKENDS, Backend
 from soflow_core._validation import (
     check_choice,
     check_cond,
@@ -31,12 +32,14 @@ from soflow_core._validation import (
     check_same_shape,
     check_tensor,
 )
-from soflow_core.guidance import ClassifierFreeGuidance, drop_cond, guided_target, sample_drop_mask
+from soflow_core.guidance import ClassifierFreeGuidance, drop_cond, sample_drop_mask
 from soflow_core.losses import (
     ConsistencyOutput,
     FlowMatchingOutput,
-    flow_matching_loss,
-    solution_consistency_loss,
+    flow_matching_loss_from_output,
+    guided_target_from_outputs,
+    guided_teacher_state,
+    solution_consistency_loss_from_teacher,
     teacher_state,
 )
 from soflow_core.parameterizations import AbstractParam, EulerParam, make_param
@@ -231,6 +234,11 @@ class SoFlowObjective:
             Functional dropout inside ``forward`` is not detected: choose ``"split"`` then.
         check_inputs: Check data, cond and noise for shape and finiteness before any model
             call (one device sync per step; skipped automatically under ``torch.compile``).
+        backend: Where the fused loss-path ops (path build, guided target, teacher state, both
+            loss rows) run: ``"auto"`` uses the Triton kernels for CUDA tensors when
+            ``soflow_kernels`` is installed and PyTorch otherwise; ``"torch"`` always runs the
+            references; ``"triton"`` insists on the kernels and warns once when a call must
+            fall back. See [Kernels](../kernels.md).
 
     Examples:
         >>> import torch
@@ -250,6 +258,7 @@ class SoFlowObjective:
     guidance: ClassifierFreeGuidance | None = None
     forward_batching: ForwardBatching = "auto"
     check_inputs: bool = True
+    backend: Backend = "auto"
 
     def __post_init__(self) -> None:
         # Names are resolved once, here; afterwards `path` and `param` are always objects.
@@ -272,6 +281,7 @@ class SoFlowObjective:
             raise TypeError(f"guidance must be a ClassifierFreeGuidance or None; got {self.guidance!r}")
         check_real("fm_fraction", self.fm_fraction, low=0.0, high=1.0)
         check_choice("forward_batching", self.forward_batching, ("auto", "joint", "split"))
+        check_choice("backend", self.backend, BACKENDS)
 
     # ------------------------------------------------------------------ construction
 
@@ -404,7 +414,7 @@ class SoFlowObjective:
         if n_fm > 0:
             part = slice(0, n_fm)
             t = self.fm_time.sample(n_fm, device=device, dtype=time_dtype, generator=generator)
-            sample = self.path.interpolate(data[part], draw_noise(part), t)
+            sample = self.path.interpolate(data[part], draw_noise(part), t, backend=self.backend)
             fm_cond, fm_mask = draw_cond(part, n_fm)
             fm_batch = FlowMatchingBatch(x_t=sample.x_t, v_t=sample.v_t, t=t, cond=fm_cond, drop_mask=fm_mask)
         if n_c > 0:
@@ -412,7 +422,7 @@ class SoFlowObjective:
             times = self.consistency_times.sample(
                 n_c, step=step, total_steps=total_steps, device=device, dtype=time_dtype, generator=generator
             )
-            sample = self.path.interpolate(data[part], draw_noise(part), times.t)
+            sample = self.path.interpolate(data[part], draw_noise(part), times.t, backend=self.backend)
             sc_cond, sc_mask = draw_cond(part, n_c)
             sc_batch = ConsistencyBatch(
                 x_t=sample.x_t, v_t=sample.v_t, t=times.t, s=times.s, ell=times.ell, cond=sc_cond, drop_mask=sc_mask
@@ -447,10 +457,8 @@ class SoFlowObjective:
         joint = self.use_joint_forward(model)
         param = self.param
 
-        # 1. Guidance velocities, all without gradient, in one call when joint.
-        v_uncond_fm = v_tilde = None
-        if sc is not None:
-            v_tilde = sc.v_t
+        # 1. Guidance outputs, all without gradient, in one call when joint.
+        uncond_fm = uncond_sc = model_sc = None
         if guidance is not None:
             requests: list[tuple[Tensor, Tensor, Tensor, Tensor | None]] = []
             for part in (fm, sc):
@@ -461,16 +469,10 @@ class SoFlowObjective:
                 requests.append((sc.x_t, sc.t, sc.t, sc.cond))
             with torch.no_grad():
                 outs = iter(_batched_call(model, requests, joint))
-                if fm is not None:
-                    v_uncond_fm = param.velocity_from_output(fm.x_t, next(outs), fm.t)
+                uncond_fm = next(outs) if fm is not None else None
                 if sc is not None:
-                    v_uncond_sc = param.velocity_from_output(sc.x_t, next(outs), sc.t)
-                    v_model_sc = (
-                        param.velocity_from_output(sc.x_t, next(outs), sc.t)
-                        if guidance.needs_model_velocity
-                        else sc.v_t
-                    )
-                    v_tilde = guided_target(sc.v_t, v_uncond_sc, v_model_sc, sc.drop_mask, sc.t, guidance)
+                    uncond_sc = next(outs)
+                    model_sc = next(outs) if guidance.needs_model_velocity else None
 
         # 2. The grad call(s); the RNG snapshot is taken right before the consistency samples' call.
         device = (fm or sc).x_t.device  # type: ignore[union-attr]
@@ -494,18 +496,27 @@ class SoFlowObjective:
 
         # 3. Losses; the teacher call replays the random stream of the consistency grad call.
         fm_result = sc_result = None
+        options = {"param": param, "backend": self.backend}
         if fm is not None:
-            v_pred = param.velocity_from_output(fm.x_t, fm_out, fm.t)
             target = fm.v_t
             if guidance is not None:
-                target = guided_target(fm.v_t, v_uncond_fm, v_pred, fm.drop_mask, fm.t, guidance)
-            fm_result = flow_matching_loss(v_pred, target, fm.t, param=param, weighting=self.weighting)
+                target = guided_target_from_outputs(
+                    fm.v_t, fm.x_t, uncond_fm, fm_out, fm.drop_mask, fm.t, guidance=guidance, **options
+                )
+            fm_result = flow_matching_loss_from_output(
+                fm_out, fm.x_t, target, fm.t, weighting=self.weighting, **options
+            )
         if sc is not None:
             with torch.no_grad(), replay_rng(snapshot):
-                x_ell = teacher_state(sc.x_t, v_tilde, sc.t, sc.ell)
-                f_ell = param.combine(x_ell, model(x_ell, sc.ell, sc.s, sc.cond), sc.ell, sc.s)
-            sc_result = solution_consistency_loss(
-                sc_out, sc.x_t, f_ell, sc.t, sc.s, sc.ell, param=param, weighting=self.weighting
+                if guidance is not None:
+                    x_ell = guided_teacher_state(
+                        sc.x_t, sc.v_t, uncond_sc, model_sc, sc.drop_mask, sc.t, sc.ell, guidance=guidance, **options
+                    )
+                else:
+                    x_ell = teacher_state(sc.x_t, sc.v_t, sc.t, sc.ell, backend=self.backend)
+                teacher_output = model(x_ell, sc.ell, sc.s, sc.cond)
+            sc_result = solution_consistency_loss_from_teacher(
+                sc_out, sc.x_t, teacher_output, x_ell, sc.t, sc.s, sc.ell, weighting=self.weighting, **options
             )
         return _combine(fm_result, sc_result, batch.batch_size)
 

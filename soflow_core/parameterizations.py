@@ -7,7 +7,7 @@ Sign convention: **b = s − t**, negative during training and sampling, where s
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from jaxtyping import Float
@@ -40,7 +40,14 @@ def _check_call(x_t: Tensor, t: Tensor, s: Tensor, cond: object) -> None:
 
 @dataclass(frozen=True, kw_only=True)
 class AbstractParam(ABC):
-    """How the network output F_θ becomes the solution f_θ(x_t, t, s)."""
+    """How the network output F_θ becomes the solution f_θ(x_t, t, s).
+
+    Attributes:
+        velocity_uses_state: False when ∂ₛa(t, t) ≡ 0, so v_θ(x_t, t) depends on F_θ alone and
+            the fused ops skip reading x_t (true of both Euler and Trig).
+    """
+
+    velocity_uses_state: ClassVar[bool] = True
 
     @abstractmethod
     def a(self, t: AnyTime, s: AnyTime) -> AnyTime:
@@ -141,6 +148,8 @@ class EulerParam(AbstractParam):
     The velocity is F_θ(x_t, t, t) itself and the one-step sample is noise − F_θ(noise, 1, 0).
     """
 
+    velocity_uses_state: ClassVar[bool] = False
+
     def a(self, t: AnyTime, s: AnyTime) -> AnyTime:
         r"""$a(t, s) = 1$."""
         return torch.ones_like(s - t)
@@ -164,6 +173,8 @@ class TrigParam(AbstractParam):
 
     The velocity is (π/2)·F_θ(x_t, t, t), since ∂ₛa(t, t) = 0 and ∂ₛb(t, t) = π/2.
     """
+
+    velocity_uses_state: ClassVar[bool] = False
 
     def a(self, t: AnyTime, s: AnyTime) -> AnyTime:
         r"""$a(t, s) = \cos(\pi (s - t) / 2)$."""

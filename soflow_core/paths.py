@@ -14,8 +14,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from soflow_core._tensor import bcast_right
 from soflow_core._validation import check_choice, check_same_shape, check_tensor, check_time
+from soflow_core.fused import linear_combination
 from soflow_core.typing import Data, Time
 
 __all__ = ["AbstractPath", "LinearPath", "PathName", "PathSample", "TrigPath", "make_path"]
@@ -58,7 +58,26 @@ class AbstractPath(ABC):
     def d_beta(self, t: AnyTime) -> AnyTime:
         """Time derivative β′(t)."""
 
-    def sample(self, data: Data, noise: Data, t: Time) -> PathSample:
+    def coefficients(self, t: Time) -> Float[Tensor, "b 2 2"]:
+        r"""The path as a per-sample linear map from (data, noise) to (x_t, v_t).
+
+        $$\begin{pmatrix} x_t \\ v_t \end{pmatrix} =
+          \begin{pmatrix} \alpha(t) & \beta(t) \\ \alpha'(t) & \beta'(t) \end{pmatrix}
+          \begin{pmatrix} \text{data} \\ \text{noise} \end{pmatrix}.$$
+
+        Args:
+            t: Time of each sample.
+
+        Returns:
+            The (b, 2, 2) table the fused path build takes.
+        """
+        rows = (
+            torch.stack([self.alpha(t), self.beta(t)], dim=1),
+            torch.stack([self.d_alpha(t), self.d_beta(t)], dim=1),
+        )
+        return torch.stack(rows, dim=1)
+
+    def sample(self, data: Data, noise: Data, t: Time, *, backend: str = "auto") -> PathSample:
         r"""Build $x_t$ and the conditional velocity $v_t$ (spec §1).
 
         $$x_t = \alpha(t)\,\text{data} + \beta(t)\,\text{noise},\qquad
@@ -68,6 +87,7 @@ class AbstractPath(ABC):
             data: Clean samples (t = 0).
             noise: Gaussian noise (t = 1), same shape as ``data``.
             t: Time of each sample, in [0, 1].
+            backend: Where the fused path build runs: ``"auto"``, ``"torch"`` or ``"triton"``.
 
         Returns:
             The [`PathSample`][soflow_core.PathSample] ``(x_t, v_t)``.
@@ -85,13 +105,21 @@ class AbstractPath(ABC):
         check_tensor("noise", noise, min_ndim=2)
         check_same_shape("noise", noise, "data", data)
         check_time("t", t, data.shape[0])
-        return self.interpolate(data, noise, t)
+        return self.interpolate(data, noise, t, backend=backend)
 
-    def interpolate(self, data: Data, noise: Data, t: Time) -> PathSample:
-        """[`sample`][soflow_core.paths.AbstractPath.sample] without input checks (for hot paths)."""
-        tb = bcast_right(t, data)
-        x_t = self.alpha(tb) * data + self.beta(tb) * noise
-        v_t = self.d_alpha(tb) * data + self.d_beta(tb) * noise
+    def interpolate(self, data: Data, noise: Data, t: Time, *, backend: str = "auto") -> PathSample:
+        """[`sample`][soflow_core.paths.AbstractPath.sample] without input checks (for hot paths).
+
+        Args:
+            data: Clean samples.
+            noise: Gaussian noise, same shape as ``data``.
+            t: Time of each sample.
+            backend: Where the fused path build runs.
+
+        Returns:
+            The [`PathSample`][soflow_core.PathSample].
+        """
+        x_t, v_t = linear_combination([data, noise], self.coefficients(t), backend=backend)
         return PathSample(x_t=x_t, v_t=v_t)
 
 

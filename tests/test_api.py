@@ -5,6 +5,7 @@ import os
 import pkgutil
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
@@ -55,7 +56,7 @@ def test_docstring_examples_run(module):
 def test_public_functions_have_docstrings():
     for name in soflow_core.__all__:
         obj = getattr(soflow_core, name)
-        if callable(obj):
+        if callable(obj) and typing.get_origin(obj) is None:  # type aliases such as Backend carry no docstring
             assert obj.__doc__ and obj.__doc__.strip(), name
 
 
