@@ -45,8 +45,10 @@ def test_unknown_backend_is_named():
 
 
 def test_unsupported_dtype_falls_back_with_one_warning_and_the_reference_result():
-    x = [torch.randn(3, 4, dtype=torch.float64) for _ in range(2)]
-    coefficients = torch.randn(3, 1, 2, dtype=torch.float64)
+    # On a CUDA machine use CUDA tensors, so the dtype (not a CPU device) is the reason to fall back.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = [torch.randn(3, 4, dtype=torch.float64, device=device) for _ in range(2)]
+    coefficients = torch.randn(3, 1, 2, dtype=torch.float64, device=device)
     expected = fused.linear_combination_reference(x, coefficients)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -44,6 +44,21 @@ def _run(objective, make_model, data, labels, device, backend):
     return torch.stack(losses), [p.detach().clone() for p in model.parameters()]
 
 
+def _assert_same_training(ker_losses, ref_losses, ker_params, ref_params, device) -> None:
+    """The first step agrees to float32 rounding; later steps within what Adam amplifies.
+
+    Adam divides each gradient by its running RMS, so a last-bit difference in a near-zero
+    gradient becomes an O(lr) parameter difference after one step; over six steps the losses of
+    two exact-in-float32 implementations drift apart by up to ~1e-4 relative on a GPU (seen:
+    2.5e-4 on an H100). A wrong formula moves them by O(1).
+    """
+    torch.testing.assert_close(ker_losses[0], ref_losses[0], rtol=1e-5, atol=1e-6)
+    tolerance = {"rtol": 1e-4, "atol": 1e-5} if device == "cpu" else {"rtol": 1e-3, "atol": 1e-4}
+    torch.testing.assert_close(ker_losses, ref_losses, **tolerance)
+    for a, b in zip(ker_params, ref_params):
+        torch.testing.assert_close(a, b, **tolerance)
+
+
 CASES = [
     pytest.param(
         "cpu", marks=pytest.mark.skipif(not soflow_kernels.INTERPRETED, reason="kernels not built for the interpreter")
@@ -61,9 +76,7 @@ def test_imagenet_recipe_with_guidance_on_images(device):
     labels = torch.randint(0, 3, (16,), generator=generator).to(device)
     ref_losses, ref_params = _run(objective, ConditionalConvNet, data, labels, device, "torch")
     ker_losses, ker_params = _run(objective, ConditionalConvNet, data, labels, device, "triton")
-    torch.testing.assert_close(ker_losses, ref_losses, rtol=1e-4, atol=1e-5)
-    for a, b in zip(ker_params, ref_params):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    _assert_same_training(ker_losses, ref_losses, ker_params, ref_params, device)
 
 
 @pytest.mark.parametrize("device", CASES)
@@ -76,6 +89,4 @@ def test_cifar_recipe_with_trig_path_and_parameterization(device):
 
     ref_losses, ref_params = _run(objective, make_model, data, None, device, "torch")
     ker_losses, ker_params = _run(objective, make_model, data, None, device, "triton")
-    torch.testing.assert_close(ker_losses, ref_losses, rtol=1e-4, atol=1e-5)
-    for a, b in zip(ker_params, ref_params):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    _assert_same_training(ker_losses, ref_losses, ker_params, ref_params, device)
