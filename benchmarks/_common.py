@@ -6,6 +6,9 @@ Rules every benchmark here follows:
   the git commit;
 * GPU times are medians from ``triton.testing.do_bench`` (warm-up, cache flush, CUDA events);
   CPU times are medians of ``time.perf_counter`` repeats after warm-up;
+* on a GPU, ``graph_ms`` is the same call captured once in a CUDA graph and timed by replaying
+  it: device time alone, without the Python and launch overhead that ``median_ms`` includes
+  (the figure to hold against memory bandwidth);
 * peak memory is ``torch.cuda.max_memory_allocated`` above what was allocated before the call.
 """
 
@@ -82,6 +85,38 @@ def bench(fn: Callable[[], object], device: torch.device, *, repeats: int = 20) 
         times.append((time.perf_counter() - start) * 1e3)
     quantiles = statistics.quantiles(times, n=10)
     return statistics.median(times), quantiles[1], quantiles[7]
+
+
+def bench_graph(fn: Callable[[], object], device: torch.device) -> float | None:
+    """Median device time of ``fn`` in ms, captured in a CUDA graph and timed by replay.
+
+    Args:
+        fn: The call to capture; it must not synchronise with the host.
+        device: Where it runs.
+
+    Returns:
+        The median replay time in ms, or None on a CPU or when ``fn`` cannot be captured.
+    """
+    if device.type != "cuda":
+        return None
+    import triton.testing
+
+    try:
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for _ in range(3):  # warm up on a side stream, as capture requires
+                fn()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+    except RuntimeError:
+        torch.cuda.synchronize(device)
+        return None
+    median = triton.testing.do_bench(graph.replay, return_mode="median")
+    del graph
+    return float(median)
 
 
 def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float | None:

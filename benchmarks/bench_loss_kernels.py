@@ -9,7 +9,12 @@ rows), mode (fwd, bwd, full = fwd + bwd), batch (32 … 1024), sample shape (4×
 3×32×32 images) and dtype (float32, bfloat16) it times three providers: the eager PyTorch
 reference (``backend="torch"``), ``torch.compile`` of that reference, and the Triton kernels
 (``backend="triton"``). Every provider runs the same soflow_core function, so the timings
-include building the per-sample coefficients.
+include building the per-sample coefficients. On a GPU a fourth provider, ``kernel``, calls the
+fused custom ops alone on the coefficient tables that the Triton provider built, and every
+provider is also timed as a CUDA graph replay (``graph_ms``: device time without Python and
+launch overhead). Bandwidth and the fraction of copy bandwidth use ``graph_ms`` where there is
+one: at these sizes a kernel moves its bytes in tens of microseconds, less than the host takes
+to launch the ops, so wall time measures the host.
 
 Bandwidth counts the bytes each fused kernel must move (every tensor it has to read or write
 once, per-sample scalars ignored) and compares them with the measured device-to-device copy
@@ -32,8 +37,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import bench, copy_bandwidth_gbps, device_slug, environment, peak_memory_mb, write_rows
+from _common import bench, bench_graph, copy_bandwidth_gbps, device_slug, environment, peak_memory_mb, write_rows
 
+import soflow_core.fused as fused_module
 from soflow_core import (
     AdaptiveWeighting,
     ClassifierFreeGuidance,
@@ -47,7 +53,7 @@ from soflow_core import (
 
 OPS = ("path_build", "teacher_state", "guided_target", "flow_matching", "consistency")
 MODES = ("fwd", "bwd", "full")
-PROVIDERS = ("eager", "compile", "triton")
+PROVIDERS = ("eager", "compile", "triton", "kernel")
 GRAD_OPS = ("flow_matching", "consistency")  # the combination ops run without gradient in training
 
 
@@ -73,7 +79,11 @@ PRESETS = {
         batches=(3,),
         shapes=("2x3x5",),
         dtypes=("float32",),
-        providers=("eager", "triton") if os.environ.get("TRITON_INTERPRET") == "1" else ("eager",),
+        providers=(
+            ("eager", "triton", "kernel")
+            if os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
+            else ("eager",)
+        ),
         cpu_repeats=2,
     ),
 }
@@ -155,10 +165,46 @@ def make_case(op: str, batch: int, shape: tuple[int, ...], dtype: torch.dtype, d
     raise ValueError(f"unknown op {op!r}; choose from {', '.join(OPS)}")
 
 
+def recorded_kernel_calls(case: Case) -> list[tuple[str, tuple]]:
+    """The custom-op calls (name, arguments) that one run of the Triton provider makes."""
+    calls: list[tuple[str, tuple]] = []
+    original = fused_module.kernel_op
+
+    def recording(name: str):
+        op = original(name)
+
+        def call(*args):
+            calls.append((name, args))
+            return op(*args)
+
+        return call
+
+    fused_module.kernel_op = recording
+    try:
+        case.run("triton")
+    finally:
+        fused_module.kernel_op = original
+    return calls
+
+
+def kernel_only(case: Case) -> Callable[[str], object]:
+    """A stand-in for ``case.run`` that calls the fused ops alone, coefficients precomputed."""
+    calls = recorded_kernel_calls(case)
+
+    def run(_backend: str):
+        outputs = [fused_module.kernel_op(name)(*args) for name, args in calls]
+        differentiable = [
+            x for out in outputs for x in (out if isinstance(out, (list, tuple)) else [out]) if x.requires_grad
+        ]
+        return sum(x.sum() for x in differentiable) if differentiable else outputs
+
+    return run
+
+
 def provider_call(case: Case, provider: str, mode: str) -> Callable[[], object]:
     """The timed closure of one provider and mode."""
-    backend = "triton" if provider == "triton" else "torch"
-    forward = case.run
+    backend = "torch" if provider in ("eager", "compile") else "triton"
+    forward = kernel_only(case) if provider == "kernel" else case.run
     if provider == "compile":
         compiled = torch.compile(lambda: case.run("torch"), dynamic=False)
         forward = lambda _backend: compiled()  # noqa: E731
@@ -196,8 +242,9 @@ def measure(config: BenchConfig) -> list[dict]:
                         for provider in config.providers:
                             fn = provider_call(case, provider, mode)
                             median, p20, p80 = bench(fn, device, repeats=config.cpu_repeats)
+                            graph = bench_graph(fn, device)
                             moved = case.bytes_by_mode[mode]
-                            gbps = moved / (median * 1e-3) / 1e9
+                            gbps = moved / ((graph if graph is not None else median) * 1e-3) / 1e9
                             rows.append(
                                 {
                                     "op": op,
@@ -209,6 +256,7 @@ def measure(config: BenchConfig) -> list[dict]:
                                     "median_ms": median,
                                     "p20_ms": p20,
                                     "p80_ms": p80,
+                                    "graph_ms": graph,
                                     "bytes": moved,
                                     "gbps": gbps,
                                     "copy_gbps": copy_gbps,
@@ -220,14 +268,19 @@ def measure(config: BenchConfig) -> list[dict]:
                             )
                             print(
                                 f"{op:14s} {mode:4s} {shape_name:8s} {dtype_name:8s} b={batch:<5d} {provider:8s} "
-                                f"{median:9.4f} ms  {gbps:8.1f} GB/s ({100 * gbps / copy_gbps:5.1f}% of copy)",
+                                f"{median:9.4f} ms  graph {graph if graph is not None else float('nan'):9.4f} ms  "
+                                f"{gbps:8.1f} GB/s ({100 * gbps / copy_gbps:5.1f}% of copy)",
                                 flush=True,
                             )
     return rows
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """One line per (op, mode, shape, dtype, batch) with the three providers side by side."""
+    """One line per (op, mode, shape, dtype, batch) with the providers side by side.
+
+    Wall time includes the host (Python, dispatch, launches); device time is the CUDA-graph
+    replay. Speed-ups and bandwidth use device time where there is one.
+    """
     if not rows:
         return "no rows\n"
     env = rows[0]
@@ -235,9 +288,10 @@ def markdown_table(rows: list[dict]) -> str:
         f"Device: {env['device']}; torch {env['torch']}, triton {env['triton']}; commit {env['commit']}; "
         f"measured copy bandwidth {env['copy_gbps']:.0f} GB/s.",
         "",
-        "| op | mode | shape | dtype | batch | eager ms | compiled ms | triton ms | triton GB/s | % of copy "
-        "| × eager | × compiled | peak MiB eager / triton |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| op | mode | shape | dtype | batch | wall ms eager / compiled / triton "
+        "| device ms eager / compiled / triton / kernel | kernel GB/s | % of copy "
+        "| triton × eager | triton × compiled | peak MiB eager / triton |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     groups: dict[tuple, dict[str, dict]] = {}
     for row in rows:
@@ -249,20 +303,26 @@ def markdown_table(rows: list[dict]) -> str:
             return "–"
         return format(row[field], fmt)
 
+    def time_of(row: dict | None) -> float | None:
+        if row is None:
+            return None
+        return row["graph_ms"] if row.get("graph_ms") is not None else row["median_ms"]
+
     for (op, mode, shape, dtype, batch), by in groups.items():
-        eager, compiled, triton = by.get("eager"), by.get("compile"), by.get("triton")
+        eager, compiled, triton, kernel = (by.get(p) for p in ("eager", "compile", "triton", "kernel"))
 
-        def ratio(base: dict | None, triton: dict | None = triton) -> str:
-            if base is None or triton is None:
-                return "–"
-            return f"{base['median_ms'] / triton['median_ms']:.2f}"
+        def ratio(base: dict | None, fast: dict | None = triton) -> str:
+            base_ms, fast_ms = time_of(base), time_of(fast)
+            return "–" if base_ms is None or fast_ms is None else f"{base_ms / fast_ms:.2f}"
 
+        best = kernel or triton
+        wall = " / ".join(cell(r, "median_ms", ".4f") for r in (eager, compiled, triton))
+        device = " / ".join(cell(r, "graph_ms", ".4f") for r in (eager, compiled, triton, kernel))
         memory = f"{cell(eager, 'peak_memory_mb', '.1f')} / {cell(triton, 'peak_memory_mb', '.1f')}"
-        percent = "–" if triton is None else f"{100 * triton['fraction_of_copy']:.0f}"
+        percent = "–" if best is None else f"{100 * best['fraction_of_copy']:.0f}"
         lines.append(
-            f"| {op} | {mode} | {shape} | {dtype} | {batch} | {cell(eager, 'median_ms', '.4f')} | "
-            f"{cell(compiled, 'median_ms', '.4f')} | {cell(triton, 'median_ms', '.4f')} | "
-            f"{cell(triton, 'gbps', '.0f')} | {percent} | {ratio(eager)} | {ratio(compiled)} | {memory} |"
+            f"| {op} | {mode} | {shape} | {dtype} | {batch} | {wall} | {device} | {cell(best, 'gbps', '.0f')} "
+            f"| {percent} | {ratio(eager)} | {ratio(compiled)} | {memory} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -310,11 +370,13 @@ def parse_config(argv: list[str] | None = None) -> BenchConfig:
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {config.device}: no CUDA device is available")
     if (
-        "triton" in config.providers
+        {"triton", "kernel"} & set(config.providers)
         and not config.device.startswith("cuda")
         and os.environ.get("TRITON_INTERPRET") != "1"
     ):
-        parser.error("the triton provider on a CPU needs TRITON_INTERPRET=1 (the interpreter; not a speed figure)")
+        parser.error(
+            "the triton and kernel providers on a CPU need TRITON_INTERPRET=1 (the interpreter; not a speed figure)"
+        )
     return config
 
 
