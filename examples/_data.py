@@ -23,6 +23,7 @@ import torch
 __all__ = [
     "CIFAR10_URL",
     "EXTRACT_COMMAND",
+    "LatentShardWriter",
     "LatentShards",
     "read_cifar10",
     "write_latent_shard",
@@ -52,6 +53,85 @@ def _as_numpy(name: str, x) -> np.ndarray:
     return x
 
 
+class LatentShardWriter:
+    """Write a latent shard in pieces into a temporary file; ``commit`` renames it into place.
+
+    The shard appears under its final name only once complete, so a folder never holds a
+    half-written shard and an interrupted extraction can skip the shards that exist.
+
+    Args:
+        path: The ``.h5`` file to create (its folder is created when missing).
+        size: Number of rows N.
+        latent_shape: (C, H, W) of one latent.
+        dtype: Storage dtype of ``mean`` and ``std``: "float32" or "float16".
+        **attrs: File attributes (``scale_factor``, ``vae``, ``resolution``, ``source``, ...).
+
+    Raises:
+        ValueError: If the dtype or sizes are invalid.
+    """
+
+    def __init__(self, path: str | os.PathLike, size: int, latent_shape, *, dtype: str = "float32", **attrs) -> None:
+        if dtype not in ("float32", "float16"):
+            raise ValueError(f"dtype must be 'float32' or 'float16'; got {dtype!r}")
+        latent_shape = tuple(int(v) for v in latent_shape)
+        if size < 0 or len(latent_shape) != 3:
+            raise ValueError(f"size must be >= 0 and latent_shape (C, H, W); got {size} and {latent_shape}")
+        h5py = _h5py()
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self.size, self.latent_shape = size, latent_shape
+        self.file = h5py.File(self.tmp, "w")
+        # One image per chunk: random reads touch only the rows they need.
+        chunks = (1, *latent_shape) if size else None
+        for name in ("mean", "std"):
+            self.file.create_dataset(name, shape=(size, *latent_shape), dtype=dtype, chunks=chunks)
+        self.file.create_dataset("label", shape=(size,), dtype=np.int64)
+        for key, value in attrs.items():
+            self.file.attrs[key] = value
+
+    def write(self, start: int, mean, std, labels, **extra) -> None:
+        """Write rows [start, start + len(mean)); ``extra`` arrays go to (N,)-shaped int64 datasets."""
+        mean, std, labels = _as_numpy("mean", mean), _as_numpy("std", std), _as_numpy("labels", labels)
+        n = mean.shape[0]
+        if mean.shape[1:] != self.latent_shape or std.shape != mean.shape:
+            raise ValueError(
+                f"mean and std must be (n, {', '.join(map(str, self.latent_shape))}); got {mean.shape} and {std.shape}"
+            )
+        if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"labels must be ({n},) integers; got {labels.shape} {labels.dtype}")
+        if start < 0 or start + n > self.size:
+            raise ValueError(f"rows [{start}, {start + n}) do not fit a shard of {self.size} rows")
+        self.file["mean"][start : start + n] = mean
+        self.file["std"][start : start + n] = std
+        self.file["label"][start : start + n] = labels
+        for name, values in extra.items():
+            if name not in self.file:
+                self.file.create_dataset(name, shape=(self.size,), dtype=np.int64)
+            self.file[name][start : start + n] = _as_numpy(name, values)
+
+    def commit(self) -> Path:
+        """Close the file and move it to its final name (atomic on one file system)."""
+        self.file.close()
+        os.replace(self.tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        """Close and delete the temporary file."""
+        if self.file.id.valid:
+            self.file.close()
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> "LatentShardWriter":
+        return self
+
+    def __exit__(self, kind, *rest) -> None:
+        if kind is None:
+            self.commit()
+        else:
+            self.abort()
+
+
 def write_latent_shard(
     path: str | os.PathLike,
     mean,
@@ -77,7 +157,6 @@ def write_latent_shard(
     Raises:
         ValueError: If shapes or the dtype are invalid.
     """
-    h5py = _h5py()
     mean, std, labels = _as_numpy("mean", mean), _as_numpy("std", std), _as_numpy("labels", labels)
     if mean.ndim != 4:
         raise ValueError(f"mean must have shape (N, C, H, W); got {mean.shape}")
@@ -85,24 +164,9 @@ def write_latent_shard(
         raise ValueError(f"std must have the shape of mean {mean.shape}; got {std.shape}")
     if labels.shape != (mean.shape[0],) or not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"labels must be ({mean.shape[0]},) integers; got {labels.shape} {labels.dtype}")
-    if dtype not in ("float32", "float16"):
-        raise ValueError(f"dtype must be 'float32' or 'float16'; got {dtype!r}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with h5py.File(tmp, "w") as f:
-            # One image per chunk row: random reads touch only the rows they need.
-            chunks = (1, *mean.shape[1:]) if mean.shape[0] else None
-            f.create_dataset("mean", data=mean.astype(dtype), chunks=chunks)
-            f.create_dataset("std", data=std.astype(dtype), chunks=chunks)
-            f.create_dataset("label", data=labels.astype(np.int64))
-            for key, value in attrs.items():
-                f.attrs[key] = value
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    with LatentShardWriter(path, mean.shape[0], mean.shape[1:], dtype=dtype, **attrs) as writer:
+        writer.write(0, mean, std, labels)
+    return writer.path
 
 
 class LatentShards:
