@@ -14,6 +14,7 @@ Examples:
 
 from soflow_core._dispatch import Backend, kernels_available
 from soflow_core._tensor import bcast_right
+from soflow_core.augment import AugmentOutput, AugmentParams, EDMAugment
 from soflow_core.guidance import (
     ClassifierFreeGuidance,
     cfg_decay,
@@ -24,6 +25,7 @@ from soflow_core.guidance import (
     mixed_velocity,
     sample_drop_mask,
 )
+from soflow_core.latents import SD_VAE_SCALE_FACTOR, sample_latents, to_uint8_images
 from soflow_core.losses import (
     ConsistencyOutput,
     FlowMatchingLoss,
@@ -80,11 +82,14 @@ __all__ = [
     "DIT_SIZES",
     "MIN_TIME_GAP",
     "PRESETS",
+    "SD_VAE_SCALE_FACTOR",
     "AbstractParam",
     "AbstractPath",
     "AbstractRSchedule",
     "AbstractTimeDistribution",
     "AdaptiveWeighting",
+    "AugmentOutput",
+    "AugmentParams",
     "Backbone",
     "Backend",
     "ClassifierFreeGuidance",
@@ -94,6 +99,7 @@ __all__ = [
     "ConstSchedule",
     "CosineSchedule",
     "DiT",
+    "EDMAugment",
     "EulerParam",
     "ExponentSchedule",
     "FlowMatchingBatch",
@@ -141,6 +147,7 @@ __all__ = [
     "sample_chain",
     "sample_drop_mask",
     "sample_few_step",
+    "sample_latents",
     "sample_one_step",
     "sample_toy_2d",
     "snapshot_rng",
@@ -148,5 +155,6 @@ __all__ = [
     "solution_consistency_loss_from_teacher",
     "split_sizes",
     "teacher_state",
+    "to_uint8_images",
     "uniform_time_grid",
 ]
