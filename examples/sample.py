@@ -126,7 +126,7 @@ def run(args: argparse.Namespace, runtime: T.Runtime) -> Path | None:
     if config["task"] == "imagenet" and args.vae:
         from _vae import load_vae
 
-        vae = load_vae(args.vae, device, torch.float32)
+        vae = load_vae(args.vae, device=device, dtype=torch.float32)
     elif config["task"] == "imagenet" and runtime.is_main:
         print("no --vae: writing the first three latent channels, not images (not for FID)", file=sys.stderr)
 

@@ -39,10 +39,13 @@ PATH is one .h5 file or a folder of .h5 shards with datasets
   mean  float (N, 4, 32, 32)   SD-VAE-ft-MSE posterior means of ADM-center-cropped 256x256 images
   std   float (N, 4, 32, 32)   posterior standard deviations
   label int64 (N,)             class indices 0..999
-Make them from the ImageNet-1k training set (ILSVRC2012 train/, one folder per class) and a local
-copy of stabilityai/sd-vae-ft-mse (diffusers layout) with:
-  python examples/extract_imagenet_latents.py --help
-for example into data/imagenet256_latents/, then pass --data data/imagenet256_latents."""
+Make them from the ImageNet-1k training set (ILSVRC2012 train/, one sub-folder per class) and a
+local copy of stabilityai/sd-vae-ft-mse
+  (huggingface-cli download stabilityai/sd-vae-ft-mse --local-dir checkpoints/sd-vae-ft-mse):
+  python examples/extract_imagenet_latents.py --data /data/imagenet/train \\
+      --vae checkpoints/sd-vae-ft-mse --out data/imagenet256_latents
+  (or torchrun --nproc_per_node 8 examples/extract_imagenet_latents.py ... on 8 GPUs)
+then pass --data data/imagenet256_latents."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -143,7 +146,7 @@ def run(config: ImageNetConfig, runtime: T.Runtime) -> dict:
     if config.vae is not None and runtime.is_main:
         from _vae import load_vae
 
-        vae = load_vae(config.vae, device, torch.float32)
+        vae = load_vae(config.vae, device=device, dtype=torch.float32)
 
     @torch.no_grad()
     def sample_images(eval_net: nn.Module, count: int, generator: torch.Generator) -> Tensor:

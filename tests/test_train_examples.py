@@ -2,6 +2,7 @@
 
 import json
 import os
+import pickle
 import signal
 import socket
 import subprocess
@@ -85,6 +86,15 @@ def test_sample_writes_evaluator_npz_and_grid(imagenet_run, tmp_path):
     arr = np.load(out)["arr_0"]
     assert arr.shape == (5, 32, 32, 3) and arr.dtype == np.uint8 and arr.std() > 0
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    # Through a (tiny, random, local) AutoencoderKL the latents decode to RGB images.
+    sys.path.insert(0, str(ROOT / "examples"))
+    from extract_imagenet_latents import make_synthetic
+
+    _, vae = make_synthetic(tmp_path / "fake", num_classes=2, per_class=1)
+    ok(run("sample.py", "--ckpt", str(imagenet_run), "--num-samples", "3", "--vae", str(vae),
+           "--out", str(tmp_path / "decoded.npz"), "--device", "cpu"))  # fmt: skip
+    decoded = np.load(tmp_path / "decoded.npz")["arr_0"]
+    assert decoded.shape[0] == 3 and decoded.shape[3] == 3 and decoded.dtype == np.uint8
 
 
 @pytest.mark.parametrize("net", ["unet", "DiT-tiny/2"])
@@ -189,3 +199,26 @@ def test_missing_data_says_what_to_fetch(tmp_path, script):
     assert "does not exist" in result.stderr or "is not a folder" in result.stderr
     assert ("extract_imagenet_latents.py" if "imagenet" in script else "cifar-10-python.tar.gz") in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_trainers_read_the_real_data_formats(tmp_path):
+    """--data with a latent shard (ImageNet) and with CIFAR-10 python batches, 2 steps each."""
+    sys.path.insert(0, str(ROOT / "examples"))
+    from _data import write_latent_shard
+
+    g = torch.Generator().manual_seed(0)
+    mean, std = torch.randn(16, 4, 32, 32, generator=g), torch.rand(16, 4, 32, 32, generator=g)
+    write_latent_shard(tmp_path / "latents" / "part-0.h5", mean, std, torch.arange(16) % 10)
+    common = ["--preset", "tiny", "--no-progress", "--total-steps", "2"]
+    ok(run("train_dit_imagenet.py", *common, "--data", str(tmp_path / "latents"), "--out", str(tmp_path / "a")))
+    assert sorted(losses(tmp_path / "a")) == [1, 2]
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in [*(f"data_batch_{k}" for k in range(1, 6)), "test_batch"]:
+        with open(folder / name, "wb") as f:
+            data = rng.integers(0, 256, size=(4, 3072), dtype=np.uint8)
+            pickle.dump({b"data": data, b"labels": list(range(4)), b"batch_label": name.encode()}, f)
+    ok(run("train_dit_cifar10.py", *common, "--data", str(folder), "--out", str(tmp_path / "b")))
+    assert sorted(losses(tmp_path / "b")) == [1, 2]
