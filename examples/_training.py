@@ -568,6 +568,8 @@ def train(task: Task, runtime: Runtime) -> dict[str, Any]:
             elapsed = time.perf_counter() - tic
             values["images_per_s"] = images_seen / max(elapsed, 1e-9)
             values["lr"] = optimizer.param_groups[0]["lr"]
+            if device.type == "cuda":
+                values["max_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             if writer is not None:
                 writer.write(done, values)
             if bar is not None:
