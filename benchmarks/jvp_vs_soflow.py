@@ -461,6 +461,7 @@ def markdown_table(rows: list[dict], config: BenchConfig) -> str:
 def bar_chart(rows: list[dict], path: Path, title: str) -> None:
     """Step time and (when measured) peak memory per row, MeanFlow rows in a second colour."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -478,6 +479,7 @@ def bar_chart(rows: list[dict], path: Path, title: str) -> None:
             if row.get("status") != "ok":
                 ax.text(0, i, f" {row['status']}", va="center")
         ax.invert_yaxis()
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(5))
         ax.set_xlabel(label)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
@@ -572,7 +574,11 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown_table(rows, config)
     json_path, md_path = write_rows(stem, rows, table, directory=config.out_dir or None)
     png_path = md_path.with_suffix(".png")
-    bar_chart(rows, png_path, table.splitlines()[0][:160])
+    title = (
+        f"{config.model}, batch {config.batch_size}, {config.dtype}, CFG {'on' if config.cfg else 'off'}; "
+        f"{rows[0]['device'] if rows else config.device}, torch {torch.__version__}"
+    )
+    bar_chart(rows, png_path, title)
     print(table)
     print(f"wrote {json_path}, {md_path} and {png_path}")
     return 0 if all(row["status"] in ("ok", "oom") for row in rows) else 1
