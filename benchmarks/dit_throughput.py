@@ -37,8 +37,17 @@ from _common import bench, device_slug, environment, write_rows  # noqa: E402
 
 from soflow_core import sample_one_step  # noqa: E402
 
-# Dense (no sparsity) datasheet peaks in TFLOP/s, per precision of the matrix units.
+# Dense (no sparsity) datasheet peaks in TFLOP/s of the matrix units (fp32 runs as TF32), by a
+# substring of the device name. The H100 SXM and the H200 share the same tensor cores.
 PEAK_TFLOPS = {"H100 80GB HBM3": {"bf16": 989.4, "fp32": 494.7}, "H200": {"bf16": 989.4, "fp32": 494.7}}
+
+
+def peak_tflops(device_name: str, precision: str) -> float | None:
+    """The dense datasheet peak for a device name such as "NVIDIA H100 80GB HBM3", or None."""
+    for key, peaks in PEAK_TFLOPS.items():
+        if key in device_name:
+            return peaks.get(precision)
+    return None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -171,7 +180,7 @@ def trainer_rows(specs: tuple[str, ...], flops: dict[str, dict], device_name: st
         if counted is not None:
             achieved = counted["flops_per_image"] * images_per_s
             row["achieved_tflops"] = achieved / 1e12
-            peak = PEAK_TFLOPS.get(device_name, {}).get(counted["precision"])
+            peak = peak_tflops(device_name, counted["precision"])
             row["mfu"] = achieved / (peak * 1e12) if peak else None
         rows.append(row)
     return rows
