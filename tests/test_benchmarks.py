@@ -54,6 +54,62 @@ def test_bench_loss_kernels_rejects_bad_arguments():
     assert result.returncode == 2 and "--ops: unknown ['softmax']" in result.stderr
 
 
+def test_jvp_vs_soflow_tiny(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "benchmarks/jvp_vs_soflow.py", "--config", "tiny", "--out-dir", str(tmp_path), "--out", "t"],
+        cwd=ROOT,
+        env=os.environ | {"PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads((tmp_path / "t.json").read_text())
+    names = [row["variant"] for row in rows]
+    assert names == [
+        "soflow",
+        "soflow_reference_style",
+        "ref+attn_math",
+        "ref+attn_default",
+        "ref+joint",
+        "ref+fused",
+        "meanflow_shared_primal",
+        "meanflow_separate",
+    ]
+    by_name = {row["variant"]: row for row in rows}
+    for row in rows:
+        assert row["status"] == "ok" and row["median_ms"] > 0 and row["images_per_s"] > 0
+        assert row["device"] and row["torch"] and row["commit"] and row["config"]["model"] == "DiT-tiny"
+        assert row["p20_ms"] <= row["median_ms"] <= row["p80_ms"]
+        for mf in ("shared_primal", "separate"):
+            expected = row["median_ms"] / by_name[f"meanflow_{mf}"]["median_ms"]
+            assert abs(row[f"time_vs_meanflow_{mf}"] - expected) < 1e-9
+        assert row["peak_memory_mb"] is None and row["memory_vs_meanflow_shared_primal"] is None  # CPU, not isolated
+    assert by_name["meanflow_shared_primal"]["time_vs_meanflow_shared_primal"] == 1.0
+    assert by_name["ref+attn_math"]["attention"] == "math"
+    assert by_name["meanflow_separate"]["attention"].startswith("math for the JVP")
+    assert (by_name["soflow"]["forward_batching"], by_name["soflow_reference_style"]["forward_batching"]) == (
+        "joint",
+        "split",
+    )
+    table = (tmp_path / "t.md").read_text()
+    assert "| meanflow_separate |" in table and "math attention" in table
+    png = tmp_path / "t.png"
+    assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_jvp_vs_soflow_rejects_bad_arguments():
+    result = subprocess.run(
+        [sys.executable, "benchmarks/jvp_vs_soflow.py", "--config", "tiny", "--variants", "soflow,jvp"],
+        cwd=ROOT,
+        env=os.environ | {"PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2 and "--variants: unknown ['jvp']" in result.stderr
+
+
 def _run_quality(tmp_path, *extra):
     # this checkout's soflow_core first, whatever copy is installed
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)

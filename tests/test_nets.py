@@ -189,9 +189,25 @@ def test_dit_named_sizes_have_the_reference_parameter_counts(name, millions):
     )
 
 
+@pytest.mark.parametrize("name", ["DiT-S/2", "DiT-S/4"])
+def test_dit_small_sizes_have_the_counted_parameters(name):
+    with torch.device("meta"):
+        net = DiT.from_name(name, input_size=32, in_channels=4, num_classes=1000)
+    h, p, c = 384, int(name[-1]), 4
+    tokens = (32 // p) ** 2
+    embed_time = 256 * h + h + h * h + h  # Linear(256, H), Linear(H, H)
+    block = 18 * h * h + 15 * h  # qkv, proj, fc1, fc2 (4H), adaLN (6H)
+    final = h * p * p * c + p * p * c + 2 * h * h + 2 * h
+    expected = (c * p * p * h + h) + 2 * embed_time + 1001 * h + tokens * h + 12 * block + final
+    assert sum(p.numel() for p in net.parameters()) == expected
+    assert (net.hidden_size, net.depth, net.num_heads, net.patch_size) == (384, 12, 6, p)
+    # DiT-S is "33M" in the DiT paper (learned sigma, no second time embedder); ours is within 1M of it.
+    assert abs(expected - 33e6) < 1e6, expected
+
+
 def test_dit_unknown_size_lists_the_valid_ones():
-    with pytest.raises(ValueError, match=r"DiT-S/2.*'DiT-B/4', 'DiT-B/2', 'DiT-M/2', 'DiT-L/2', 'DiT-XL/2'"):
-        DiT.from_name("DiT-S/2")
+    with pytest.raises(ValueError, match=r"DiT-S/8.*'DiT-S/4', 'DiT-S/2', 'DiT-B/4', 'DiT-B/2', 'DiT-M/2'"):
+        DiT.from_name("DiT-S/8")
     with pytest.raises(ValueError, match="fixes depth"):
         DiT.from_name("DiT-B/4", depth=2)
     with pytest.raises(ValueError, match="multiple of patch_size"):

@@ -50,13 +50,15 @@ class DiTSize:
 
 
 DIT_SIZES: dict[str, DiTSize] = {
+    "DiT-S/4": DiTSize(patch_size=4, hidden_size=384, depth=12, num_heads=6),
+    "DiT-S/2": DiTSize(patch_size=2, hidden_size=384, depth=12, num_heads=6),
     "DiT-B/4": DiTSize(patch_size=4, hidden_size=768, depth=12, num_heads=12),
     "DiT-B/2": DiTSize(patch_size=2, hidden_size=768, depth=12, num_heads=12),
     "DiT-M/2": DiTSize(patch_size=2, hidden_size=1024, depth=16, num_heads=16),
     "DiT-L/2": DiTSize(patch_size=2, hidden_size=1024, depth=24, num_heads=16),
     "DiT-XL/2": DiTSize(patch_size=2, hidden_size=1152, depth=28, num_heads=16),
 }
-"""The SoFlow model sizes by name (``"DiT-B/2"`` etc.); every one uses mlp_ratio 4."""
+"""The model sizes by name (``"DiT-B/2"`` etc.): SoFlow's B to XL, and S for benchmarks; all use mlp_ratio 4."""
 
 
 def _sincos_1d(dim: int, positions: Tensor) -> Tensor:
@@ -274,7 +276,7 @@ class DiT(nn.Module):
 
     @classmethod
     def from_name(cls, name: str, **kwargs: object) -> "DiT":
-        """Build a DiT of a named size (``"DiT-B/4"``, ``"DiT-B/2"``, ``"DiT-M/2"``, ``"DiT-L/2"``, ``"DiT-XL/2"``).
+        """Build a DiT of a named size (``"DiT-S/2"``, ``"DiT-B/4"``, ``"DiT-B/2"``, ... ``"DiT-XL/2"``).
 
         Args:
             name: The size, a key of [`DIT_SIZES`][soflow_core.nets.dit.DIT_SIZES].

@@ -1,0 +1,582 @@
+"""SoFlow against JVP-based MeanFlow: training-step time and peak memory on the same DiT.
+
+    python benchmarks/jvp_vs_soflow.py                        # paper: DiT-B/2, batch 256, bf16, CFG
+    python benchmarks/jvp_vs_soflow.py --config tiny          # seconds on a CPU; CI runs this
+    python benchmarks/jvp_vs_soflow.py --model DiT-S/4 --batch-size 8 --dtype fp32 --device cpu
+
+Every row is one full training step (objective forward, backward, AdamW step) of the same
+DiT, batch, dtype and guidance setting; only the objective and its execution options differ:
+
+* ``soflow``: SoFlow as soflow_core runs it, every optimisation on (PyTorch's default fused
+  attention, one joint grad forward, fused loss-path kernels ``backend="auto"``);
+  ``soflow+compile`` adds ``torch.compile`` of the backbone (``--compile``);
+* ``soflow_reference_style``: as the paper's code runs it (separate forwards, fp32,
+  memory-efficient attention, PyTorch loss path);
+* ``ref+...``: the reference style with one optimisation switched on (attention backend,
+  joint forward, fused kernels, compile, bf16);
+* ``meanflow_shared_primal`` / ``meanflow_separate``: MeanFlow (benchmarks/meanflow.py), one
+  ``torch.func.jvp`` whose primal output is the loss's u, or a no-grad JVP plus a separate
+  forward with gradient. Flash and memory-efficient attention have no forward-mode AD, so the
+  JVP always runs with the math attention backend.
+
+Timing: ``warmup`` untimed steps, then ``iters`` timed steps; on CUDA each step is bracketed by
+CUDA events (the median is reported, plus wall time per step over the whole timed loop with
+one final synchronisation); on a CPU, ``time.perf_counter`` per step. Memory: on CUDA the peak
+of ``torch.cuda.max_memory_allocated`` over the timed steps (weights, gradients, AdamW state
+and activations); on a CPU, with ``--isolate`` (each row in its own process), the growth of the
+peak resident set size above the RSS before the model was built; otherwise n/a.
+
+Rows (with device, versions, commit and the resolved config) go to
+``benchmarks/results/jvp_vs_soflow-<model>-<device>.json``, with a markdown table and a bar chart
+(PNG) beside them. A variant that runs out of memory becomes a row with status ``oom``.
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import gc
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import device_slug, environment, write_rows
+from meanflow import MeanFlowObjective
+
+from soflow_core import SoFlowObjective
+from soflow_core._dispatch import resolve_backend
+from soflow_core.nets import DIT_SIZES, DiT
+
+ATTENTIONS = ("default", "efficient", "math", "flash")
+DTYPES = ("fp32", "bf16")
+TINY_DIT = {"patch_size": 2, "hidden_size": 64, "depth": 2, "num_heads": 2}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Variant:
+    """How one row runs the training step.
+
+    Attributes:
+        name: Row name.
+        method: ``"soflow"`` or ``"meanflow"``.
+        attention: SDPA backends allowed for the step (MeanFlow's JVP is math in any case).
+        forward_batching: SoFlow's grad-call grouping.
+        backend: SoFlow's loss-path backend.
+        compile: ``torch.compile`` the backbone.
+        dtype: ``None`` for the run's dtype, or a fixed one.
+        jvp_variant: MeanFlow's JVP variant.
+        note: One line for the table.
+    """
+
+    name: str
+    method: str = "soflow"
+    attention: str = "default"
+    forward_batching: str = "joint"
+    backend: str = "auto"
+    compile: bool = False
+    dtype: str | None = None
+    jvp_variant: str = "shared_primal"
+    note: str = ""
+
+
+_REFERENCE = Variant(
+    name="soflow_reference_style",
+    attention="efficient",
+    forward_batching="split",
+    backend="torch",
+    dtype="fp32",
+    note="as the paper's code: separate forwards, fp32, memory-efficient attention",
+)
+VARIANTS: dict[str, Variant] = {
+    v.name: v
+    for v in (
+        Variant(name="soflow", note="default attention, joint forward, fused kernels"),
+        Variant(name="soflow+compile", compile=True, note="soflow with torch.compile"),
+        _REFERENCE,
+        dataclasses.replace(_REFERENCE, name="ref+attn_math", attention="math", note="reference, math attention"),
+        dataclasses.replace(
+            _REFERENCE, name="ref+attn_default", attention="default", note="reference, default (flash) attention"
+        ),
+        dataclasses.replace(_REFERENCE, name="ref+joint", forward_batching="joint", note="reference, joint forward"),
+        dataclasses.replace(_REFERENCE, name="ref+fused", backend="auto", note="reference, backend auto"),
+        dataclasses.replace(_REFERENCE, name="ref+compile", compile=True, note="reference, torch.compile"),
+        dataclasses.replace(_REFERENCE, name="ref+bf16", dtype="bf16", note="reference, bf16 autocast"),
+        Variant(name="meanflow_shared_primal", method="meanflow", jvp_variant="shared_primal", note="one JVP"),
+        Variant(name="meanflow_separate", method="meanflow", jvp_variant="separate", note="no-grad JVP + grad forward"),
+    )
+}
+COMPILE_VARIANTS = ("soflow+compile", "ref+compile")
+MEANFLOW_ROWS = ("meanflow_shared_primal", "meanflow_separate")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BenchConfig:
+    """What to measure; saved in every row.
+
+    Attributes:
+        model: A DiT size name (``"DiT-S/4"`` … ``"DiT-XL/2"``) or ``"DiT-tiny"`` (CI).
+        input_size: Latent side.
+        in_channels: Latent channels.
+        num_classes: Classes (the null class is ``num_classes``).
+        batch_size: Images per step.
+        dtype: ``"fp32"`` (TF32 matmuls on CUDA) or ``"bf16"`` (autocast; weights stay fp32).
+        cfg: Training-time guidance on: SoFlow's ImageNet recipe (ω = 3, m = 0.25) and MeanFlow
+            with ω = ``meanflow_scale``, κ = ``meanflow_mix``; off: SoFlow without guidance and
+            MeanFlow with ω = 1, κ = 0 (labels still dropped).
+        meanflow_scale: MeanFlow's ω with CFG.
+        meanflow_mix: MeanFlow's κ with CFG (κ ≠ 0 costs a second no-grad forward).
+        variants: Row names, a subset of ``VARIANTS``; empty: every row but the compiled and
+            (for fp32 runs) ``ref+bf16`` ones, plus the compiled ones with ``compile``.
+        compile: Add the ``torch.compile`` rows.
+        warmup: Untimed steps first.
+        iters: Timed steps.
+        device: ``"cuda"`` or ``"cpu"``.
+        isolate: Run each row in its own process (needed for CPU memory figures).
+        seed: Seed of weights, data and draws.
+        out: Results file stem (default ``jvp_vs_soflow-<model>-<device>``).
+        out_dir: Results folder (default ``benchmarks/results``).
+    """
+
+    model: str = "DiT-B/2"
+    input_size: int = 32
+    in_channels: int = 4
+    num_classes: int = 1000
+    batch_size: int = 256
+    dtype: str = "bf16"
+    cfg: bool = True
+    meanflow_scale: float = 1.0
+    meanflow_mix: float = 0.5
+    variants: tuple[str, ...] = ()
+    compile: bool = False
+    warmup: int = 5
+    iters: int = 20
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    isolate: bool = False
+    seed: int = 0
+    out: str = ""
+    out_dir: str = ""
+
+    def resolved_variants(self) -> tuple[str, ...]:
+        """The rows to run, in table order."""
+        if self.variants:
+            return self.variants
+        skip = set() if self.compile else set(COMPILE_VARIANTS)
+        if self.dtype == "fp32":
+            skip.add("ref+bf16")
+        return tuple(name for name in VARIANTS if name not in skip)
+
+
+PRESETS = {
+    "paper": BenchConfig(),
+    "tiny": BenchConfig(
+        model="DiT-tiny",
+        input_size=8,
+        num_classes=10,
+        batch_size=4,
+        dtype="fp32",
+        warmup=1,
+        iters=2,
+        device="cpu",
+    ),
+}
+
+
+# ---------------------------------------------------------------------------------------- a step
+
+
+def build_model(config: BenchConfig) -> DiT:
+    """The DiT of ``config.model`` (fp32 weights)."""
+    common = {"input_size": config.input_size, "in_channels": config.in_channels, "num_classes": config.num_classes}
+    if config.model == "DiT-tiny":
+        return DiT(**TINY_DIT, **common)
+    return DiT.from_name(config.model, **common)
+
+
+def attention_backends(attention: str, device: torch.device) -> tuple[list[SDPBackend] | None, str]:
+    """The SDPA backends a row allows, and what it ends up using, in words.
+
+    Args:
+        attention: One of ``ATTENTIONS``.
+        device: Where the step runs.
+
+    Returns:
+        (backends for ``sdpa_kernel`` or None for PyTorch's default choice, description).
+    """
+    if attention == "math":
+        return [SDPBackend.MATH], "math"
+    if attention == "flash":
+        return [SDPBackend.FLASH_ATTENTION], "flash"
+    if attention == "efficient":
+        if device.type != "cuda":
+            return None, "default (no mem-efficient on CPU)"
+        return [SDPBackend.EFFICIENT_ATTENTION], "memory-efficient"
+    return None, "default"
+
+
+def make_objective(variant: Variant, config: BenchConfig):
+    """The SoFlow or MeanFlow objective of a row."""
+    if variant.method == "meanflow":
+        cfg = {"guidance_scale": config.meanflow_scale, "guidance_mix": config.meanflow_mix} if config.cfg else {}
+        return MeanFlowObjective(
+            jvp_variant=variant.jvp_variant, null_cond=config.num_classes, check_inputs=False, **cfg
+        )
+    base = SoFlowObjective.from_preset("imagenet")
+    guidance = dataclasses.replace(base.guidance, null_cond=config.num_classes) if config.cfg else None
+    return dataclasses.replace(
+        base,
+        guidance=guidance,
+        forward_batching=variant.forward_batching,
+        backend=variant.backend,
+        check_inputs=False,  # a device sync per step; the MeanFlow rows check nothing either
+    )
+
+
+@dataclass
+class Step:
+    """One row's training step and what it runs on."""
+
+    run: Callable[[], None]
+    model: torch.nn.Module
+    attention: str
+    backend: str
+    dtype: str
+
+
+def make_step(variant: Variant, config: BenchConfig) -> Step:
+    """Build the model, optimizer, data and the closure of one training step."""
+    device = torch.device(config.device)
+    dtype = variant.dtype or config.dtype
+    torch.manual_seed(config.seed)
+    model = build_model(config).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+    data_gen = torch.Generator(device=device).manual_seed(config.seed)
+    shape = (config.batch_size, config.in_channels, config.input_size, config.input_size)
+    data = torch.randn(shape, device=device, generator=data_gen)
+    cond = torch.randint(0, config.num_classes, (config.batch_size,), device=device, generator=data_gen)
+    draws = torch.Generator(device=device).manual_seed(config.seed + 1)
+    objective = make_objective(variant, config)
+    net = torch.compile(model) if variant.compile else model
+    backends, attention = attention_backends(variant.attention, device)
+    if variant.method == "meanflow":
+        attention = f"math for the JVP, else {attention}"
+    autocast = (
+        (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if dtype == "bf16" else contextlib.nullcontext
+    )
+    attention_context = (lambda: sdpa_kernel(backends)) if backends else contextlib.nullcontext
+    step_index = [0]
+
+    def run() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with attention_context():
+            with autocast():
+                if variant.method == "meanflow":
+                    loss = objective(net, data, cond, generator=draws).loss
+                else:
+                    out = objective(net, data, cond, step=step_index[0], total_steps=400_000, generator=draws)
+                    loss = out.backprop
+            loss.backward()
+        optimizer.step()
+        step_index[0] += 1
+
+    backend = "–" if variant.method == "meanflow" else resolve_backend(variant.backend, data)
+    return Step(run=run, model=model, attention=attention, backend=backend, dtype=dtype)
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _max_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def measure_variant(name: str, config: BenchConfig) -> dict:
+    """Time one row and record its peak memory; an out-of-memory error gives a row with status ``oom``."""
+    variant = VARIANTS[name]
+    device = torch.device(config.device)
+    row = {"variant": name, "method": variant.method, "note": variant.note, "compile": variant.compile}
+    row |= {"forward_batching": variant.forward_batching if variant.method == "soflow" else "–"}
+    row |= {"jvp_variant": variant.jvp_variant if variant.method == "meanflow" else "–"}
+    cpu_memory = device.type == "cpu" and config.isolate
+    rss_before = _rss_mb() if cpu_memory else None
+    step = None
+    try:
+        step = make_step(variant, config)
+        row |= {"attention": step.attention, "backend": step.backend, "dtype": step.dtype}
+        for _ in range(config.warmup):
+            step.run()
+        times = []
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            resident = torch.cuda.memory_allocated(device)
+            events = [
+                (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                for _ in range(config.iters)
+            ]
+            wall = time.perf_counter()
+            for start, end in events:
+                start.record()
+                step.run()
+                end.record()
+            torch.cuda.synchronize(device)
+            wall = (time.perf_counter() - wall) * 1e3 / config.iters
+            times = [start.elapsed_time(end) for start, end in events]
+            peak = torch.cuda.max_memory_allocated(device) / 2**20
+            step_peak = peak - resident / 2**20
+        else:
+            resident = _rss_mb() if cpu_memory else None
+            wall = time.perf_counter()
+            for _ in range(config.iters):
+                start = time.perf_counter()
+                step.run()
+                times.append((time.perf_counter() - start) * 1e3)
+            wall = (time.perf_counter() - wall) * 1e3 / config.iters
+            peak = step_peak = None
+            if cpu_memory:
+                peak = _max_rss_mb() - rss_before
+                step_peak = _max_rss_mb() - resident
+        median = statistics.median(times)
+        row |= {
+            "status": "ok",
+            "median_ms": median,
+            "p20_ms": _quantile(times, 0.2),
+            "p80_ms": _quantile(times, 0.8),
+            "wall_ms_per_step": wall,
+            "images_per_s": config.batch_size / (median * 1e-3),
+            "peak_memory_mb": peak,
+            "step_peak_memory_mb": step_peak,
+        }
+    except torch.OutOfMemoryError as error:
+        row |= {"status": "oom", "error": str(error).splitlines()[0]}
+    except Exception as error:  # recorded, so the other rows still run; the exit status reports it
+        row |= {"status": "error", "error": f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"}
+        traceback.print_exc()
+    finally:
+        del step
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        torch._dynamo.reset()
+    return row
+
+
+def _quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    position = q * (len(ordered) - 1)
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def _run_isolated(name: str, config: BenchConfig) -> dict:
+    """``measure_variant`` in a fresh process, so its peak RSS is its own."""
+    with tempfile.TemporaryDirectory() as folder:
+        config_path, row_path = Path(folder) / "config.json", Path(folder) / "row.json"
+        config_path.write_text(json.dumps(dataclasses.asdict(config)))
+        command = [sys.executable, __file__, "--worker", str(config_path), name, str(row_path)]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0 or not row_path.exists():
+            tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
+            status = "oom" if result.returncode in (-9, 137) else "error"
+            return {"variant": name, "method": VARIANTS[name].method, "status": status, "error": tail[0][:300]}
+        return json.loads(row_path.read_text())
+
+
+# ---------------------------------------------------------------------------------------- output
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Each row's step time and peak memory over those of each MeanFlow row (None where unknown)."""
+    by_name = {row["variant"]: row for row in rows}
+    for row in rows:
+        for mf in MEANFLOW_ROWS:
+            base = by_name.get(mf)
+            suffix = mf.removeprefix("meanflow_")
+            for key, field in (("time", "median_ms"), ("memory", "peak_memory_mb")):
+                ok = base is not None and base.get("status") == "ok" and row.get("status") == "ok"
+                value = row.get(field) if ok else None
+                denominator = base.get(field) if ok else None
+                row[f"{key}_vs_meanflow_{suffix}"] = value / denominator if value is not None and denominator else None
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def markdown_table(rows: list[dict], config: BenchConfig) -> str:
+    """A header line (device, versions, setting) and one table line per row."""
+    env = rows[0]
+    memory = (
+        "peak `torch.cuda.max_memory_allocated` over the timed steps"
+        if config.device.startswith("cuda")
+        else (
+            "peak RSS growth above the RSS before the model was built (one process per row)"
+            if config.isolate
+            else "not measured on CPU without --isolate"
+        )
+    )
+    lines = [
+        f"Device: {env['device']}; torch {env['torch']}; commit {env['commit']}. {config.model}, "
+        f"{config.input_size}×{config.input_size}×{config.in_channels} latents, batch {config.batch_size}, "
+        f"{config.dtype}, CFG {'on' if config.cfg else 'off'}; median of {config.iters} steps after "
+        f"{config.warmup} warm-up steps (forward + backward + AdamW). Memory: {memory}. "
+        "MeanFlow's JVP always runs with math attention (no forward-mode AD in the fused kernels).",
+        "",
+        "| variant | attention | forward | loss backend | dtype | step ms (p20–p80) | images/s | peak MiB "
+        "| time × MF shared | time × MF separate | memory × MF shared | memory × MF separate | status |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        forward = row.get("forward_batching", "–") if row["method"] == "soflow" else row.get("jvp_variant", "–")
+        if row.get("compile"):
+            forward += " + compile"
+        ok = row.get("status") == "ok"
+        step = f"{row['median_ms']:.1f} ({row['p20_ms']:.1f}–{row['p80_ms']:.1f})" if ok else "–"
+        lines.append(
+            f"| {row['variant']} | {row.get('attention', '–')} | {forward} | {row.get('backend', '–')} | "
+            f"{row.get('dtype', '–')} | {step} | {_fmt(row.get('images_per_s'), '.1f')} | "
+            f"{_fmt(row.get('peak_memory_mb'), '.0f')} | {_fmt(row.get('time_vs_meanflow_shared_primal'), '.2f')} | "
+            f"{_fmt(row.get('time_vs_meanflow_separate'), '.2f')} | "
+            f"{_fmt(row.get('memory_vs_meanflow_shared_primal'), '.2f')} | "
+            f"{_fmt(row.get('memory_vs_meanflow_separate'), '.2f')} | {row['status']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def bar_chart(rows: list[dict], path: Path, title: str) -> None:
+    """Step time and (when measured) peak memory per row, MeanFlow rows in a second colour."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [row["variant"] for row in rows]
+    colours = ["tab:red" if row["method"] == "meanflow" else "tab:blue" for row in rows]
+    panels = [("median_ms", "step time (ms)")]
+    if any(row.get("peak_memory_mb") is not None for row in rows):
+        panels.append(("peak_memory_mb", "peak memory (MiB)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 0.45 * len(rows) + 1.5), squeeze=False)
+    for ax, (field, label) in zip(axes[0], panels):
+        values = [row.get(field) or 0.0 for row in rows]
+        ax.barh(names, values, color=colours)
+        for i, row in enumerate(rows):
+            if row.get("status") != "ok":
+                ax.text(0, i, f" {row['status']}", va="center")
+        ax.invert_yaxis()
+        ax.set_xlabel(label)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------- CLI
+
+
+def parse_config(argv: list[str] | None = None) -> BenchConfig:
+    """The preset named by ``--config`` with command-line overrides.
+
+    Args:
+        argv: Arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        The resolved configuration.
+    """
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", choices=sorted(PRESETS), default="paper")
+    parser.add_argument("--model", help=f"DiT-tiny, {', '.join(DIT_SIZES)}")
+    parser.add_argument("--input-size", dest="input_size", type=int)
+    parser.add_argument("--batch-size", dest="batch_size", type=int)
+    parser.add_argument("--dtype", choices=DTYPES)
+    parser.add_argument("--cfg", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--variants", type=lambda v: tuple(x for x in v.split(",") if x), help=",".join(VARIANTS))
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--warmup", type=int)
+    parser.add_argument("--iters", type=int)
+    parser.add_argument("--device")
+    parser.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--out", help="results file stem")
+    parser.add_argument("--out-dir", dest="out_dir", help="results folder (default benchmarks/results)")
+    args = parser.parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if k != "config" and v is not None}
+    config = dataclasses.replace(PRESETS[args.config], **overrides)
+    if config.model != "DiT-tiny" and config.model not in DIT_SIZES:
+        parser.error(f"--model: unknown {config.model!r}; choose DiT-tiny or one of {', '.join(DIT_SIZES)}")
+    unknown = sorted(set(config.variants) - set(VARIANTS))
+    if unknown:
+        parser.error(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
+    for name in ("batch_size", "iters", "input_size"):
+        if getattr(config, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1; got {getattr(config, name)}")
+    if config.warmup < 0:
+        parser.error(f"--warmup must be >= 0; got {config.warmup}")
+    if config.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {config.device}: no CUDA device is available")
+    return config
+
+
+def run(config: BenchConfig) -> list[dict]:
+    """Measure every row of ``config`` and attach environment, config and ratios."""
+    device = torch.device(config.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # "fp32" means TF32 matmuls on CUDA
+        torch.backends.cudnn.allow_tf32 = True
+    env = environment(device)
+    rows = []
+    for name in config.resolved_variants():
+        row = _run_isolated(name, config) if config.isolate else measure_variant(name, config)
+        rows.append(
+            row | env | {"model": config.model, "batch_size": config.batch_size, "config": dataclasses.asdict(config)}
+        )
+        if row["status"] == "ok":
+            print(
+                f"{name:24s} {row['median_ms']:9.2f} ms  {row['images_per_s']:9.1f} img/s  "
+                f"peak {_fmt(row.get('peak_memory_mb'), '.0f')} MiB  [{row['attention']}]",
+                flush=True,
+            )
+        else:
+            print(f"{name:24s} {row['status']}: {row.get('error', '')}", flush=True)
+    add_ratios(rows)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Measure, print, and write the JSON rows, the markdown table and the bar chart."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--worker"]:
+        config_path, name, row_path = argv[1:4]
+        config = BenchConfig(
+            **{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(Path(config_path).read_text()).items()}
+        )
+        Path(row_path).write_text(json.dumps(measure_variant(name, config)))
+        return 0
+    config = parse_config(argv)
+    rows = run(config)
+    slug = device_slug(rows[0]["device"]) if rows else config.device
+    stem = config.out or f"jvp_vs_soflow-{device_slug(config.model)}-{slug}"
+    table = markdown_table(rows, config)
+    json_path, md_path = write_rows(stem, rows, table, directory=config.out_dir or None)
+    png_path = md_path.with_suffix(".png")
+    bar_chart(rows, png_path, table.splitlines()[0][:160])
+    print(table)
+    print(f"wrote {json_path}, {md_path} and {png_path}")
+    return 0 if all(row["status"] in ("ok", "oom") for row in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
