@@ -41,7 +41,14 @@ from soflow_core.losses import (
     solution_consistency_loss_from_teacher,
     teacher_state,
 )
-from soflow_core.metrics import energy_distance
+from soflow_core.metrics import (
+    energy_distance,
+    frechet_distance,
+    gaussian_frechet_distance,
+    median_bandwidth,
+    mmd,
+    sliced_wasserstein,
+)
 from soflow_core.nets import DIT_SIZES, DiT, MLPBackbone, SongUNet, load_dit_checkpoint
 from soflow_core.objective import (
     PRESETS,
@@ -131,6 +138,8 @@ __all__ = [
     "flow_matching_loss",
     "flow_matching_loss_from_output",
     "flow_matching_weight",
+    "frechet_distance",
+    "gaussian_frechet_distance",
     "guidance_coefficients",
     "guided_target",
     "guided_target_from_outputs",
@@ -142,7 +151,9 @@ __all__ = [
     "make_param",
     "make_path",
     "make_schedule",
+    "median_bandwidth",
     "mixed_velocity",
+    "mmd",
     "replay_rng",
     "sample_chain",
     "sample_drop_mask",
@@ -150,6 +161,7 @@ __all__ = [
     "sample_latents",
     "sample_one_step",
     "sample_toy_2d",
+    "sliced_wasserstein",
     "snapshot_rng",
     "solution_consistency_loss",
     "solution_consistency_loss_from_teacher",

@@ -1,6 +1,7 @@
 """The benchmark scripts keep working: each runs end to end in its tiny mode (seconds)."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -111,3 +112,89 @@ def test_jvp_vs_soflow_rejects_bad_arguments():
         timeout=300,
     )
     assert result.returncode == 2 and "--variants: unknown ['jvp']" in result.stderr
+
+
+def _run_quality(tmp_path, *extra):
+    # this checkout's soflow_core first, whatever copy is installed
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/quality_at_equal_budget.py",
+            "--config",
+            "tiny",
+            "--out-dir",
+            str(tmp_path),
+            "--out",
+            "q",
+            *extra,
+        ],
+        cwd=ROOT,
+        env=os.environ | {"PYTHONPATH": path},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_quality_at_equal_budget_tiny(tmp_path):
+    result = _run_quality(tmp_path)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    rows = json.loads((tmp_path / "q.json").read_text())
+    config = json.loads((tmp_path / "q-config.json").read_text())
+    toys = ["checkerboard", "eight_gaussians", "two_moons"]
+    assert config["datasets"] == toys and config["seeds"] == [0] and config["budget_s"] == 2.0
+    expected = {
+        (method, nfe)
+        for method, key in (
+            ("soflow", "soflow_nfe"),
+            ("meanflow", "meanflow_nfe"),
+            ("flow_matching", "flow_matching_nfe"),
+        )
+        for nfe in config[key]
+    }
+    assert {("soflow", 1), ("meanflow", 1), ("flow_matching", 8)} <= expected
+    metric_keys = ("energy_distance", "mmd", "sliced_wasserstein")
+    for dataset in toys:
+        for seed in (0, "mean"):
+            samples = [r for r in rows if r["kind"] == "sample" and r["dataset"] == dataset and r["seed"] == seed]
+            assert {(r["method"], r["nfe"]) for r in samples} == expected
+            floors = [r for r in rows if r["kind"] == "floor" and r["dataset"] == dataset and r["seed"] == seed]
+            assert len(floors) == 1 and all(floors[0][k] > 0 for k in metric_keys)
+            for row in samples:
+                assert row["device"] and row["commit"] and row["torch"] and row["config"]["budget_s"] == 2.0
+                assert row["steps"] > 0
+                # every method trained for the whole budget, and not much more than one step beyond it
+                assert 2.0 <= row["train_seconds"] < 2.0 + 5.0
+                if not row["diverged"]:
+                    assert all(row[k] >= 0 for k in metric_keys)
+        means = [r for r in rows if r["dataset"] == dataset and r.get("seed") == "mean" and r["kind"] == "sample"]
+        assert all(r["num_seeds"] == 1 and r["energy_distance_std"] == 0.0 for r in means)
+    table = (tmp_path / "q.md").read_text()
+    assert "real vs real (floor)" in table and "SoFlow 1-NFE vs MeanFlow 1-NFE" in table
+    for name in [f"q-samples-{d}.png" for d in toys] + ["q-vs-nfe.png"]:
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+
+
+def test_quality_at_equal_budget_digits(tmp_path):
+    pytest.importorskip("sklearn")
+    result = _run_quality(tmp_path, "--datasets", "digits", "--budget-s", "0.5", "--methods", "soflow,flow_matching")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    rows = json.loads((tmp_path / "q.json").read_text())
+    (classifier,) = [r for r in rows if r["kind"] == "classifier"]
+    assert classifier["test_accuracy"] > 0.8
+    floor = next(r for r in rows if r["kind"] == "floor" and r["seed"] == 0)
+    assert floor["frechet_distance"] > 0 and floor["class_coverage"] == 10 and floor["confident_fraction"] > 0.5
+    samples = [r for r in rows if r["kind"] == "sample" and r["seed"] == 0]
+    assert {r["method"] for r in samples} == {"soflow", "flow_matching"}
+    for row in samples:
+        assert row["frechet_distance"] >= 0 and 0 <= row["class_coverage"] <= 10
+        assert 0 <= row["confident_fraction"] <= 1 and 0 <= row["class_entropy"] <= math.log(10) + 1e-9
+    assert (tmp_path / "q-samples-digits.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_quality_at_equal_budget_rejects_bad_arguments(tmp_path):
+    result = _run_quality(tmp_path, "--datasets", "mnist")
+    assert result.returncode == 2 and "--datasets: unknown" in result.stderr
+    result = _run_quality(tmp_path, "--budget-s", "0")
+    assert result.returncode == 2 and "--budget-s must be > 0" in result.stderr
