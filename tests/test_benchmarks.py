@@ -198,3 +198,22 @@ def test_quality_at_equal_budget_rejects_bad_arguments(tmp_path):
     assert result.returncode == 2 and "--datasets: unknown" in result.stderr
     result = _run_quality(tmp_path, "--budget-s", "0")
     assert result.returncode == 2 and "--budget-s must be > 0" in result.stderr
+
+
+def test_dit_throughput_tiny_counts_the_step_flops(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "benchmarks/dit_throughput.py", "--config", "tiny", "--out-dir", str(tmp_path), "--out", "t"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads((tmp_path / "t.json").read_text())
+    (flops,) = [r for r in rows if r["kind"] == "train_flops"]
+    # FM sub-batch: 1 grad + 1 no-grad forward; consistency: 3 no-grad + 1 grad; backward = 2x the
+    # grad forwards. With λ = 0.75 that is 0.75·(1 + 1 + 2) + 0.25·(4 + 2) = 4.5 forward passes.
+    assert 4.3 < flops["forward_equivalents"] < 4.7
+    assert flops["flops_per_step"] == flops["flops_per_image"] * flops["batch"] > 0
+    (sampling,) = [r for r in rows if r["kind"] == "sampling"]
+    assert sampling["images_per_s"] > 0 and sampling["device"] and sampling["commit"]
