@@ -3,6 +3,7 @@
     python benchmarks/quality_at_equal_budget.py                   # full: 3 toys + digits, 3 seeds
     python benchmarks/quality_at_equal_budget.py --config tiny     # seconds; CI runs this
     python benchmarks/quality_at_equal_budget.py --budget-s 120 --seeds 0,1 --datasets checkerboard,digits
+    python benchmarks/quality_at_equal_budget.py --table-from benchmarks/results/quality_at_equal_budget.json  # redraw
 
 Data with known answers, on a CPU: the 2-D toys of ``soflow_core.toy`` (checkerboard, 8
 Gaussians, two moons) and the 8×8 digits that ship with scikit-learn (pixels 0..16 scaled to
@@ -66,6 +67,17 @@ METHODS = ("soflow", "meanflow", "flow_matching")
 LABELS = {"soflow": "SoFlow", "meanflow": "MeanFlow", "flow_matching": "Flow Matching (Euler)"}
 TOY_METRICS = ("energy_distance", "mmd", "sliced_wasserstein")
 DIGIT_METRICS = ("frechet_distance", "mean_confidence", "confident_fraction", "class_entropy", "class_coverage")
+METRIC_NAMES = {
+    "energy_distance": "energy distance",
+    "mmd": "MMD²",
+    "sliced_wasserstein": "sliced W₂",
+    "frechet_distance": "Fréchet distance",
+    "mean_confidence": "mean confidence",
+    "confident_fraction": "confident fraction",
+    "class_entropy": "class entropy (nats)",
+    "class_coverage": "classes covered",
+}
+LOWER_IS_BETTER = ("energy_distance", "mmd", "sliced_wasserstein", "frechet_distance")
 HEADLINE = {"digits": "frechet_distance", **{name: "energy_distance" for name in TOY_DISTRIBUTIONS}}
 # The CIFAR-10 settings of the authors' PyTorch port of MeanFlow (spec: meanflow-method.md).
 MEANFLOW_SETTINGS = {"p": 0.75, "eps": 1e-3, "ratio_r_neq_t": 0.75, "time_mean": -0.6, "time_std": 1.6}
@@ -496,23 +508,29 @@ def _fmt(row: dict, key: str, digits: int = 4) -> str:
 
 
 def verdict(rows: list[dict], dataset: str) -> str | None:
-    """Whether SoFlow at 1 NFE beats MeanFlow at 1 NFE on the headline metric, seed by seed."""
-    key = HEADLINE[dataset]
+    """SoFlow at 1 NFE against MeanFlow at 1 NFE on every metric: seed means and per-seed wins."""
+    keys = DIGIT_METRICS if dataset == "digits" else TOY_METRICS
     by_seed: dict[str, dict] = {}
     for row in rows:
         if row["kind"] == "sample" and row["dataset"] == dataset and row["nfe"] == 1 and row["seed"] != "mean":
-            by_seed.setdefault(row["method"], {})[row["seed"]] = row[key]
+            by_seed.setdefault(row["method"], {})[row["seed"]] = row
     if "soflow" not in by_seed or "meanflow" not in by_seed:
         return None
     seeds = sorted(set(by_seed["soflow"]) & set(by_seed["meanflow"]))
-    wins = sum(by_seed["soflow"][s] < by_seed["meanflow"][s] for s in seeds)
-    mean_s = statistics.fmean(by_seed["soflow"][s] for s in seeds)
-    mean_m = statistics.fmean(by_seed["meanflow"][s] for s in seeds)
-    better = "lower (better)" if mean_s < mean_m else "higher (worse)"
-    return (
-        f"SoFlow 1-NFE vs MeanFlow 1-NFE ({key.replace('_', ' ')}): SoFlow is {better} on average "
-        f"({mean_s:.4g} vs {mean_m:.4g}) and lower in {wins} of {len(seeds)} seeds."
-    )
+    parts = []
+    for key in keys:
+        ours = [float(by_seed["soflow"][s][key]) for s in seeds]
+        theirs = [float(by_seed["meanflow"][s][key]) for s in seeds]
+        sign = 1.0 if key in LOWER_IS_BETTER else -1.0
+        wins = sum(sign * (a - b) < 0 for a, b in zip(ours, theirs))
+        ties = sum(a == b for a, b in zip(ours, theirs))
+        tied = f", tied in {ties}" if ties else ""
+        text = (
+            f"{METRIC_NAMES[key]} {statistics.fmean(ours):.4g} vs {statistics.fmean(theirs):.4g} "
+            f"(SoFlow better in {wins} of {len(seeds)} seeds{tied})"
+        )
+        parts.append(f"**{text}**" if key == HEADLINE[dataset] else text)
+    return "SoFlow 1-NFE vs MeanFlow 1-NFE: " + "; ".join(parts) + "."
 
 
 def markdown_table(rows: list[dict], config: QualityConfig) -> str:
@@ -529,16 +547,7 @@ def markdown_table(rows: list[dict], config: QualityConfig) -> str:
     for dataset in config.datasets:
         digits = dataset == "digits"
         keys = DIGIT_METRICS if digits else TOY_METRICS
-        names = {
-            "energy_distance": "energy distance",
-            "mmd": "MMD²",
-            "sliced_wasserstein": "sliced W₂",
-            "frechet_distance": "Fréchet distance",
-            "mean_confidence": "mean confidence",
-            "confident_fraction": f"confident (≥ {config.confidence_threshold:g})",
-            "class_entropy": "class entropy (nats)",
-            "class_coverage": "classes covered",
-        }
+        names = {**METRIC_NAMES, "confident_fraction": f"confident (≥ {config.confidence_threshold:g})"}
         means = [r for r in rows if r["dataset"] == dataset and r.get("seed") == "mean"]
         samples = next((r["samples"] for r in means), 0)
         lines += [
@@ -677,14 +686,15 @@ def _tuple(kind: type, text: str) -> tuple:
     return tuple(kind(v) for v in text.split(",") if v)
 
 
-def parse_config(argv: list[str] | None = None) -> QualityConfig:
+def parse_config(argv: list[str] | None = None) -> tuple[QualityConfig, Path | None]:
     """The preset named by ``--config`` with command-line overrides.
 
     Args:
         argv: Arguments (default: ``sys.argv[1:]``).
 
     Returns:
-        The resolved configuration.
+        The resolved configuration, and the results file given by ``--table-from`` (else None),
+        in which case the configuration is the one saved in that file.
     """
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", choices=sorted(PRESETS), default="full")
@@ -696,8 +706,17 @@ def parse_config(argv: list[str] | None = None) -> QualityConfig:
     parser.add_argument("--out", help="file stem of the outputs")
     parser.add_argument("--out-dir", dest="out_dir", help="output folder (default benchmarks/results)")
     parser.add_argument("--skip-digits", action="store_true", help="leave out the scikit-learn digits")
+    parser.add_argument(
+        "--table-from", dest="table_from", metavar="JSON", help="only redraw the table and NFE plot of a results file"
+    )
     args = parser.parse_args(argv)
-    overrides = {k: v for k, v in vars(args).items() if k not in ("config", "skip_digits") and v is not None}
+    if args.table_from:
+        saved = json.loads(Path(args.table_from).read_text())[0]["config"]
+        fields = {f.name for f in dataclasses.fields(QualityConfig)}
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in fields}
+        return QualityConfig(**values), Path(args.table_from)
+    ignored = ("config", "skip_digits", "table_from")
+    overrides = {k: v for k, v in vars(args).items() if k not in ignored and v is not None}
     config = dataclasses.replace(PRESETS[args.config], **overrides)
     if args.skip_digits:
         config = dataclasses.replace(config, datasets=tuple(d for d in config.datasets if d != "digits"))
@@ -725,17 +744,23 @@ def parse_config(argv: list[str] | None = None) -> QualityConfig:
             import meanflow  # noqa: F401
         except ImportError as error:
             parser.error(f"the MeanFlow baseline (benchmarks/meanflow.py) does not import: {error}")
-    return config
+    return config, None
 
 
 def main(argv: list[str] | None = None) -> int:
     """Train, evaluate, and write the rows, table, figures and resolved config."""
-    config = parse_config(argv)
+    config, saved = parse_config(argv)
+    if saved is not None:
+        rows = json.loads(saved.read_text())
+        md_path = saved.with_suffix(".md")
+        md_path.write_text(markdown_table(rows, config))
+        print(f"redrew {md_path} and {draw_quality_vs_nfe(rows, config, saved.parent)}")
+        return 0
     folder = Path(config.out_dir) if config.out_dir else RESULTS
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{config.out}-config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
     start = time.perf_counter()
-    rows, figures = run(config)
+    rows, figures = run(config)  # records the commit first, before this run writes any file
+    (folder / f"{config.out}-config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
     table = markdown_table(rows, config)
     json_path, md_path = write_rows(config.out, rows, table, directory=folder)
     pictures = [*draw_samples(figures, config, folder), draw_quality_vs_nfe(rows, config, folder)]

@@ -174,6 +174,18 @@ def test_quality_at_equal_budget_tiny(tmp_path):
     assert "real vs real (floor)" in table and "SoFlow 1-NFE vs MeanFlow 1-NFE" in table
     for name in [f"q-samples-{d}.png" for d in toys] + ["q-vs-nfe.png"]:
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    # the table can be redrawn from the JSON alone, identically
+    (tmp_path / "q.md").unlink()
+    redraw = subprocess.run(
+        [sys.executable, "benchmarks/quality_at_equal_budget.py", "--table-from", str(tmp_path / "q.json")],
+        cwd=ROOT,
+        env=os.environ | {"PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert redraw.returncode == 0, redraw.stderr[-3000:]
+    assert (tmp_path / "q.md").read_text() == table
 
 
 def test_quality_at_equal_budget_digits(tmp_path):
