@@ -52,6 +52,7 @@ from soflow_core._validation import (
 )
 from soflow_core.guidance import drop_cond, sample_drop_mask
 from soflow_core.rng import rand, randn
+from soflow_core.time_samplers import LogitNormal
 
 __all__ = [
     "JVP_VARIANTS",
@@ -112,10 +113,6 @@ class MeanFlowOutput:
     metrics: dict[str, Tensor]
 
 
-def _logit_normal(n: int, mean: float, std: float, device, dtype, generator) -> Tensor:
-    return torch.sigmoid(randn((n,), device=device, dtype=dtype, generator=generator) * std + mean)
-
-
 def sample_meanflow_times(
     n: int,
     *,
@@ -152,8 +149,8 @@ def sample_meanflow_times(
         The times.
     """
     device = torch.device(device)
-    a = _logit_normal(n, t_mean, t_std, device, dtype, generator)
-    b = _logit_normal(n, r_mean, r_std, device, dtype, generator)
+    a = LogitNormal(mean=t_mean, std=t_std).sample(n, device=device, dtype=dtype, generator=generator)
+    b = LogitNormal(mean=r_mean, std=r_std).sample(n, device=device, dtype=dtype, generator=generator)
     keep = rand((n,), device=device, dtype=torch.float32, generator=generator) < ratio_r_neq_t
     t = torch.maximum(a, b)
     r = torch.where(keep, torch.minimum(a, b), t)
