@@ -12,6 +12,8 @@ Rules every benchmark here follows:
 * peak memory is ``torch.cuda.max_memory_allocated`` above what was allocated before the call.
 """
 
+import argparse
+import dataclasses
 import json
 import platform
 import statistics
@@ -148,6 +150,25 @@ def write_rows(stem: str, rows: list[dict], table: str, *, directory: str | Path
     json_path.write_text(json.dumps(rows, indent=1) + "\n")
     md_path.write_text(table)
     return json_path, md_path
+
+
+def comma_list(kind: Callable[[str], object] = str) -> Callable[[str], tuple]:
+    """An argparse ``type`` that reads ``"a,b,c"`` as a tuple, each item converted by ``kind``."""
+    return lambda text: tuple(kind(v) for v in text.split(",") if v)
+
+
+def preset_parser(doc: str | None, presets: dict, default: str) -> argparse.ArgumentParser:
+    """A parser with ``--config`` naming one of ``presets``; the description is the docstring's first paragraph."""
+    parser = argparse.ArgumentParser(description=(doc or "").split("\n\n")[0])
+    parser.add_argument("--config", choices=sorted(presets), default=default)
+    return parser
+
+
+def resolve_preset(args: argparse.Namespace, presets: dict, *, ignore: tuple[str, ...] = ()) -> object:
+    """The preset named by ``args.config`` with every other argument that was given replacing its field."""
+    skipped = {"config", *ignore}
+    overrides = {k: v for k, v in vars(args).items() if k not in skipped and v is not None}
+    return dataclasses.replace(presets[args.config], **overrides)
 
 
 def device_slug(name: str) -> str:

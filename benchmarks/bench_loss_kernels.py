@@ -25,7 +25,6 @@ On a CPU the Triton provider is Triton's interpreter, a correctness tool, so it 
 with ``--providers`` naming it explicitly and ``TRITON_INTERPRET=1`` set.
 """
 
-import argparse
 import dataclasses
 import math
 import os
@@ -37,7 +36,18 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import bench, bench_graph, copy_bandwidth_gbps, device_slug, environment, peak_memory_mb, write_rows
+from _common import (
+    bench,
+    bench_graph,
+    comma_list,
+    copy_bandwidth_gbps,
+    device_slug,
+    environment,
+    peak_memory_mb,
+    preset_parser,
+    resolve_preset,
+    write_rows,
+)
 
 import soflow_core.fused as fused_module
 from soflow_core import (
@@ -327,10 +337,6 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _tuple(kind: type, text: str) -> tuple:
-    return tuple(kind(v) for v in text.split(",") if v)
-
-
 def parse_config(argv: list[str] | None = None) -> BenchConfig:
     """The preset named by ``--config`` with command-line overrides.
 
@@ -340,20 +346,18 @@ def parse_config(argv: list[str] | None = None) -> BenchConfig:
     Returns:
         The resolved configuration.
     """
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", choices=sorted(PRESETS), default="paper")
-    parser.add_argument("--batches", type=lambda v: _tuple(int, v), help="comma-separated, e.g. 32,256")
-    parser.add_argument("--shapes", type=lambda v: _tuple(str, v), help="e.g. 4x32x32,3x32x32")
-    parser.add_argument("--dtypes", type=lambda v: _tuple(str, v), help="float32,bfloat16,float16")
-    parser.add_argument("--ops", type=lambda v: _tuple(str, v), help=",".join(OPS))
-    parser.add_argument("--modes", type=lambda v: _tuple(str, v), help=",".join(MODES))
-    parser.add_argument("--providers", type=lambda v: _tuple(str, v), help=",".join(PROVIDERS))
+    parser = preset_parser(__doc__, PRESETS, "paper")
+    parser.add_argument("--batches", type=comma_list(int), help="comma-separated, e.g. 32,256")
+    parser.add_argument("--shapes", type=comma_list(), help="e.g. 4x32x32,3x32x32")
+    parser.add_argument("--dtypes", type=comma_list(), help="float32,bfloat16,float16")
+    parser.add_argument("--ops", type=comma_list(), help=",".join(OPS))
+    parser.add_argument("--modes", type=comma_list(), help=",".join(MODES))
+    parser.add_argument("--providers", type=comma_list(), help=",".join(PROVIDERS))
     parser.add_argument("--device")
     parser.add_argument("--out", help="results file stem")
     parser.add_argument("--out-dir", dest="out_dir", help="results folder (default benchmarks/results)")
     args = parser.parse_args(argv)
-    overrides = {k: v for k, v in vars(args).items() if k != "config" and v is not None}
-    config = dataclasses.replace(PRESETS[args.config], **overrides)
+    config = resolve_preset(args, PRESETS)
     for name, allowed in (("ops", OPS), ("modes", MODES), ("providers", PROVIDERS)):
         unknown = set(getattr(config, name)) - set(allowed)
         if unknown:

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT / "examples"))
 import _training as T  # noqa: E402
 import train_dit_imagenet as imagenet  # noqa: E402
-from _common import bench, device_slug, environment, write_rows  # noqa: E402
+from _common import bench, comma_list, device_slug, environment, preset_parser, resolve_preset, write_rows  # noqa: E402
 
 from soflow_core import sample_one_step  # noqa: E402
 
@@ -229,22 +229,19 @@ def parse_config(argv: list[str] | None = None) -> ThroughputConfig:
     Returns:
         The resolved configuration.
     """
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", choices=sorted(PRESETS), default="paper")
-    split = lambda v: tuple(x for x in v.split(",") if x)  # noqa: E731
-    parser.add_argument("--models", type=split)
+    parser = preset_parser(__doc__, PRESETS, "paper")
+    parser.add_argument("--models", type=comma_list())
     parser.add_argument("--batch-size", dest="batch_size", type=int)
     parser.add_argument("--precision", choices=("fp32", "bf16"))
-    parser.add_argument("--sample-models", dest="sample_models", type=split)
+    parser.add_argument("--sample-models", dest="sample_models", type=comma_list())
     parser.add_argument("--sample-batch", dest="sample_batch", type=int)
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
-    parser.add_argument("--metrics", type=split, help="MODEL=PATH[:label],... trainer metrics.jsonl files")
+    parser.add_argument("--metrics", type=comma_list(), help="MODEL=PATH[:label],... trainer metrics.jsonl files")
     parser.add_argument("--device")
     parser.add_argument("--out")
     parser.add_argument("--out-dir", dest="out_dir")
     args = parser.parse_args(argv)
-    overrides = {k: v for k, v in vars(args).items() if k != "config" and v is not None}
-    config = dataclasses.replace(PRESETS[args.config], **overrides)
+    config = resolve_preset(args, PRESETS)
     if config.batch_size < 1 or config.sample_batch < 1:
         parser.error(f"--batch-size and --sample-batch must be >= 1; got {config.batch_size}, {config.sample_batch}")
     for model in (*config.models, *config.sample_models):

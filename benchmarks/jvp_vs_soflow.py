@@ -53,7 +53,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import device_slug, environment, write_rows
+from _common import comma_list, device_slug, environment, preset_parser, resolve_preset, write_rows
 from meanflow import MeanFlowObjective
 
 from soflow_core import SoFlowObjective
@@ -499,14 +499,13 @@ def parse_config(argv: list[str] | None = None) -> BenchConfig:
     Returns:
         The resolved configuration.
     """
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", choices=sorted(PRESETS), default="paper")
+    parser = preset_parser(__doc__, PRESETS, "paper")
     parser.add_argument("--model", help=f"DiT-tiny, {', '.join(DIT_SIZES)}")
     parser.add_argument("--input-size", dest="input_size", type=int)
     parser.add_argument("--batch-size", dest="batch_size", type=int)
     parser.add_argument("--dtype", choices=DTYPES)
     parser.add_argument("--cfg", action=argparse.BooleanOptionalAction, default=None)
-    parser.add_argument("--variants", type=lambda v: tuple(x for x in v.split(",") if x), help=",".join(VARIANTS))
+    parser.add_argument("--variants", type=comma_list(), help=",".join(VARIANTS))
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--warmup", type=int)
     parser.add_argument("--iters", type=int)
@@ -515,8 +514,7 @@ def parse_config(argv: list[str] | None = None) -> BenchConfig:
     parser.add_argument("--out", help="results file stem")
     parser.add_argument("--out-dir", dest="out_dir", help="results folder (default benchmarks/results)")
     args = parser.parse_args(argv)
-    overrides = {k: v for k, v in vars(args).items() if k != "config" and v is not None}
-    config = dataclasses.replace(PRESETS[args.config], **overrides)
+    config = resolve_preset(args, PRESETS)
     if config.model != "DiT-tiny" and config.model not in DIT_SIZES:
         parser.error(f"--model: unknown {config.model!r}; choose DiT-tiny or one of {', '.join(DIT_SIZES)}")
     unknown = sorted(set(config.variants) - set(VARIANTS))

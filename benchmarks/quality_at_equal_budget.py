@@ -27,7 +27,6 @@ Writes ``<out-dir>/<out>.json`` (rows with device, versions, commit, config), ``
 ``<out>-config.json``; default folder ``benchmarks/results``.
 """
 
-import argparse
 import copy
 import dataclasses
 import hashlib
@@ -45,7 +44,7 @@ import torch
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, environment, write_rows
+from _common import RESULTS, comma_list, environment, preset_parser, resolve_preset, write_rows
 
 from soflow_core import (
     AdaptiveWeighting,
@@ -682,10 +681,6 @@ def draw_quality_vs_nfe(rows: list[dict], config: QualityConfig, folder: Path) -
 # ----------------------------------------------------------------------------------------- CLI
 
 
-def _tuple(kind: type, text: str) -> tuple:
-    return tuple(kind(v) for v in text.split(",") if v)
-
-
 def parse_config(argv: list[str] | None = None) -> tuple[QualityConfig, Path | None]:
     """The preset named by ``--config`` with command-line overrides.
 
@@ -696,12 +691,11 @@ def parse_config(argv: list[str] | None = None) -> tuple[QualityConfig, Path | N
         The resolved configuration, and the results file given by ``--table-from`` (else None),
         in which case the configuration is the one saved in that file.
     """
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", choices=sorted(PRESETS), default="full")
+    parser = preset_parser(__doc__, PRESETS, "full")
     parser.add_argument("--budget-s", dest="budget_s", type=float, help="training seconds per method")
-    parser.add_argument("--seeds", type=lambda v: _tuple(int, v), help="comma-separated, e.g. 0,1,2")
-    parser.add_argument("--datasets", type=lambda v: _tuple(str, v), help=",".join(DATASETS))
-    parser.add_argument("--methods", type=lambda v: _tuple(str, v), help=",".join(METHODS))
+    parser.add_argument("--seeds", type=comma_list(int), help="comma-separated, e.g. 0,1,2")
+    parser.add_argument("--datasets", type=comma_list(), help=",".join(DATASETS))
+    parser.add_argument("--methods", type=comma_list(), help=",".join(METHODS))
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--out", help="file stem of the outputs")
     parser.add_argument("--out-dir", dest="out_dir", help="output folder (default benchmarks/results)")
@@ -715,9 +709,7 @@ def parse_config(argv: list[str] | None = None) -> tuple[QualityConfig, Path | N
         fields = {f.name for f in dataclasses.fields(QualityConfig)}
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in fields}
         return QualityConfig(**values), Path(args.table_from)
-    ignored = ("config", "skip_digits", "table_from")
-    overrides = {k: v for k, v in vars(args).items() if k not in ignored and v is not None}
-    config = dataclasses.replace(PRESETS[args.config], **overrides)
+    config = resolve_preset(args, PRESETS, ignore=("skip_digits", "table_from"))
     if args.skip_digits:
         config = dataclasses.replace(config, datasets=tuple(d for d in config.datasets if d != "digits"))
     for name, allowed in (("datasets", DATASETS), ("methods", METHODS)):
