@@ -160,6 +160,16 @@ class Runtime:
         return self.world_size > 1
 
 
+@contextlib.contextmanager
+def distributed_runtime(device: str) -> Iterator[Runtime]:
+    """The process's runtime for the duration of a script; the process group is left at the end."""
+    runtime = init_runtime(device)
+    try:
+        yield runtime
+    finally:
+        shutdown(runtime)
+
+
 def init_runtime(device: str) -> Runtime:
     """Join the torchrun process group (NCCL on GPU, gloo on CPU) or run as a single process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -111,11 +111,8 @@ def sample_batch(net, config: dict, first: int, count: int, args, device: torch.
 
 def main(argv: list[str] | None = None) -> Path | None:
     args = parse(argv)
-    runtime = T.init_runtime(args.device)
-    try:
+    with T.distributed_runtime(args.device) as runtime:
         return run(args, runtime)
-    finally:
-        T.shutdown(runtime)
 
 
 def run(args: argparse.Namespace, runtime: T.Runtime) -> Path | None:

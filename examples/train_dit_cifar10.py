@@ -105,11 +105,8 @@ def main(argv: list[str] | None = None) -> dict:
     if not config.synthetic and (config.data is None or not Path(config.data).is_dir()):
         where = "" if config.data is None else f"\n(--data {config.data} is not a folder)"
         T.missing_data(NEEDS_DATA + where)
-    runtime = T.init_runtime(config.device)
-    try:
+    with T.distributed_runtime(config.device) as runtime:
         return run(config, runtime)
-    finally:
-        T.shutdown(runtime)
 
 
 def run(config: CifarConfig, runtime: T.Runtime) -> dict:

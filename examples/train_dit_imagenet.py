@@ -116,11 +116,8 @@ def main(argv: list[str] | None = None) -> dict:
     if not config.synthetic and (config.data is None or not Path(config.data).exists()):
         where = "" if config.data is None else f"\n(--data {config.data} does not exist)"
         T.missing_data(NEEDS_DATA + where)
-    runtime = T.init_runtime(config.device)
-    try:
+    with T.distributed_runtime(config.device) as runtime:
         return run(config, runtime)
-    finally:
-        T.shutdown(runtime)
 
 
 def run(config: ImageNetConfig, runtime: T.Runtime) -> dict:
