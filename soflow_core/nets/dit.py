@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from soflow_core._validation import check_int, check_real
+from soflow_core.nets._inputs import check_image_inputs
 from soflow_core.nets.mlp import sinusoidal_embedding
 from soflow_core.typing import Cond, Data, Time
 
@@ -374,13 +375,7 @@ class DiT(nn.Module):
             ValueError: On a wrong input shape, labels given to an unconditional model, or
                 ``cond=None`` for a model without a null class.
         """
-        expected = (self.in_channels, self.input_size, self.input_size)
-        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(f"x must have shape (b, {', '.join(map(str, expected))}); got {tuple(x.shape)}")
-        batch = x.shape[0]
-        for name, value in (("t", t), ("s", s)):
-            if value.shape != (batch,):
-                raise ValueError(f"{name} must have shape ({batch},), one time per sample; got {tuple(value.shape)}")
+        batch = check_image_inputs(x, t, s, channels=self.in_channels, resolution=self.input_size)
         c = self.t_embedder(t) + self.s_embedder(t - s)
         if self.y_embedder is not None:
             c = c + self.y_embedder(self._labels(cond, batch, x.device))

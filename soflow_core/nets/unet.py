@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from soflow_core._validation import check_int, check_real
+from soflow_core.nets._inputs import check_image_inputs
 from soflow_core.typing import Cond, Data, Time
 
 __all__ = ["SongUNet", "positional_embedding"]
@@ -349,13 +350,7 @@ class SongUNet(nn.Module):
         """
         if cond is not None:
             raise ValueError("SongUNet is unconditional: cond must be None (use augment_labels for augmentation)")
-        expected = (self.in_channels, self.img_resolution, self.img_resolution)
-        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(f"x must have shape (b, {', '.join(map(str, expected))}); got {tuple(x.shape)}")
-        batch = x.shape[0]
-        for name, value in (("t", t), ("s", s)):
-            if value.shape != (batch,):
-                raise ValueError(f"{name} must have shape ({batch},), one time per sample; got {tuple(value.shape)}")
+        batch = check_image_inputs(x, t, s, channels=self.in_channels, resolution=self.img_resolution)
 
         # Mapping.
         weight = self.map_layer0.weight
