@@ -13,26 +13,27 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def run_benchmark(
+    script: str, *args: str, env: dict[str, str] | None = None, timeout: int = 600
+) -> subprocess.CompletedProcess:
+    """Run ``benchmarks/<script>`` from the repository root with this checkout's soflow_core first."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return subprocess.run(
+        [sys.executable, f"benchmarks/{script}", *args],
+        cwd=ROOT,
+        env=os.environ | (env or {}) | {"PYTHONPATH": path},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def test_bench_loss_kernels_tiny(tmp_path):
     pytest.importorskip("triton")
     # The interpreter only where there is no GPU; on a CUDA machine the compiled kernels run.
-    env = os.environ | ({} if torch.cuda.is_available() else {"TRITON_INTERPRET": "1"})
-    result = subprocess.run(
-        [
-            sys.executable,
-            "benchmarks/bench_loss_kernels.py",
-            "--config",
-            "tiny",
-            "--out-dir",
-            str(tmp_path),
-            "--out",
-            "t",
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    env = {} if torch.cuda.is_available() else {"TRITON_INTERPRET": "1"}
+    result = run_benchmark(
+        "bench_loss_kernels.py", "--config", "tiny", "--out-dir", str(tmp_path), "--out", "t", env=env
     )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads((tmp_path / "t.json").read_text())
@@ -48,25 +49,12 @@ def test_bench_loss_kernels_tiny(tmp_path):
 
 
 def test_bench_loss_kernels_rejects_bad_arguments():
-    result = subprocess.run(
-        [sys.executable, "benchmarks/bench_loss_kernels.py", "--config", "tiny", "--ops", "softmax"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_benchmark("bench_loss_kernels.py", "--config", "tiny", "--ops", "softmax", timeout=300)
     assert result.returncode == 2 and "--ops: unknown ['softmax']" in result.stderr
 
 
 def test_jvp_vs_soflow_tiny(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "benchmarks/jvp_vs_soflow.py", "--config", "tiny", "--out-dir", str(tmp_path), "--out", "t"],
-        cwd=ROOT,
-        env=os.environ | {"PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = run_benchmark("jvp_vs_soflow.py", "--config", "tiny", "--out-dir", str(tmp_path), "--out", "t")
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads((tmp_path / "t.json").read_text())
     names = [row["variant"] for row in rows]
@@ -103,37 +91,13 @@ def test_jvp_vs_soflow_tiny(tmp_path):
 
 
 def test_jvp_vs_soflow_rejects_bad_arguments():
-    result = subprocess.run(
-        [sys.executable, "benchmarks/jvp_vs_soflow.py", "--config", "tiny", "--variants", "soflow,jvp"],
-        cwd=ROOT,
-        env=os.environ | {"PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_benchmark("jvp_vs_soflow.py", "--config", "tiny", "--variants", "soflow,jvp", timeout=300)
     assert result.returncode == 2 and "--variants: unknown ['jvp']" in result.stderr
 
 
 def _run_quality(tmp_path, *extra):
-    # this checkout's soflow_core first, whatever copy is installed
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    return subprocess.run(
-        [
-            sys.executable,
-            "benchmarks/quality_at_equal_budget.py",
-            "--config",
-            "tiny",
-            "--out-dir",
-            str(tmp_path),
-            "--out",
-            "q",
-            *extra,
-        ],
-        cwd=ROOT,
-        env=os.environ | {"PYTHONPATH": path},
-        capture_output=True,
-        text=True,
-        timeout=600,
+    return run_benchmark(
+        "quality_at_equal_budget.py", "--config", "tiny", "--out-dir", str(tmp_path), "--out", "q", *extra
     )
 
 
@@ -176,14 +140,7 @@ def test_quality_at_equal_budget_tiny(tmp_path):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     # the table can be redrawn from the JSON alone, identically
     (tmp_path / "q.md").unlink()
-    redraw = subprocess.run(
-        [sys.executable, "benchmarks/quality_at_equal_budget.py", "--table-from", str(tmp_path / "q.json")],
-        cwd=ROOT,
-        env=os.environ | {"PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    redraw = run_benchmark("quality_at_equal_budget.py", "--table-from", str(tmp_path / "q.json"), timeout=300)
     assert redraw.returncode == 0, redraw.stderr[-3000:]
     assert (tmp_path / "q.md").read_text() == table
 
@@ -213,13 +170,7 @@ def test_quality_at_equal_budget_rejects_bad_arguments(tmp_path):
 
 
 def test_dit_throughput_tiny_counts_the_step_flops(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "benchmarks/dit_throughput.py", "--config", "tiny", "--out-dir", str(tmp_path), "--out", "t"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = run_benchmark("dit_throughput.py", "--config", "tiny", "--out-dir", str(tmp_path), "--out", "t")
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads((tmp_path / "t.json").read_text())
     (flops,) = [r for r in rows if r["kind"] == "train_flops"]
