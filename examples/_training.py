@@ -45,10 +45,8 @@ from soflow_core.checkpoint import (
 from soflow_core.ema import EMA
 from soflow_core.nets.dit import DiTSize
 
-# Sizes beyond the paper's, for smoke runs and small CIFAR-10 transformers.
+# Sizes beyond soflow_core's DIT_SIZES (which has S/4 and S/2 for small CIFAR-10 transformers), for smoke runs.
 EXTRA_DIT_SIZES: dict[str, DiTSize] = {
-    "DiT-S/2": DiTSize(patch_size=2, hidden_size=384, depth=12, num_heads=6),
-    "DiT-S/4": DiTSize(patch_size=4, hidden_size=384, depth=12, num_heads=6),
     "DiT-tiny/4": DiTSize(patch_size=4, hidden_size=64, depth=2, num_heads=2),
     "DiT-tiny/2": DiTSize(patch_size=2, hidden_size=32, depth=2, num_heads=2),
 }
