@@ -49,12 +49,9 @@ from _common import (
     write_rows,
 )
 
-import soflow_core.fused as fused_module
-from soflow_core import (
-    AdaptiveWeighting,
-    ClassifierFreeGuidance,
-    EulerParam,
-    LinearPath,
+import soflow_core.ops.fused as fused_module
+from soflow_core import AdaptiveWeighting, ClassifierFreeGuidance, EulerParam, LinearPath
+from soflow_core.losses import (
     flow_matching_loss_from_output,
     guided_target_from_outputs,
     guided_teacher_state,

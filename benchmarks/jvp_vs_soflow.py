@@ -57,8 +57,8 @@ from _common import comma_list, device_slug, environment, preset_parser, resolve
 from meanflow import MeanFlowObjective
 
 from soflow_core import SoFlowObjective
-from soflow_core._dispatch import resolve_backend
 from soflow_core.nets import DIT_SIZES, DiT
+from soflow_core.ops._dispatch import resolve_backend
 
 ATTENTIONS = ("default", "efficient", "math", "flash")
 DTYPES = ("fp32", "bf16")

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from soflow_core._rng import rand, randn
 from soflow_core._tensor import bcast_right
 from soflow_core._validation import (
     check_choice,
@@ -51,7 +52,6 @@ from soflow_core._validation import (
     check_tensor,
 )
 from soflow_core.guidance import drop_cond, sample_drop_mask
-from soflow_core.rng import rand, randn
 from soflow_core.time_samplers import LogitNormal
 
 __all__ = [

@@ -5,7 +5,7 @@
     python benchmarks/quality_at_equal_budget.py --budget-s 120 --seeds 0,1 --datasets checkerboard,digits
     python benchmarks/quality_at_equal_budget.py --table-from benchmarks/results/quality_at_equal_budget.json  # redraw
 
-Data with known answers, on a CPU: the 2-D toys of ``soflow_core.toy`` (checkerboard, 8
+Data with known answers, on a CPU: the 2-D toys of ``soflow_core.data`` (checkerboard, 8
 Gaussians, two moons) and the 8×8 digits that ship with scikit-learn (pixels 0..16 scaled to
 [−1, 1], 64 dimensions, unconditional). Every method trains the same backbone
 (``MLPBackbone``, same initial weights per seed) with the same optimizer, batch, learning-rate
@@ -46,20 +46,10 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, comma_list, environment, preset_parser, resolve_preset, write_rows
 
-from soflow_core import (
-    AdaptiveWeighting,
-    EulerParam,
-    MLPBackbone,
-    SoFlowObjective,
-    energy_distance,
-    frechet_distance,
-    mmd,
-    sample_few_step,
-    sample_one_step,
-    sample_toy_2d,
-    sliced_wasserstein,
-)
-from soflow_core.toy import TOY_DISTRIBUTIONS
+from soflow_core import AdaptiveWeighting, EulerParam, SoFlowObjective, sample_few_step, sample_one_step
+from soflow_core.data import TOY_DISTRIBUTIONS, sample_toy_2d
+from soflow_core.metrics import energy_distance, frechet_distance, mmd, sliced_wasserstein
+from soflow_core.nets import MLPBackbone
 
 DATASETS = (*TOY_DISTRIBUTIONS, "digits")
 METHODS = ("soflow", "meanflow", "flow_matching")

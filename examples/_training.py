@@ -33,17 +33,19 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from soflow_core import DIT_SIZES, DiT, SoFlowObjective, SongUNet
-from soflow_core.batching import EpochStream, derive_seed, micro_batch_index, seeded_generator
-from soflow_core.checkpoint import (
+from soflow_core import SoFlowObjective
+from soflow_core.nets import DIT_SIZES, DiT, SongUNet
+from soflow_core.nets.dit import DiTSize
+from soflow_core.seeding import derive_seed, micro_batch_index, seeded_generator
+from soflow_core.train import EpochStream
+from soflow_core.train.checkpoint import (
     capture_rng_state,
     latest_valid_checkpoint,
     load_checkpoint,
     restore_rng_state,
     save_checkpoint,
 )
-from soflow_core.ema import EMA
-from soflow_core.nets.dit import DiTSize
+from soflow_core.train.ema import EMA
 
 # Sizes beyond soflow_core's DIT_SIZES (which has S/4 and S/2 for small CIFAR-10 transformers), for smoke runs.
 EXTRA_DIT_SIZES: dict[str, DiTSize] = {
@@ -344,7 +346,7 @@ def save_grid(images: Tensor | np.ndarray, path: Path, columns: int | None = Non
 
 def latent_preview(z: Tensor) -> Tensor:
     """The first three latent channels as uint8 NHWC pixels (a look at latents without a VAE)."""
-    from soflow_core.latents import to_uint8_images
+    from soflow_core.train.latents import to_uint8_images
 
     return to_uint8_images((z[:, :3].float() / 2.0).clamp(-1, 1))
 

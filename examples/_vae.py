@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from soflow_core import SD_VAE_SCALE_FACTOR
+from soflow_core.train import SD_VAE_SCALE_FACTOR
 
 __all__ = ["VAE_NAME", "decode_latents", "encode_posterior", "load_vae", "vae_missing_message"]
 

@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _data import LatentShardWriter
 from _vae import VAE_NAME, encode_posterior, load_vae, vae_missing_message
 
-from soflow_core import SD_VAE_SCALE_FACTOR
+from soflow_core.train import SD_VAE_SCALE_FACTOR
 
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 

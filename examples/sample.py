@@ -28,10 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _training as T
 
-from soflow_core import SoFlowObjective, load_dit_checkpoint, sample_few_step, sample_one_step
-from soflow_core.batching import seeded_generator
-from soflow_core.checkpoint import latest_valid_checkpoint, load_checkpoint
-from soflow_core.latents import to_uint8_images
+from soflow_core import SoFlowObjective, sample_few_step, sample_one_step
+from soflow_core.nets import load_dit_checkpoint
+from soflow_core.seeding import seeded_generator
+from soflow_core.train.checkpoint import latest_valid_checkpoint, load_checkpoint
+from soflow_core.train.latents import to_uint8_images
 
 _RENOISE = 1  # key that separates the re-noising seeds from the per-sample seeds
 

@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _training as T
 
 from soflow_core import SoFlowObjective, sample_one_step
-from soflow_core.augment import EDMAugment
-from soflow_core.latents import to_uint8_images
+from soflow_core.train.augment import EDMAugment
+from soflow_core.train.latents import to_uint8_images
 
 NEEDS_DATA = """CIFAR-10 is needed: pass --data FOLDER (or --synthetic for a smoke run).
 

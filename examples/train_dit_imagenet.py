@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _training as T
 
 from soflow_core import SoFlowObjective, sample_one_step
-from soflow_core.latents import sample_latents
+from soflow_core.train.latents import sample_latents
 
 NEEDS_DATA = """ImageNet-256 latents are needed: pass --data PATH (or --synthetic for a smoke run).
 
@@ -154,7 +154,7 @@ def run(config: ImageNetConfig, runtime: T.Runtime) -> dict:
             return T.latent_preview(z)
         from _vae import decode_latents
 
-        from soflow_core.latents import to_uint8_images
+        from soflow_core.train.latents import to_uint8_images
 
         return to_uint8_images(decode_latents(vae, z))
 

@@ -23,16 +23,10 @@ from pathlib import Path
 
 import torch
 
-from soflow_core import (
-    AdaptiveWeighting,
-    MLPBackbone,
-    SoFlowObjective,
-    energy_distance,
-    sample_few_step,
-    sample_one_step,
-    sample_toy_2d,
-)
-from soflow_core.toy import TOY_DISTRIBUTIONS
+from soflow_core import AdaptiveWeighting, SoFlowObjective, sample_few_step, sample_one_step
+from soflow_core.data import TOY_DISTRIBUTIONS, sample_toy_2d
+from soflow_core.metrics import energy_distance
+from soflow_core.nets import MLPBackbone
 
 NUM_CLASSES = {"checkerboard": 8, "eight_gaussians": 8, "two_moons": 2}
 

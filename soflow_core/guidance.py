@@ -12,9 +12,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from soflow_core._rng import rand
 from soflow_core._tensor import bcast_right
 from soflow_core._validation import check_cond, check_int, check_real
-from soflow_core.rng import rand
 from soflow_core.typing import Cond, Data, DropMask, Time
 
 __all__ = [
@@ -217,7 +217,7 @@ def guided_target(
 def guidance_coefficients(mask: DropMask, t: Time, guidance: ClassifierFreeGuidance) -> Float[Tensor, "b 3"]:
     r"""The guided target as a per-sample combination of v_t, v_uncond and v_model (for the fused ops).
 
-    Expanding [`guided_target`][soflow_core.guided_target] with g = c(t)(ω − 1):
+    Expanding [`guided_target`][soflow_core.guidance.guided_target] with g = c(t)(ω − 1):
 
     $$\tilde v = k_v\,v_t + k_u\,v_\theta(x_t,t\mid\varnothing) + k_m\,\mathrm{sg}(v_\theta(x_t,t\mid c)),\quad
       (k_v, k_u, k_m) = \begin{cases} (1, 0, 0) & \text{condition dropped} \\

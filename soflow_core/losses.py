@@ -20,7 +20,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from soflow_core._dispatch import BACKENDS, Backend
+from soflow_core._rng import replay_rng, snapshot_rng
 from soflow_core._tensor import bcast_right
 from soflow_core._validation import (
     check_choice,
@@ -31,10 +31,10 @@ from soflow_core._validation import (
     check_time,
     check_time_order,
 )
-from soflow_core.fused import consistency_rows, flow_matching_rows, linear_combination
 from soflow_core.guidance import ClassifierFreeGuidance, drop_cond, guidance_coefficients
+from soflow_core.ops._dispatch import BACKENDS, Backend
+from soflow_core.ops.fused import consistency_rows, flow_matching_rows, linear_combination
 from soflow_core.parameterizations import AbstractParam, EulerParam
-from soflow_core.rng import replay_rng, snapshot_rng
 from soflow_core.typing import Backbone, Cond, Data, DropMask, PerSample, Scalar, Time
 from soflow_core.weighting import AdaptiveWeighting
 
@@ -394,9 +394,9 @@ def guided_target_from_outputs(
     guidance: ClassifierFreeGuidance,
     backend: Backend = "auto",
 ) -> Data:
-    r"""[`guided_target`][soflow_core.guided_target] from raw network outputs, in one fused pass.
+    r"""[`guided_target`][soflow_core.guidance.guided_target] from raw network outputs, in one fused pass.
 
-    With (k_v, k_u, k_m) from [`guidance_coefficients`][soflow_core.guidance_coefficients] and
+    With (k_v, k_u, k_m) from [`guidance_coefficients`][soflow_core.guidance.guidance_coefficients] and
     v_θ = ∂ₛa(t,t)·x_t + ∂ₛb(t,t)·F_θ,
 
     $$\tilde v = k_v\,v_t + k_u\,v_\theta(x_t, t\mid\varnothing) + k_m\,\mathrm{sg}(v_\theta(x_t, t\mid c)).$$
@@ -436,7 +436,7 @@ def guided_teacher_state(
     guidance: ClassifierFreeGuidance,
     backend: Backend = "auto",
 ) -> Data:
-    r"""[`teacher_state`][soflow_core.teacher_state] with the guided velocity, in one fused pass.
+    r"""[`teacher_state`][soflow_core.losses.teacher_state] with the guided velocity, in one fused pass.
 
     $$x_\ell = x_t + (\ell - t)\,\tilde v$$ with ṽ as in
     [`guided_target_from_outputs`][soflow_core.losses.guided_target_from_outputs]; ṽ itself is
@@ -526,7 +526,8 @@ class FlowMatchingLoss:
 
         Examples:
             >>> import torch
-            >>> from soflow_core import LinearPath, MLPBackbone
+            >>> from soflow_core import LinearPath
+            >>> from soflow_core.nets import MLPBackbone
             >>> data, noise, t = torch.randn(8, 2), torch.randn(8, 2), torch.rand(8)
             >>> path = LinearPath().sample(data, noise, t)
             >>> out = FlowMatchingLoss()(MLPBackbone(dim=2), path.x_t, path.v_t, t)
@@ -604,7 +605,8 @@ class SolutionConsistencyLoss:
 
         Examples:
             >>> import torch
-            >>> from soflow_core import LinearPath, MLPBackbone
+            >>> from soflow_core import LinearPath
+            >>> from soflow_core.nets import MLPBackbone
             >>> data, noise = torch.randn(8, 2), torch.randn(8, 2)
             >>> t, s = torch.full((8,), 0.8), torch.full((8,), 0.2)
             >>> path = LinearPath().sample(data, noise, t)

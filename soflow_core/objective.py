@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from soflow_core._dispatch import BACKENDS, Backend
+from soflow_core._rng import randn, replay_rng, snapshot_rng
 from soflow_core._validation import (
     check_choice,
     check_cond,
@@ -42,9 +42,9 @@ from soflow_core.losses import (
     solution_consistency_loss_from_teacher,
     teacher_state,
 )
+from soflow_core.ops._dispatch import BACKENDS, Backend
 from soflow_core.parameterizations import AbstractParam, EulerParam, make_param
 from soflow_core.paths import AbstractPath, LinearPath, make_path
-from soflow_core.rng import randn, replay_rng, snapshot_rng
 from soflow_core.time_samplers import (
     AbstractTimeDistribution,
     ConsistencyTimeSampler,
@@ -242,7 +242,7 @@ class SoFlowObjective:
 
     Examples:
         >>> import torch
-        >>> from soflow_core import MLPBackbone
+        >>> from soflow_core.nets import MLPBackbone
         >>> objective = SoFlowObjective.from_preset("cifar10")
         >>> out = objective(MLPBackbone(dim=2), torch.randn(16, 2), step=0, total_steps=100,
         ...                 generator=torch.Generator().manual_seed(0))

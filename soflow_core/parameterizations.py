@@ -26,7 +26,7 @@ from soflow_core.typing import Backbone, Cond, Data, Time
 __all__ = ["AbstractParam", "EulerParam", "ParamName", "TrigParam", "make_param"]
 
 ParamName = Literal["euler", "trig"]
-"""Names accepted by [`make_param`][soflow_core.make_param] (case-insensitive)."""
+"""Names accepted by [`make_param`][soflow_core.parameterizations.make_param] (case-insensitive)."""
 AnyTime = Float[Tensor, "*t"]
 
 

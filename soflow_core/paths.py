@@ -15,13 +15,13 @@ from jaxtyping import Float
 from torch import Tensor
 
 from soflow_core._validation import check_choice, check_same_shape, check_tensor, check_time
-from soflow_core.fused import linear_combination
+from soflow_core.ops.fused import linear_combination
 from soflow_core.typing import Data, Time
 
 __all__ = ["AbstractPath", "LinearPath", "PathName", "PathSample", "TrigPath", "make_path"]
 
 PathName = Literal["linear", "trig"]
-"""Names accepted by [`make_path`][soflow_core.make_path] (case-insensitive)."""
+"""Names accepted by [`make_path`][soflow_core.paths.make_path] (case-insensitive)."""
 AnyTime = Float[Tensor, "*t"]
 
 
@@ -90,7 +90,7 @@ class AbstractPath(ABC):
             backend: Where the fused path build runs: ``"auto"``, ``"torch"`` or ``"triton"``.
 
         Returns:
-            The [`PathSample`][soflow_core.PathSample] ``(x_t, v_t)``.
+            The [`PathSample`][soflow_core.paths.PathSample] ``(x_t, v_t)``.
 
         Raises:
             ValueError: On mismatched shapes or t outside [0, 1].
@@ -117,7 +117,7 @@ class AbstractPath(ABC):
             backend: Where the fused path build runs.
 
         Returns:
-            The [`PathSample`][soflow_core.PathSample].
+            The [`PathSample`][soflow_core.paths.PathSample].
         """
         x_t, v_t = linear_combination([data, noise], self.coefficients(t), backend=backend)
         return PathSample(x_t=x_t, v_t=v_t)

@@ -8,10 +8,10 @@ import itertools
 
 import torch
 
+from soflow_core._rng import randn
 from soflow_core._validation import check_cond, check_finite, check_int, check_tensor, check_time_order
 from soflow_core.parameterizations import AbstractParam
 from soflow_core.paths import AbstractPath
-from soflow_core.rng import randn
 from soflow_core.typing import Backbone, Cond, Data
 
 __all__ = ["sample_chain", "sample_few_step", "sample_one_step", "uniform_time_grid"]
@@ -73,7 +73,8 @@ def sample_one_step(backbone: Backbone, noise: Data, *, param: AbstractParam, co
 
     Examples:
         >>> import torch
-        >>> from soflow_core import EulerParam, MLPBackbone
+        >>> from soflow_core import EulerParam
+        >>> from soflow_core.nets import MLPBackbone
         >>> x = sample_one_step(MLPBackbone(dim=2).eval(), torch.randn(5, 2), param=EulerParam())
         >>> x.shape
         torch.Size([5, 2])
@@ -116,7 +117,8 @@ def sample_few_step(
 
     Examples:
         >>> import torch
-        >>> from soflow_core import EulerParam, LinearPath, MLPBackbone
+        >>> from soflow_core import EulerParam, LinearPath
+        >>> from soflow_core.nets import MLPBackbone
         >>> net = MLPBackbone(dim=2).eval()
         >>> x = sample_few_step(net, torch.randn(5, 2), param=EulerParam(), path=LinearPath(), num_steps=2)
         >>> x.shape
@@ -160,7 +162,8 @@ def sample_chain(
 
     Examples:
         >>> import torch
-        >>> from soflow_core import EulerParam, MLPBackbone
+        >>> from soflow_core import EulerParam
+        >>> from soflow_core.nets import MLPBackbone
         >>> x = sample_chain(MLPBackbone(dim=2).eval(), torch.randn(5, 2), [1.0, 0.5, 0.0], param=EulerParam())
         >>> x.shape
         torch.Size([5, 2])

@@ -11,8 +11,8 @@ from typing import Literal
 
 import torch
 
+from soflow_core._rng import rand, randn
 from soflow_core._validation import check_choice, check_int, check_real
-from soflow_core.rng import rand, randn
 from soflow_core.typing import Time
 
 __all__ = [
@@ -36,7 +36,7 @@ MIN_TIME_GAP = 1e-4
 """The reference's clamp: t ≥ 1e-4, s ≤ t − 1e-4 and ℓ ≤ t − 1e-4."""
 
 ScheduleName = Literal["const", "linear", "cosine", "exponent"]
-"""Names accepted by [`make_schedule`][soflow_core.make_schedule] (case-insensitive)."""
+"""Names accepted by [`make_schedule`][soflow_core.time_samplers.make_schedule] (case-insensitive)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -272,7 +272,7 @@ def consistency_times(t_draw: Time, s_draw: Time, r: float) -> TimeTriple:
         r: The schedule ratio r(k, K) ∈ (0, 1].
 
     Returns:
-        The [`TimeTriple`][soflow_core.TimeTriple].
+        The [`TimeTriple`][soflow_core.time_samplers.TimeTriple].
 
     Examples:
         >>> import torch
@@ -326,7 +326,7 @@ class ConsistencyTimeSampler:
             generator: Source of randomness, or None for the global RNG.
 
         Returns:
-            The [`TimeTriple`][soflow_core.TimeTriple].
+            The [`TimeTriple`][soflow_core.time_samplers.TimeTriple].
 
         Examples:
             >>> import torch

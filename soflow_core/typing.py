@@ -31,7 +31,7 @@ Scalar: TypeAlias = Float[Tensor, ""]
 Cond: TypeAlias = Shaped[Tensor, " b *cond"]
 """Conditioning passed through to the backbone untouched (class labels, embeddings).
 
-Only [`drop_cond`][soflow_core.drop_cond] ever looks inside it, to swap dropped
+Only [`drop_cond`][soflow_core.guidance.drop_cond] ever looks inside it, to swap dropped
 samples for the null condition.
 """
 

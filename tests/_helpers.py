@@ -6,7 +6,7 @@ import jaxtyping
 import torch
 from torch import nn
 
-from soflow_core import MLPBackbone
+from soflow_core.nets import MLPBackbone
 
 
 def random_mlp(

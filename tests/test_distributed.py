@@ -8,7 +8,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from soflow_core import ClassifierFreeGuidance, MLPBackbone, SoFlowObjective
+from soflow_core import ClassifierFreeGuidance, SoFlowObjective
+from soflow_core.nets import MLPBackbone
 
 CFG = ClassifierFreeGuidance(scale=2.0, mix=0.5, drop_rate=0.2, null_cond=4)
 

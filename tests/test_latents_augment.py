@@ -5,8 +5,8 @@ import pytest
 import torch
 from _helpers import shape_checks_off
 
-from soflow_core import AugmentParams, EDMAugment, sample_latents, to_uint8_images
-from soflow_core.augment import _resample, _rotation
+from soflow_core.train import AugmentParams, EDMAugment, sample_latents, to_uint8_images
+from soflow_core.train.augment import _resample, _rotation
 
 # ----------------------------------------------------------------------------- latents
 

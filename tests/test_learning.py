@@ -7,15 +7,10 @@ import pytest
 import torch
 from _helpers import shape_checks_off
 
-from soflow_core import (
-    ClassifierFreeGuidance,
-    EulerParam,
-    MLPBackbone,
-    SoFlowObjective,
-    energy_distance,
-    sample_one_step,
-    sample_toy_2d,
-)
+from soflow_core import ClassifierFreeGuidance, EulerParam, SoFlowObjective, sample_one_step
+from soflow_core.data import sample_toy_2d
+from soflow_core.metrics import energy_distance
+from soflow_core.nets import MLPBackbone
 
 STEPS = 600
 EVAL = 2000

@@ -14,9 +14,9 @@ from soflow_core import (
     SolutionConsistencyLoss,
     TrigParam,
     TrigPath,
-    consistency_quotient,
     flow_matching_loss,
 )
+from soflow_core.losses import consistency_quotient
 
 PARAMS = {"euler": EulerParam(), "trig": TrigParam()}
 

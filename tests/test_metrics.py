@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from soflow_core import (
+from soflow_core.metrics import (
     energy_distance,
     frechet_distance,
     gaussian_frechet_distance,

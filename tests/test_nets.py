@@ -6,16 +6,10 @@ import torch
 from _helpers import grads, zero_grads
 from torch import nn
 
-from soflow_core import (
-    DIT_SIZES,
-    ClassifierFreeGuidance,
-    DiT,
-    SoFlowObjective,
-    SongUNet,
-    has_active_dropout,
-    load_dit_checkpoint,
-)
+from soflow_core import ClassifierFreeGuidance, SoFlowObjective
+from soflow_core.nets import DIT_SIZES, DiT, SongUNet, load_dit_checkpoint
 from soflow_core.nets.unet import positional_embedding
+from soflow_core.objective import has_active_dropout
 
 NUM_CLASSES = 10
 TINY = {"input_size": 8, "in_channels": 4, "patch_size": 2, "hidden_size": 32, "depth": 2, "num_heads": 2}

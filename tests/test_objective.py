@@ -18,8 +18,8 @@ from soflow_core import (
     SoFlowObjective,
     TrigParam,
     TrigPath,
-    split_sizes,
 )
+from soflow_core.objective import split_sizes
 
 CFG = ClassifierFreeGuidance(scale=3.0, mix=0.25, drop_rate=0.3, decay_time=0.8, null_cond=5)
 

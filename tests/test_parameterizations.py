@@ -6,7 +6,8 @@ from _helpers import random_mlp
 from hypothesis import given
 from hypothesis import strategies as st
 
-from soflow_core import EulerParam, TrigParam, make_param
+from soflow_core import EulerParam, TrigParam
+from soflow_core.parameterizations import make_param
 
 PARAMS = [EulerParam(), TrigParam()]
 times = st.floats(0.0, 1.0)

@@ -5,7 +5,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from soflow_core import LinearPath, TrigPath, make_path
+from soflow_core import LinearPath, TrigPath
+from soflow_core.paths import make_path
 
 PATHS = [LinearPath(), TrigPath()]
 

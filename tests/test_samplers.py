@@ -1,16 +1,8 @@
 import torch
 from _helpers import random_mlp
 
-from soflow_core import (
-    EulerParam,
-    LinearPath,
-    TrigParam,
-    TrigPath,
-    sample_chain,
-    sample_few_step,
-    sample_one_step,
-    uniform_time_grid,
-)
+from soflow_core import EulerParam, LinearPath, TrigParam, TrigPath, sample_chain, sample_few_step, sample_one_step
+from soflow_core.samplers import uniform_time_grid
 
 
 def test_one_step_is_solution_from_one_to_zero():

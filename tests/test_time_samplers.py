@@ -6,7 +6,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from soflow_core import (
-    MIN_TIME_GAP,
     ConsistencyTimeSampler,
     ConstSchedule,
     CosineSchedule,
@@ -14,10 +13,9 @@ from soflow_core import (
     LinearSchedule,
     LogitNormal,
     Uniform,
-    consistency_times,
-    make_schedule,
 )
 from soflow_core.objective import PRESETS
+from soflow_core.time_samplers import MIN_TIME_GAP, consistency_times, make_schedule
 
 SCHEDULES = [ConstSchedule, LinearSchedule, CosineSchedule, ExponentSchedule]
 ratios = st.floats(1e-4, 1.0)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from soflow_core.checkpoint import checkpoint_path, latest_valid_checkpoint, list_checkpoints, load_checkpoint
+from soflow_core.train.checkpoint import checkpoint_path, latest_valid_checkpoint, list_checkpoints, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -72,7 +72,7 @@ def test_imagenet_example_trains_checkpoints_and_logs(imagenet_run):
     sys.path.insert(0, str(ROOT / "examples"))
     import _training
 
-    from soflow_core import load_dit_checkpoint
+    from soflow_core.nets import load_dit_checkpoint
 
     net = _training.build_net(config)
     assert load_dit_checkpoint(net, checkpoint_path(imagenet_run / "checkpoints", 4), entry="ema") == []

@@ -12,8 +12,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from soflow_core.batching import EpochStream, derive_seed, micro_batch_index, seeded_generator
-from soflow_core.checkpoint import (
+from soflow_core.seeding import derive_seed, micro_batch_index, seeded_generator
+from soflow_core.train import EpochStream
+from soflow_core.train.checkpoint import (
     CheckpointError,
     capture_rng_state,
     checkpoint_path,
@@ -23,7 +24,7 @@ from soflow_core.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from soflow_core.ema import EMA, ema_coefficient
+from soflow_core.train.ema import EMA, ema_coefficient
 
 
 class Net(nn.Module):

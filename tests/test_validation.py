@@ -13,11 +13,11 @@ from soflow_core import (
     LogitNormal,
     SoFlowObjective,
     SolutionConsistencyLoss,
-    make_schedule,
     sample_chain,
     sample_few_step,
     sample_one_step,
 )
+from soflow_core.time_samplers import make_schedule
 
 
 class NeverCalled:

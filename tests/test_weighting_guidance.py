@@ -3,18 +3,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from soflow_core import (
-    AdaptiveWeighting,
-    ClassifierFreeGuidance,
-    adaptive_weight,
-    cfg_decay,
-    drop_cond,
-    flow_matching_weight,
-    guided_target,
-    guided_velocity,
-    mixed_velocity,
-    sample_drop_mask,
-)
+from soflow_core import AdaptiveWeighting, ClassifierFreeGuidance
+from soflow_core.guidance import cfg_decay, drop_cond, guided_target, guided_velocity, mixed_velocity, sample_drop_mask
+from soflow_core.weighting import adaptive_weight, flow_matching_weight
 
 
 @given(mse=st.lists(st.floats(0, 100), min_size=1, max_size=8), p=st.floats(0, 2), eps=st.floats(1e-4, 1))

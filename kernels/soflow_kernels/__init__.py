@@ -1,6 +1,6 @@
 """soflow_kernels: fused Triton kernels for the SoFlow loss path.
 
-Each op mirrors a pure-PyTorch reference in ``soflow_core.fused`` with the same signature and
+Each op mirrors a pure-PyTorch reference in ``soflow_core.ops.fused`` with the same signature and
 is registered as a ``torch.library`` custom op (namespace ``soflow``), so ``torch.compile``
 traces it without graph breaks. soflow_core selects between the two in ``_dispatch``; import
 this package directly only to call the kernels yourself.

@@ -4,7 +4,7 @@ Per sample, with f_t = a_t·x_t + b_t·F_t, f_ℓ = a_ℓ·x_ℓ (+ b_ℓ·F_ℓ
 the forward reads every input once and writes mean q², w = (mean q² + ε)^−p, the surrogate
 sgn·w·mean(F_t·q) and the equivalent loss scale·w·mean q². The backward recomputes q rather
 than storing it and writes dF_t = g·sgn·w·q/n. The formulas and their reference live in
-``soflow_core.fused.consistency_rows_reference``.
+``soflow_core.ops.fused.consistency_rows_reference``.
 """
 
 import torch
@@ -181,7 +181,7 @@ def consistency_rows(
     p: float,
     eps: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Per-sample consistency terms (mirrors ``soflow_core.fused.consistency_rows_reference``).
+    """Per-sample consistency terms (mirrors ``soflow_core.ops.fused.consistency_rows_reference``).
 
     Args:
         output: F_t, the network output at (x_t, t, s).

@@ -3,7 +3,7 @@
 Forward: one program per sample reads F, the target (and x when c_x is not identically zero)
 once and writes three numbers per sample. Backward: recomputes Δ and writes dF (and dx when
 asked) directly, dF = g·w·(2/n)·c_F·Δ. The target is a stop-gradient quantity and gets none.
-The formulas and their reference live in ``soflow_core.fused.flow_matching_rows_reference``.
+The formulas and their reference live in ``soflow_core.ops.fused.flow_matching_rows_reference``.
 """
 
 import torch
@@ -123,7 +123,7 @@ def _prepare(output: Tensor, state: Tensor | None, target: Tensor, coefficients:
 def flow_matching_rows(
     output: Tensor, state: Tensor | None, target: Tensor, coefficients: Tensor, p: float, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-sample Flow Matching terms (mirrors ``soflow_core.fused.flow_matching_rows_reference``).
+    """Per-sample Flow Matching terms (mirrors ``soflow_core.ops.fused.flow_matching_rows_reference``).
 
     Args:
         output: F, the network output (b, ...).

@@ -209,7 +209,7 @@ class SongUNet(nn.Module):
     1e-5 × xavier (EDM's init), so F_θ is small but not zero at initialisation.
 
     The dropout layers are ``nn.Dropout`` modules, so
-    [`has_active_dropout`][soflow_core.has_active_dropout] sees them and the objective replays
+    [`has_active_dropout`][soflow_core.objective.has_active_dropout] sees them and the objective replays
     the student's masks in the teacher pass. ``SoFlowObjective`` calls ``model(x, t, s, cond)``;
     to train with augmentation labels, pass them as ``cond`` (they are split with the batch)
     through an adapter such as ``lambda x, t, s, cond: net(x, t, s, augment_labels=cond)``.

@@ -8,8 +8,9 @@ import warnings
 import pytest
 import torch
 
-from soflow_core import SoFlowObjective, fused
-from soflow_core._dispatch import resolve_backend
+from soflow_core import SoFlowObjective
+from soflow_core.ops import fused
+from soflow_core.ops._dispatch import resolve_backend
 from tests._helpers import shape_checks_off
 from tests.kernels._support import soflow_kernels
 
@@ -68,7 +69,8 @@ def _run(code: str, **env: str) -> subprocess.CompletedProcess:
 def test_cpu_without_interpreter_falls_back_and_auto_never_imports_triton():
     code = """
 import sys, warnings, torch
-from soflow_core import SoFlowObjective, MLPBackbone
+from soflow_core import SoFlowObjective
+from soflow_core.nets import MLPBackbone
 objective = SoFlowObjective()
 out = objective(MLPBackbone(dim=2), torch.randn(8, 2), step=0, total_steps=10)
 assert "triton" not in sys.modules, "auto imported triton on the CPU"
@@ -84,7 +86,8 @@ print([str(w.message) for w in caught])
 
 @pytest.mark.skipif(not soflow_kernels.INTERPRETED, reason="CPU interpreter only")
 def test_objective_with_kernels_traces_without_breaks_in_the_loss_path():
-    from soflow_core import ClassifierFreeGuidance, MLPBackbone
+    from soflow_core import ClassifierFreeGuidance
+    from soflow_core.nets import MLPBackbone
 
     guidance = ClassifierFreeGuidance(scale=3.0, mix=0.25, drop_rate=0.3, decay_time=0.8, null_cond=3)
     objective = SoFlowObjective.from_preset("imagenet", guidance=guidance, backend="triton", check_inputs=False)

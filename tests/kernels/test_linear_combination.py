@@ -5,7 +5,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from soflow_core.fused import linear_combination, linear_combination_reference
+from soflow_core.ops.fused import linear_combination, linear_combination_reference
 from tests.kernels._support import CASES, assert_within_rule, make_tensor, sample_shapes, soflow_kernels, to64
 
 LAYOUTS = st.sampled_from(["contiguous", "sliced", "permuted"])

@@ -85,7 +85,7 @@ def snapshot_rng(device: torch.device | str) -> RngSnapshot:
         device: The device the network computes on.
 
     Returns:
-        The snapshot to hand to [`replay_rng`][soflow_core.replay_rng].
+        The snapshot to hand to `replay_rng`.
 
     Examples:
         >>> import torch
@@ -121,7 +121,7 @@ def replay_rng(snapshot: RngSnapshot) -> Iterator[None]:
     the caller's point of view.
 
     Args:
-        snapshot: A state captured by [`snapshot_rng`][soflow_core.snapshot_rng].
+        snapshot: A state captured by `snapshot_rng`.
 
     Yields:
         Nothing; the block runs with the rewound generator.

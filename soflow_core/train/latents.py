@@ -9,8 +9,8 @@ import torch
 from jaxtyping import Float, UInt8
 from torch import Tensor
 
+from soflow_core._rng import randn
 from soflow_core._validation import check_finite, check_real, check_same_shape, check_tensor, is_tracing
-from soflow_core.rng import randn
 from soflow_core.typing import Data
 
 __all__ = ["SD_VAE_SCALE_FACTOR", "sample_latents", "to_uint8_images"]

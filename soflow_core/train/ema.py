@@ -13,8 +13,8 @@ rule decay as fast as n single steps would). The shadow starts as a copy of the 
 The step is an explicit argument, nothing counts calls. Pass the unwrapped module
 (``ddp.module``, not the DDP wrapper). With FSDP2 (``fully_shard``) the parameters are
 DTensors and the shadow is a DTensor with the same sharding, so each rank averages its own
-shards; [`state_dict`][soflow_core.ema.EMA.state_dict] can gather full tensors for a
-checkpoint and [`load_state_dict`][soflow_core.ema.EMA.load_state_dict] re-shards full tensors.
+shards; [`state_dict`][soflow_core.train.ema.EMA.state_dict] can gather full tensors for a
+checkpoint and [`load_state_dict`][soflow_core.train.ema.EMA.load_state_dict] re-shards full tensors.
 """
 
 from collections.abc import Mapping
@@ -101,7 +101,7 @@ class EMA:
             step: Optimizer steps finished before the one just taken, k ≥ 0.
 
         Returns:
-            True when [`update`][soflow_core.ema.EMA.update] would change the shadow.
+            True when [`update`][soflow_core.train.ema.EMA.update] would change the shadow.
         """
         return check_int("step", step, low=0) % self.every == 0
 
@@ -168,7 +168,7 @@ class EMA:
 
     @torch.no_grad()
     def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
-        """Restore the shadow from [`state_dict`][soflow_core.ema.EMA.state_dict] (full or local tensors).
+        """Restore the shadow from [`state_dict`][soflow_core.train.ema.EMA.state_dict] (full or local tensors).
 
         Whole tensors are re-sharded onto a DTensor shadow's mesh and placements.
 

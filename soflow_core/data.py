@@ -7,15 +7,15 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from soflow_core._rng import rand, randn
 from soflow_core._validation import check_choice, check_int
-from soflow_core.rng import rand, randn
 
 __all__ = ["TOY_DISTRIBUTIONS", "ToyName", "sample_toy_2d"]
 
 ToyName = Literal["checkerboard", "eight_gaussians", "two_moons"]
-"""The toy distributions of [`sample_toy_2d`][soflow_core.sample_toy_2d]."""
+"""The toy distributions of [`sample_toy_2d`][soflow_core.data.sample_toy_2d]."""
 TOY_DISTRIBUTIONS: tuple[str, ...] = get_args(ToyName)
-"""Names accepted by [`sample_toy_2d`][soflow_core.sample_toy_2d]."""
+"""Names accepted by [`sample_toy_2d`][soflow_core.data.sample_toy_2d]."""
 
 
 def _checkerboard(n: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:

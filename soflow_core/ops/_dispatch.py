@@ -1,6 +1,6 @@
 """Backend selection for the fused loss-path ops: the one place that imports the Triton kernels.
 
-``backend="torch"`` runs the pure-PyTorch references in `soflow_core.fused`. ``"triton"`` runs
+``backend="torch"`` runs the pure-PyTorch references in `soflow_core.ops.fused`. ``"triton"`` runs
 the kernels of the ``soflow_kernels`` package; a call they cannot serve (no Triton, a CPU
 tensor outside ``TRITON_INTERPRET=1``, float64, tensors on different devices) falls back to
 the reference with a warning shown once per reason. ``"auto"`` picks the kernels exactly when

@@ -2,12 +2,12 @@ r"""The loss path as three fused operations, with the pure-PyTorch references th
 
 Everything between the network calls of a SoFlow step reduces to three per-sample mechanics:
 
-* [`linear_combination`][soflow_core.fused.linear_combination]: out_j = Σ_k C[:, j, k]·in_k. The
+* [`linear_combination`][soflow_core.ops.fused.linear_combination]: out_j = Σ_k C[:, j, k]·in_k. The
   path build (x_t, v_t from data and noise), the teacher state x_ℓ and the guided target are
   all of this form; their coefficients come from the paths, parameterizations and guidance.
-* [`flow_matching_rows`][soflow_core.fused.flow_matching_rows]: the Flow Matching error of each
+* [`flow_matching_rows`][soflow_core.ops.fused.flow_matching_rows]: the Flow Matching error of each
   sample, its adaptive weight and the weighted loss.
-* [`consistency_rows`][soflow_core.fused.consistency_rows]: the finite-difference quotient of
+* [`consistency_rows`][soflow_core.ops.fused.consistency_rows]: the finite-difference quotient of
   each sample, its weight, the division-free surrogate and the equivalent loss.
 
 Each dispatching function takes ``backend`` (``"auto"``, ``"torch"``, ``"triton"``; see
@@ -22,8 +22,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from soflow_core._dispatch import kernel_op, resolve_backend
 from soflow_core._tensor import bcast_right, compute_dtype, per_sample_mean
+from soflow_core.ops._dispatch import kernel_op, resolve_backend
 from soflow_core.typing import Data, PerSample
 from soflow_core.weighting import adaptive_weight
 
@@ -172,7 +172,7 @@ def consistency_rows_reference(
 def linear_combination(
     inputs: Sequence[Data], coefficients: Float[Tensor, "b m k"], *, backend: str = "auto"
 ) -> list[Data]:
-    """[`linear_combination_reference`][soflow_core.fused.linear_combination_reference] on the chosen backend.
+    """[`linear_combination_reference`][soflow_core.ops.fused.linear_combination_reference] on the chosen backend.
 
     Args:
         inputs: k tensors of shape (b, ...), 1 ≤ k ≤ 4.
@@ -209,7 +209,7 @@ def flow_matching_rows(
     eps: float,
     backend: str = "auto",
 ) -> tuple[PerSample, PerSample, PerSample]:
-    """[`flow_matching_rows_reference`][soflow_core.fused.flow_matching_rows_reference] on the chosen backend.
+    """[`flow_matching_rows_reference`][soflow_core.ops.fused.flow_matching_rows_reference] on the chosen backend.
 
     Args:
         output: F, the network output.
@@ -239,7 +239,7 @@ def consistency_rows(
     eps: float,
     backend: str = "auto",
 ) -> tuple[PerSample, PerSample, PerSample, PerSample]:
-    """[`consistency_rows_reference`][soflow_core.fused.consistency_rows_reference] on the chosen backend.
+    """[`consistency_rows_reference`][soflow_core.ops.fused.consistency_rows_reference] on the chosen backend.
 
     Args:
         output: F_t.

@@ -1,4 +1,4 @@
-"""A resumable, deterministic batch order for distributed training, and counter-based seeds.
+"""A resumable, deterministic batch order for distributed training.
 
 The data stream is the concatenation of epoch permutations: epoch e is a permutation of
 ``range(num_samples)`` drawn from ``derive_seed(seed, e)``. A run consumes the stream in order,
@@ -9,9 +9,8 @@ goes to ``rank`` at micro-step j. Which sample lands in which micro-batch theref
 the global batch and the micro-batch size only, not on how micro-batches are spread over
 ranks: 2 ranks without accumulation and 1 rank with 2 accumulation steps see the same data.
 
-[`derive_seed`][soflow_core.batching.derive_seed] turns (seed, step, micro-batch, ...) into
-an independent seed, so the random draws of a micro-batch need no generator carried across
-steps, which makes resuming exact and the draws independent of the number of ranks.
+The micro-batch index m is the one [`step_generator`][soflow_core.step_generator] keys the
+random draws on, so data order and draws follow the same global micro-batch.
 """
 
 from dataclasses import dataclass
@@ -21,69 +20,9 @@ import numpy as np
 import torch
 
 from soflow_core._validation import check_int
+from soflow_core.seeding import micro_batch_index, seeded_generator
 
-__all__ = ["EpochStream", "derive_seed", "micro_batch_index", "seeded_generator"]
-
-
-def derive_seed(*keys: int) -> int:
-    """A 63-bit seed that depends on every key (NumPy's ``SeedSequence`` hashing).
-
-    Args:
-        *keys: Non-negative integers, e.g. (run seed, step, micro-batch index).
-
-    Returns:
-        A seed in [0, 2⁶³).
-
-    Raises:
-        ValueError: If no key is given or a key is negative.
-
-    Examples:
-        >>> derive_seed(0, 1) == derive_seed(0, 1) != derive_seed(1, 0)
-        True
-    """
-    if not keys:
-        raise ValueError("derive_seed needs at least one key; got none")
-    for i, key in enumerate(keys):
-        check_int(f"keys[{i}]", key, low=0)
-    words = np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint32)
-    return (int(words[0]) << 31) ^ int(words[1])
-
-
-def seeded_generator(*keys: int, device: str | torch.device = "cpu") -> torch.Generator:
-    """A fresh ``torch.Generator`` on ``device`` seeded with ``derive_seed(*keys)``.
-
-    Args:
-        *keys: Non-negative integers, see [`derive_seed`][soflow_core.batching.derive_seed].
-        device: The generator's device.
-
-    Returns:
-        The generator.
-    """
-    return torch.Generator(device=device).manual_seed(derive_seed(*keys))
-
-
-def micro_batch_index(micro_step: int, rank: int, world_size: int) -> int:
-    """The global index m = j·world_size + rank of ``rank``'s micro-batch at micro-step j.
-
-    Args:
-        micro_step: j, the accumulation step within the optimizer step.
-        rank: This process's rank.
-        world_size: Number of ranks.
-
-    Returns:
-        m.
-
-    Raises:
-        ValueError: If ``rank`` is not in [0, world_size).
-
-    Examples:
-        >>> micro_batch_index(1, 0, 2)
-        2
-    """
-    check_int("world_size", world_size, low=1)
-    if not 0 <= check_int("rank", rank, low=0) < world_size:
-        raise ValueError(f"rank must lie in [0, {world_size}); got {rank}")
-    return check_int("micro_step", micro_step, low=0) * world_size + rank
+__all__ = ["EpochStream"]
 
 
 @lru_cache(maxsize=4)

@@ -40,8 +40,8 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
+from soflow_core._rng import rand, randn
 from soflow_core._validation import check_finite, check_real, check_tensor
-from soflow_core.rng import rand, randn
 
 __all__ = ["AugmentOutput", "AugmentParams", "EDMAugment"]
 
@@ -351,7 +351,7 @@ class EDMAugment:
 
         Args:
             images: Float images, channels first.
-            params: Per-image parameters (see [`AugmentParams`][soflow_core.augment.AugmentParams]).
+            params: Per-image parameters (see [`AugmentParams`][soflow_core.train.augment.AugmentParams]).
 
         Returns:
             The augmented images and their labels (in the images' dtype).

@@ -10,13 +10,13 @@ Each file is written to a temporary name in the same folder, flushed and fsynced
 its final name with ``os.replace`` and the folder is fsynced, so a crash never leaves a
 half-written file under a final name. The manifest is written after the payload, so a payload
 without a manifest that matches it byte for byte is incomplete or corrupt, and never loaded:
-[`load_checkpoint`][soflow_core.checkpoint.load_checkpoint] raises
-[`CheckpointError`][soflow_core.checkpoint.CheckpointError] and
-[`latest_valid_checkpoint`][soflow_core.checkpoint.latest_valid_checkpoint] reports it and
+[`load_checkpoint`][soflow_core.train.checkpoint.load_checkpoint] raises
+[`CheckpointError`][soflow_core.train.checkpoint.CheckpointError] and
+[`latest_valid_checkpoint`][soflow_core.train.checkpoint.latest_valid_checkpoint] reports it and
 falls back to the previous one.
 
-[`capture_rng_state`][soflow_core.checkpoint.capture_rng_state] and
-[`restore_rng_state`][soflow_core.checkpoint.restore_rng_state] cover Python's ``random``,
+[`capture_rng_state`][soflow_core.train.checkpoint.capture_rng_state] and
+[`restore_rng_state`][soflow_core.train.checkpoint.restore_rng_state] cover Python's ``random``,
 NumPy's legacy global generator, torch's CPU generator, every CUDA device's generator and any
 explicit ``torch.Generator`` of the loop, in a form that ``weights_only`` loading accepts.
 """
@@ -257,7 +257,7 @@ def latest_valid_checkpoint(directory: str | os.PathLike) -> Path | None:
     """The newest checkpoint of ``directory`` that passes verification, reporting every one skipped.
 
     Checkpoints are tried from the highest step down; each one that fails
-    [`verify_checkpoint`][soflow_core.checkpoint.verify_checkpoint] is reported with a
+    [`verify_checkpoint`][soflow_core.train.checkpoint.verify_checkpoint] is reported with a
     ``UserWarning`` and a log record (path and reason) before the next is tried.
 
     Args:
@@ -307,7 +307,7 @@ def capture_rng_state(generators: Mapping[str, torch.Generator] | None = None) -
 
 
 def restore_rng_state(state: Mapping[str, Any], generators: Mapping[str, torch.Generator] | None = None) -> None:
-    """Put back what [`capture_rng_state`][soflow_core.checkpoint.capture_rng_state] captured.
+    """Put back what [`capture_rng_state`][soflow_core.train.checkpoint.capture_rng_state] captured.
 
     Args:
         state: The captured dict.

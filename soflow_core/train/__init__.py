@@ -1,0 +1,42 @@
+"""The training toolkit the examples use: EMA, atomic checkpoints, resumable batch order, augmentation, latents.
+
+Optional for library users: the losses and samplers at the top of ``soflow_core`` never
+import this package. Import from here, e.g. ``from soflow_core.train import EMA, save_checkpoint``.
+"""
+
+from soflow_core.train.augment import AugmentOutput, AugmentParams, EDMAugment
+from soflow_core.train.batching import EpochStream
+from soflow_core.train.checkpoint import (
+    CheckpointError,
+    capture_rng_state,
+    checkpoint_path,
+    latest_valid_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+    verify_checkpoint,
+)
+from soflow_core.train.ema import EMA, ema_coefficient
+from soflow_core.train.latents import SD_VAE_SCALE_FACTOR, sample_latents, to_uint8_images
+
+__all__ = [
+    "EMA",
+    "SD_VAE_SCALE_FACTOR",
+    "AugmentOutput",
+    "AugmentParams",
+    "CheckpointError",
+    "EDMAugment",
+    "EpochStream",
+    "capture_rng_state",
+    "checkpoint_path",
+    "ema_coefficient",
+    "latest_valid_checkpoint",
+    "list_checkpoints",
+    "load_checkpoint",
+    "restore_rng_state",
+    "sample_latents",
+    "save_checkpoint",
+    "to_uint8_images",
+    "verify_checkpoint",
+]
