@@ -14,7 +14,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "soflow_core"
 
-FOUNDATIONS = {"soflow_core.typing", "soflow_core._validation", "soflow_core._tensor", "soflow_core._rng"}
+FOUNDATIONS = {
+    "soflow_core.typing",
+    "soflow_core._validation",
+    "soflow_core._tensor",
+    "soflow_core._rng",
+    "soflow_core._files",
+}
 METHOD = {
     "soflow_core",
     "soflow_core.paths",

@@ -21,21 +21,20 @@ NumPy's legacy global generator, torch's CPU generator, every CUDA device's gene
 explicit ``torch.Generator`` of the loop, in a form that ``weights_only`` loading accepts.
 """
 
-import hashlib
 import json
 import logging
 import os
 import random
 import re
-import tempfile
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from soflow_core._files import atomic_write, sha256_file
 from soflow_core._validation import check_int
 
 __all__ = [
@@ -54,7 +53,6 @@ logger = logging.getLogger(__name__)
 
 _FORMAT = "soflow-checkpoint-v1"
 _NAME = re.compile(r"^step-(\d{9,})\.pt$")
-_CHUNK = 1 << 22
 
 
 class CheckpointError(ValueError):
@@ -94,42 +92,6 @@ def checkpoint_path(directory: str | os.PathLike, step: int) -> Path:
 
 def _manifest_path(path: Path) -> Path:
     return path.with_suffix(".json")
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # some platforms cannot open folders; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    """Write through ``write(file)`` into a temporary file beside ``path``, fsync, rename, fsync the folder."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def list_checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]]:
@@ -176,15 +138,15 @@ def save_checkpoint(
     directory.mkdir(parents=True, exist_ok=True)
     path = checkpoint_path(directory, step)
     _manifest_path(path).unlink(missing_ok=True)  # an old manifest must never vouch for a new payload
-    _atomic_write(path, lambda f: torch.save(dict(payload), f))
+    atomic_write(path, lambda f: torch.save(dict(payload), f))
     manifest = {
         "format": _FORMAT,
         "step": step,
         "file": path.name,
         "size": path.stat().st_size,
-        "sha256": _sha256(path),
+        "sha256": sha256_file(path),
     }
-    _atomic_write(_manifest_path(path), lambda f: f.write((json.dumps(manifest, indent=1) + "\n").encode()))
+    atomic_write(_manifest_path(path), lambda f: f.write((json.dumps(manifest, indent=1) + "\n").encode()))
     if keep is not None:
         for _, old in list_checkpoints(directory)[keep:]:
             _manifest_path(old).unlink(missing_ok=True)  # manifest first: a half-pruned pair is invalid
@@ -220,7 +182,7 @@ def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     actual = path.stat().st_size
     if actual != size:
         raise CheckpointError(path, f"size {actual} bytes, the manifest says {size} (truncated or overwritten)")
-    if _sha256(path) != sha:
+    if sha256_file(path) != sha:
         raise CheckpointError(path, "SHA-256 differs from the manifest (corrupt)")
     return manifest
 
