@@ -23,7 +23,7 @@ from soflow_core._validation import (
 )
 from soflow_core.typing import Backbone, Cond, Data, Time
 
-__all__ = ["AbstractParam", "EulerParam", "ParamName", "TrigParam", "make_param"]
+__all__ = ["AbstractParam", "EulerParam", "ParamName", "TrigParam", "make_param", "param_name"]
 
 ParamName = Literal["euler", "trig"]
 """Names accepted by [`make_param`][soflow_core.parameterizations.make_param] (case-insensitive)."""
@@ -213,3 +213,25 @@ def make_param(name: str) -> AbstractParam:
         EulerParam()
     """
     return _PARAMS[check_choice("parameterization", name, tuple(_PARAMS))]()
+
+
+def param_name(param: AbstractParam) -> ParamName:
+    """The name [`make_param`][soflow_core.parameterizations.make_param] builds ``param`` from: its inverse.
+
+    Args:
+        param: A parameterization object of a registered class.
+
+    Returns:
+        The lower-case name.
+
+    Raises:
+        ValueError: If the class of ``param`` is not registered (a custom parameterization has no name).
+
+    Examples:
+        >>> param_name(EulerParam())
+        'euler'
+    """
+    for name, cls in _PARAMS.items():
+        if type(param) is cls:
+            return name  # type: ignore[return-value]
+    raise ValueError(f"parameterization {param!r} is not one of the named ones {', '.join(map(repr, _PARAMS))}")

@@ -18,7 +18,7 @@ from soflow_core._validation import check_choice, check_same_shape, check_tensor
 from soflow_core.ops.fused import linear_combination
 from soflow_core.typing import Data, Time
 
-__all__ = ["AbstractPath", "LinearPath", "PathName", "PathSample", "TrigPath", "make_path"]
+__all__ = ["AbstractPath", "LinearPath", "PathName", "PathSample", "TrigPath", "make_path", "path_name"]
 
 PathName = Literal["linear", "trig"]
 """Names accepted by [`make_path`][soflow_core.paths.make_path] (case-insensitive)."""
@@ -189,3 +189,25 @@ def make_path(name: str) -> AbstractPath:
         LinearPath()
     """
     return _PATHS[check_choice("path", name, tuple(_PATHS))]()
+
+
+def path_name(path: AbstractPath) -> PathName:
+    """The name [`make_path`][soflow_core.paths.make_path] builds ``path`` from: its inverse.
+
+    Args:
+        path: A path object of a registered class.
+
+    Returns:
+        The lower-case name.
+
+    Raises:
+        ValueError: If the class of ``path`` is not registered (a custom path has no name).
+
+    Examples:
+        >>> path_name(LinearPath())
+        'linear'
+    """
+    for name, cls in _PATHS.items():
+        if type(path) is cls:
+            return name  # type: ignore[return-value]
+    raise ValueError(f"path {path!r} is not one of the named paths {', '.join(map(repr, _PATHS))}")
