@@ -1,3 +1,4 @@
+import copy
 import math
 
 import numpy as np
@@ -401,6 +402,39 @@ def test_unet_dropout_active_in_train_mode_only():
     net.eval()
     assert not has_active_dropout(net)
     assert torch.equal(net(x, t, s), net(x, t, s))
+
+
+class _ContiguousDropout(nn.Module):
+    """Dropout as the official network applies it: the mask is drawn over the contiguous (NCHW) tensor."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        return nn.functional.dropout(x.contiguous(), self.p, self.training)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_unet_dropout_masks_follow_the_reference_layout(memory_format):
+    """Same seed, train mode: the same output as a network that makes each dropout input contiguous first.
+
+    nn.Dropout draws its mask in memory order, so a channels-last input (such as the view a
+    reshape of the attention output leaves) would get other masks than the reference network's.
+    """
+    net = tiny_unet(seed=10, dropout=0.3).train()
+    reference = copy.deepcopy(net)
+    for block in reference.modules():
+        if isinstance(getattr(block, "drop", None), nn.Dropout):
+            block.drop = _ContiguousDropout(block.drop.p)
+    x, t, s = image_batch(10, c=3)
+    x = x.contiguous(memory_format=memory_format)
+    torch.manual_seed(123)
+    out = net(x, t, s)
+    torch.manual_seed(123)
+    torch.testing.assert_close(out, reference(x, t, s), rtol=0, atol=0)
+    torch.manual_seed(124)
+    assert not torch.allclose(net(x, t, s), out, rtol=0, atol=1e-4)  # the masks do change the output
 
 
 def test_unet_reference_defaults():

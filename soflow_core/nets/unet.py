@@ -184,14 +184,16 @@ class _UNetBlock(nn.Module):
             x = F.silu(self.norm1(x) * (scale + 1) + shift)
         else:
             x = F.silu(self.norm1(x + params))
-        x = self.conv1(self.drop(x))
+        # Dropout draws its mask in memory order; a contiguous (NCHW) input gives the reference network's masks.
+        x = self.conv1(self.drop(x.contiguous()))
         x = (x + (self.skip(residual) if self.skip is not None else residual)) * self.skip_scale
         if self.attention:
             b, c, h, w = x.shape
             # qkv channels are interleaved (channel, 3) as EDM's, so EDM weights line up.
             qkv = self.qkv(self.norm2(x)).reshape(b, 1, c, 3, h * w)
             q, k, v = (qkv[:, :, :, i].transpose(-1, -2) for i in range(3))  # (b, 1, h·w, c)
-            out = F.scaled_dot_product_attention(q, k, v).transpose(-1, -2).reshape(b, c, h, w)
+            # The reshape of the transposed output would be a channels-last view; keep NCHW as the reference does.
+            out = F.scaled_dot_product_attention(q, k, v).transpose(-1, -2).reshape(b, c, h, w).contiguous()
             x = (self.proj(out) + x) * self.skip_scale
         return x
 
@@ -210,9 +212,11 @@ class SongUNet(nn.Module):
 
     The dropout layers are ``nn.Dropout`` modules, so
     [`has_active_dropout`][soflow_core.objective.has_active_dropout] sees them and the objective replays
-    the student's masks in the teacher pass. ``SoFlowObjective`` calls ``model(x, t, s, cond)``;
-    to train with augmentation labels, pass them as ``cond`` (they are split with the batch)
-    through an adapter such as ``lambda x, t, s, cond: net(x, t, s, augment_labels=cond)``.
+    the student's masks in the teacher pass. They act on contiguous (NCHW) tensors, so with the
+    same seed a train-mode forward draws the same masks, in the same order, as the official network.
+    ``SoFlowObjective`` calls ``model(x, t, s, cond)``; to train with augmentation labels, pass
+    them as ``cond`` (they are split with the batch) through an adapter such as
+    ``lambda x, t, s, cond: net(x, t, s, augment_labels=cond)``.
 
     Args:
         img_resolution: Side of the square images.
