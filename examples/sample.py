@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _training as T
 
 from soflow_core import SoFlowObjective, sample_few_step, sample_one_step
-from soflow_core.nets import load_dit_checkpoint
+from soflow_core.nets import load_weights
 from soflow_core.seeding import seeded_generator
 from soflow_core.train.checkpoint import latest_valid_checkpoint, load_checkpoint
 from soflow_core.train.latents import to_uint8_images
@@ -65,7 +65,7 @@ def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
     if args.published:
         config = {"task": "imagenet", "model": args.model, "num_classes": args.num_classes}
         net = T.build_net(config)
-        load_dit_checkpoint(net, args.published)  # prefers the "ema" entry
+        load_weights(net, args.published)  # prefers the EMA entry
         return net, config
     path = Path(args.ckpt)
     if path.is_dir():

@@ -24,22 +24,32 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    """Write through ``write(file)`` into a temporary file beside ``path``, fsync, rename, fsync the folder.
+def atomic_save(path: Path, save: Callable[[Path], None]) -> None:
+    """Let ``save(tmp)`` write a temporary file beside ``path``; fsync it, rename it over ``path``, fsync the folder.
 
     A crash leaves either the old file or the new one under ``path``, never a partial one.
     """
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
+        save(Path(tmp))
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def atomic_write(path: Path, write: Callable[[Any], None]) -> None:
+    """``atomic_save`` through ``write(file)`` on the open temporary file."""
+
+    def save(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            write(f)
+
+    atomic_save(path, save)
 
 
 def sha256_file(path: Path) -> str:

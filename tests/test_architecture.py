@@ -158,6 +158,6 @@ def test_import_pulls_in_no_optional_dependency_or_sub_package():
 
 @pytest.mark.parametrize("package", SUBPACKAGES)
 def test_sub_packages_import_without_optional_dependencies(package):
-    optional = ("triton", "h5py", "matplotlib")
+    optional = ("triton", "h5py", "matplotlib", "safetensors")
     code = f"import sys, {package}\nbad = [m for m in {optional!r} if m in sys.modules]\nassert not bad, bad\n"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

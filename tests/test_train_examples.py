@@ -72,10 +72,12 @@ def test_imagenet_example_trains_checkpoints_and_logs(imagenet_run):
     sys.path.insert(0, str(ROOT / "examples"))
     import _training
 
-    from soflow_core.nets import load_dit_checkpoint
+    from soflow_core.nets import load_weights
 
     net = _training.build_net(config)
-    assert load_dit_checkpoint(net, checkpoint_path(imagenet_run / "checkpoints", 4), entry="ema") == []
+    report = load_weights(net, checkpoint_path(imagenet_run / "checkpoints", 4))
+    assert (report.origin.entry, report.missing) == ("ema", ())
+    assert all(torch.equal(v, payload["ema"][k].to(v.dtype)) for k, v in net.state_dict().items())
     assert (imagenet_run / "samples" / "step-000000004.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -1,12 +1,16 @@
 """A small residual MLP backbone for low-dimensional data (toy distributions, tests, quick start)."""
 
 import math
+import re
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
 from soflow_core._validation import check_int, check_real
+from soflow_core.nets.checkpoints import AbstractBackbone, resolve_config, state_shape
 from soflow_core.typing import Cond, Data, Time
 
 __all__ = ["MLPBackbone", "sinusoidal_embedding"]
@@ -43,13 +47,15 @@ class _ResidualBlock(nn.Module):
         return h + self.fc2(self.dropout(nn.functional.silu(self.fc1(nn.functional.silu(self.norm(h) + emb)))))
 
 
-class MLPBackbone(nn.Module):
+class MLPBackbone(AbstractBackbone):
     """F_θ(x, t, s, cond) for flat data of shape (b, dim): a residual MLP conditioned on t and t − s.
 
     Times are embedded as the SoFlow networks do (sinusoids of t and of t − s, unscaled), mapped
     by a small MLP and added in every block. With ``num_classes``, a label table of
     ``num_classes + 1`` rows embeds the labels, the last row being the null class used by
     classifier-free guidance. The output layer starts at zero, so F_θ ≡ 0 at initialisation.
+    ``save_pretrained`` and ``from_pretrained`` write and read shareable folders (see
+    [`AbstractBackbone`][soflow_core.nets.checkpoints.AbstractBackbone]).
 
     Args:
         dim: Data dimension.
@@ -78,12 +84,12 @@ class MLPBackbone(nn.Module):
     ) -> None:
         super().__init__()
         self.dim = check_int("dim", dim, low=1)
-        check_int("width", width, low=1)
-        check_int("depth", depth, low=1)
+        self.width = check_int("width", width, low=1)
+        self.depth = check_int("depth", depth, low=1)
         self.time_features = check_int("time_features", time_features, low=2)
         if self.time_features % 2:
             raise ValueError(f"time_features must be even; got {time_features!r}")
-        check_real("dropout", dropout, low=0.0, high=1.0, high_open=True)
+        self.dropout = check_real("dropout", dropout, low=0.0, high=1.0, high_open=True)
         self.num_classes = None if num_classes is None else check_int("num_classes", num_classes, low=1)
         self.input = nn.Linear(dim, width)
         self.time_mlp = nn.Sequential(nn.Linear(2 * time_features, width), nn.SiLU(), nn.Linear(width, width))
@@ -93,6 +99,45 @@ class MLPBackbone(nn.Module):
         self.output = nn.Linear(width, dim)
         nn.init.zeros_(self.output.weight)
         nn.init.zeros_(self.output.bias)
+
+    signature_keys = frozenset({"input.weight", "time_mlp.0.weight", "output.weight"})
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The constructor arguments that rebuild this MLP."""
+        return {
+            "dim": self.dim,
+            "width": self.width,
+            "depth": self.depth,
+            "time_features": self.time_features,
+            "num_classes": self.num_classes,
+            "dropout": self.dropout,
+        }
+
+    @classmethod
+    def config_from_state(cls, state: Mapping[str, Tensor], **hints: Any) -> dict[str, Any]:
+        """The MLP a state dict belongs to; ``dropout`` leaves no trace in the weights (0 unless given).
+
+        Args:
+            state: The state dict (prefixes stripped).
+            **hints: Constructor arguments; ``dropout`` is taken as given, the others must agree.
+
+        Returns:
+            Keyword arguments for ``MLPBackbone``.
+
+        Raises:
+            ValueError: If the keys or shapes are not an MLPBackbone's, or a hint contradicts them.
+        """
+        width, dim = state_shape(state, "input.weight", 2)
+        table = state.get("label_embedding.weight")
+        inferred = {
+            "dim": dim,
+            "width": width,
+            "depth": len({m.group(1) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))}),
+            "time_features": state_shape(state, "time_mlp.0.weight", 2)[1] // 2,
+            "num_classes": None if table is None else int(table.shape[0]) - 1,
+        }
+        return resolve_config(cls, inferred, hints)
 
     def forward(self, x: Data, t: Time, s: Time, cond: Cond | None = None) -> Data:
         """Evaluate F_θ(x, t, s, cond).

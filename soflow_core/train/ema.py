@@ -152,7 +152,7 @@ class EMA:
         """The shadow as a state dict in the module's own layout (parameters and buffers).
 
         The result loads into the module with ``load_state_dict`` (and into a DiT with
-        [`load_dit_checkpoint`][soflow_core.nets.dit.load_dit_checkpoint]).
+        [`load_weights`][soflow_core.nets.checkpoints.load_weights]).
 
         Args:
             full: Gather sharded (FSDP2) shadows into whole CPU tensors, a collective that every
