@@ -34,13 +34,16 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from soflow_core import SoFlowObjective
-from soflow_core.nets import DIT_SIZES, DiT, SongUNet
+from soflow_core.nets import DIT_SIZES, DiT, SongUNet, load_weights, read_state_dict
 from soflow_core.nets.dit import DiTSize
+from soflow_core.parameterizations import param_name
+from soflow_core.paths import path_name
 from soflow_core.seeding import derive_seed, micro_batch_index, seeded_generator
 from soflow_core.train import EpochStream
 from soflow_core.train.checkpoint import (
     capture_rng_state,
     latest_valid_checkpoint,
+    list_checkpoints,
     load_checkpoint,
     restore_rng_state,
     save_checkpoint,
@@ -68,6 +71,7 @@ class TrainConfig:
 
     out: str = "runs/run"  # run folder: config.json, metrics.jsonl, checkpoints/, samples/
     data: str | None = None  # dataset path (see the trainer's docstring)
+    init: str | None = None  # fine-tune from: a pretrained folder, an official SoFlow file, a state dict, a run
     synthetic: bool = False  # generated data of the right shape instead of --data
     synthetic_size: int = 4096  # samples in the synthetic dataset
     total_steps: int = 400_000  # K, the planned number of optimizer steps (drives r(k, K))
@@ -136,6 +140,8 @@ def check_common(config: TrainConfig) -> list[str]:
         problems.append(f"--device must be auto, cpu or cuda; got {config.device!r}")
     if not 0.0 <= config.ema_decay < 1.0:
         problems.append(f"--ema-decay must lie in [0, 1); got {config.ema_decay}")
+    if config.init is not None and not Path(config.init).exists():
+        problems.append(f"--init {config.init} does not exist")
     return problems
 
 
@@ -351,6 +357,49 @@ def latent_preview(z: Tensor) -> Tensor:
     return to_uint8_images((z[:, :3].float() / 2.0).clamp(-1, 1))
 
 
+# ----------------------------------------------------------------------------- starting weights
+
+
+def find_run_checkpoint(path: Path) -> Path | None:
+    """The checkpoint of a run of these trainers that ``path`` names, or None if it names no run.
+
+    A run folder gives its newest valid checkpoint (in ``checkpoints/`` or the folder itself); a
+    ``step-*.pt`` file with its manifest is returned as it is. Raises SystemExit for a run folder
+    without a valid checkpoint.
+    """
+    if path.is_file():
+        return path if path.with_suffix(".json").is_file() and path.name.startswith("step-") else None
+    if not path.is_dir() or not ((path / "checkpoints").is_dir() or list_checkpoints(path)):
+        return None
+    found = latest_valid_checkpoint(path / "checkpoints") or latest_valid_checkpoint(path)
+    if found is None:
+        raise SystemExit(f"no valid checkpoint in {path} (looked in {path / 'checkpoints'} and {path})")
+    return found
+
+
+def initialize_from(net: nn.Module, source: str, objective: SoFlowObjective) -> str:
+    """Load ``--init`` weights into ``net`` (EMA weights when the source has them); returns what was loaded.
+
+    ``source`` is a run of these trainers (its newest valid checkpoint, verified), a pretrained
+    folder, an official SoFlow training file, a state dict or a .safetensors file. Every key and
+    shape is checked first; a mismatch names the network the weights would fit.
+    """
+    run_file = find_run_checkpoint(Path(source))
+    if run_file is not None:
+        report = load_weights(net, load_checkpoint(run_file))
+        return f"run checkpoint {run_file}, entry {report.origin.entry!r}"
+    contents = read_state_dict(source)
+    saved = (contents.pretrained or {}).get("sampling", {})
+    ours = {"path": path_name(objective.path), "param": param_name(objective.param)}
+    differ = {k: (v, ours[k]) for k, v in saved.items() if k in ours and v != ours[k]}
+    if differ:
+        warnings.warn(f"{source} was saved for sampling with {saved}; this objective trains {ours}", stacklevel=1)
+    try:
+        return str(load_weights(net, contents).origin)
+    except ValueError as error:
+        raise SystemExit(f"--init {source} does not fit the network of this run: {error}") from error
+
+
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -433,6 +482,13 @@ def train(task: Task, runtime: Runtime) -> dict[str, Any]:
         torch.backends.cudnn.allow_tf32 = config.tf32
 
     net = task.net
+    # Resume from the newest valid checkpoint if there is one (rank 0 verifies and picks); else start from --init.
+    chosen = latest_valid_checkpoint(ckpt_dir) if runtime.is_main else None
+    chosen = broadcast_object(runtime, str(chosen) if chosen else None)
+    if chosen is None and config.init:
+        loaded = initialize_from(net, config.init, task.objective)
+        if runtime.is_main:
+            print(f"initialised from {loaded}", flush=True)
     if config.fsdp:
         from torch.distributed.fsdp import fully_shard
 
@@ -454,11 +510,8 @@ def train(task: Task, runtime: Runtime) -> dict[str, Any]:
     ema = EMA(net, decay=config.ema_decay, every=config.ema_every, dtype=torch.float64 if config.ema_float64 else None)
     stream = EpochStream(num_samples=task.num_samples, seed=config.seed)
 
-    # Resume from the newest valid checkpoint (rank 0 verifies and picks; every rank loads it).
     start_step, position = 0, 0
-    chosen = latest_valid_checkpoint(ckpt_dir) if runtime.is_main else None
-    chosen = broadcast_object(runtime, str(chosen) if chosen else None)
-    if chosen is not None:
+    if chosen is not None:  # every rank loads it
         payload = load_checkpoint(chosen, map_location="cpu", verify=False)
         if payload.get("parallel", "ddp") != ("fsdp" if config.fsdp else "ddp"):
             raise SystemExit(f"{chosen} was written with parallel={payload.get('parallel')}; pass the same --fsdp")

@@ -66,6 +66,8 @@ __all__ = [
     "load_backbone",
     "load_weights",
     "read_state_dict",
+    "resolve_config",
+    "state_shape",
 ]
 
 logger = logging.getLogger(__name__)
