@@ -127,3 +127,11 @@ def check_choice(name: str, value: object, choices: "dict[str, object] | tuple[s
     if not isinstance(value, str) or value.lower() not in known:
         raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(repr(k) for k in known)}")
     return value.lower()
+
+
+def registered_name(name: str, value: object, registry: "dict[str, type]") -> str:
+    """The registry name whose class ``value`` is exactly (the inverse of building from a name)."""
+    for key, cls in registry.items():
+        if type(value) is cls:
+            return key
+    raise ValueError(f"{name} {value!r} is not one of the named ones: {', '.join(repr(k) for k in registry)}")

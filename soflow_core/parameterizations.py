@@ -20,6 +20,7 @@ from soflow_core._validation import (
     check_tensor,
     check_time,
     check_time_order,
+    registered_name,
 )
 from soflow_core.typing import Backbone, Cond, Data, Time
 
@@ -231,7 +232,4 @@ def param_name(param: AbstractParam) -> ParamName:
         >>> param_name(EulerParam())
         'euler'
     """
-    for name, cls in _PARAMS.items():
-        if type(param) is cls:
-            return name  # type: ignore[return-value]
-    raise ValueError(f"parameterization {param!r} is not one of the named ones {', '.join(map(repr, _PARAMS))}")
+    return registered_name("parameterization", param, _PARAMS)  # type: ignore[return-value]

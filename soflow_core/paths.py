@@ -14,7 +14,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from soflow_core._validation import check_choice, check_same_shape, check_tensor, check_time
+from soflow_core._validation import check_choice, check_same_shape, check_tensor, check_time, registered_name
 from soflow_core.ops.fused import linear_combination
 from soflow_core.typing import Data, Time
 
@@ -207,7 +207,4 @@ def path_name(path: AbstractPath) -> PathName:
         >>> path_name(LinearPath())
         'linear'
     """
-    for name, cls in _PATHS.items():
-        if type(path) is cls:
-            return name  # type: ignore[return-value]
-    raise ValueError(f"path {path!r} is not one of the named paths {', '.join(map(repr, _PATHS))}")
+    return registered_name("path", path, _PATHS)  # type: ignore[return-value]

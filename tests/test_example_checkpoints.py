@@ -139,8 +139,18 @@ def test_a_run_exports_to_a_folder_that_samples_like_the_run(tmp_path):
 TINY = ["--preset", "tiny", "--synthetic", "--no-progress", "--total-steps", "1", "--lr", "0"]
 
 
+def started_from(out: Path, net, printed: str, source: str) -> dict:
+    """With lr = 0 the step-1 weights are still the initial ones: they must be ``net``'s, as the log says."""
+    assert f"initialised from {source}" in printed
+    saved = load_checkpoint(checkpoint_path(out / "checkpoints", 1))
+    for key, value in net.state_dict().items():
+        assert torch.equal(saved["model"][key], value), key
+        torch.testing.assert_close(saved["ema"][key].to(value.dtype), value, rtol=1e-6, atol=1e-7)  # d·θ + (1 − d)·θ
+    return saved
+
+
 def test_imagenet_trainer_starts_from_an_official_file(tmp_path, capsys):
-    """lr = 0: after one step the weights are still those of --init, so they must be its EMA entry."""
+    """The EMA entry of an official file, into the trainer's DiT-tiny/4."""
     torch.manual_seed(1)
     size = {"input_size": 32, "in_channels": 4, "patch_size": 4, "hidden_size": 64, "depth": 2, "num_heads": 2}
     raw, ema = DiT(**size, num_classes=NUM_CLASSES), DiT(**size, num_classes=NUM_CLASSES)  # DiT-tiny/4
@@ -151,11 +161,7 @@ def test_imagenet_trainer_starts_from_an_official_file(tmp_path, capsys):
     torch.save(official_checkpoint(raw, ema), source)
     out = tmp_path / "run"
     train_dit_imagenet.main([*TINY, "--init", str(source), "--out", str(out)])
-    assert f"initialised from training checkpoint {source}, entry 'ema_model'" in capsys.readouterr().out
-    saved = load_checkpoint(checkpoint_path(out / "checkpoints", 1))
-    for key, value in ema.state_dict().items():
-        assert torch.equal(saved["model"][key], value), key
-        torch.testing.assert_close(saved["ema"][key], value, rtol=1e-6, atol=1e-7)  # d·θ + (1 − d)·θ, rounded
+    started_from(out, ema, capsys.readouterr().out, f"training checkpoint {source}, entry 'ema_model'")
     assert json.loads((out / "config.json").read_text())["init"] == str(source)
 
     # A file of another network is refused before training, naming what it would fit.
@@ -170,10 +176,7 @@ def test_cifar_trainer_starts_from_a_pretrained_folder_and_resumes_over_it(tmp_p
     folder = unet.save_pretrained(tmp_path / "unet")
     out = tmp_path / "run"
     train_dit_cifar10.main([*TINY, "--init", str(folder), "--out", str(out)])
-    assert f"initialised from pretrained folder {folder}" in capsys.readouterr().out
-    saved = load_checkpoint(checkpoint_path(out / "checkpoints", 1))
-    for key, value in unet.state_dict().items():
-        assert torch.equal(saved["model"][key], value), key
+    started_from(out, unet, capsys.readouterr().out, f"pretrained folder {folder}")
     # Starting again resumes from the run's checkpoint; --init no longer applies.
     with pytest.warns(UserWarning, match="config differs from the checkpoint's"):
         train_dit_cifar10.main([*TINY, "--total-steps", "2", "--init", str(folder), "--out", str(out)])

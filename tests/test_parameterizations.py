@@ -73,5 +73,5 @@ def test_make_param_names():
 def test_param_name_inverts_make_param():
     for name in ("euler", "trig"):
         assert param_name(make_param(name)) == name
-    with pytest.raises(ValueError, match="not one of the named ones 'euler', 'trig'"):
+    with pytest.raises(ValueError, match=r"parameterization .* is not one of the named ones: 'euler', 'trig'"):
         param_name(type("CustomParam", (EulerParam,), {})())

@@ -68,5 +68,5 @@ def test_make_path_names():
 def test_path_name_inverts_make_path():
     for name in ("linear", "trig"):
         assert path_name(make_path(name)) == name
-    with pytest.raises(ValueError, match="not one of the named paths 'linear', 'trig'"):
+    with pytest.raises(ValueError, match=r"path .* is not one of the named ones: 'linear', 'trig'"):
         path_name(type("CustomPath", (LinearPath,), {})())

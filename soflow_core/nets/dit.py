@@ -430,14 +430,7 @@ class DiT(AbstractBackbone):
 
     @classmethod
     def describe_state(cls, state: Mapping[str, Tensor]) -> str:
-        """The DiT a state dict would fit (size name, input size, channels, label rows), for error messages.
-
-        Args:
-            state: The state dict (prefixes stripped).
-
-        Returns:
-            The description.
-        """
+        """The DiT a state dict would fit (size name, input size, channels, label rows), for error messages."""
         proj = state.get("x_embedder.proj.weight")
         if proj is None or proj.ndim != 4:
             return "a DiT state dict without a usable x_embedder.proj.weight"
