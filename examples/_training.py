@@ -385,19 +385,18 @@ def initialize_from(net: nn.Module, source: str, objective: SoFlowObjective) -> 
     shape is checked first; a mismatch names the network the weights would fit.
     """
     run_file = find_run_checkpoint(Path(source))
-    if run_file is not None:
-        report = load_weights(net, load_checkpoint(run_file))
-        return f"run checkpoint {run_file}, entry {report.origin.entry!r}"
-    contents = read_state_dict(source)
-    saved = (contents.pretrained or {}).get("sampling", {})
-    ours = {"path": path_name(objective.path), "param": param_name(objective.param)}
-    differ = {k: (v, ours[k]) for k, v in saved.items() if k in ours and v != ours[k]}
-    if differ:
-        warnings.warn(f"{source} was saved for sampling with {saved}; this objective trains {ours}", stacklevel=1)
     try:
+        if run_file is not None:
+            report = load_weights(net, load_checkpoint(run_file))
+            return f"run checkpoint {run_file}, entry {report.origin.entry!r}"
+        contents = read_state_dict(source)
+        saved = (contents.pretrained or {}).get("sampling", {})
+        ours = {"path": path_name(objective.path), "param": param_name(objective.param)}
+        if any(k in ours and v != ours[k] for k, v in saved.items()):
+            warnings.warn(f"{source} was saved for sampling with {saved}; this objective trains {ours}", stacklevel=1)
         return str(load_weights(net, contents).origin)
     except ValueError as error:
-        raise SystemExit(f"--init {source} does not fit the network of this run: {error}") from error
+        raise SystemExit(f"--init {source} cannot start this run: {error}") from error
 
 
 # ----------------------------------------------------------------------------- the loop

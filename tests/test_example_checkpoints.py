@@ -166,7 +166,9 @@ def test_imagenet_trainer_starts_from_an_official_file(tmp_path, capsys):
 
     # A file of another network is refused before training, naming what it would fit.
     torch.save(tiny_unet().state_dict(), tmp_path / "unet.pt")
-    with pytest.raises(SystemExit, match=r"(?s)--init .* does not fit the network of this run.*looks like: SongUNet"):
+    with pytest.raises(
+        SystemExit, match=r"(?s)--init .* cannot start this run: checkpoint does not fit this DiT.*looks like: SongUNet"
+    ):
         train_dit_imagenet.main([*TINY, "--init", str(tmp_path / "unet.pt"), "--out", str(tmp_path / "bad")])
 
 
