@@ -187,8 +187,8 @@ class AbstractBackbone(nn.Module):
             >>> import tempfile
             >>> from soflow_core.nets import DiT
             >>> net = DiT(input_size=8, in_channels=4, patch_size=2, hidden_size=32, depth=1, num_heads=2)
-            >>> folder = net.save_pretrained(tempfile.mkdtemp())
-            >>> same = DiT.from_pretrained(folder)
+            >>> with tempfile.TemporaryDirectory() as tmp:
+            ...     same = DiT.from_pretrained(net.save_pretrained(tmp))
             >>> all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), same.state_dict().values()))
             True
         """
