@@ -50,6 +50,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
     nets = {
         "dit": (tiny_dit(1), tiny_dit(2)),
         "dit-no-null": (tiny_dit(1, null_class=False), tiny_dit(2, null_class=False)),
+        "dit-uncond": (tiny_dit(1, num_classes=None), tiny_dit(2, num_classes=None)),
         "unet": (tiny_unet(1), tiny_unet(2)),
     }
     out = {}
@@ -65,13 +66,20 @@ def files(tmp_path_factory) -> dict[str, Path]:
     torch.save(official_checkpoint(*nets["unet"], step=400), released / "ckpts" / "0000400.pt")
     torch.save(official_checkpoint(*nets["unet"], step=800), released / "ckpts" / "0000800.pt")
     out["released"] = released
+    # The EMA SongUNet as a bare state dict from a compiled DDP model, and as a converted .safetensors file.
+    safetensors = pytest.importorskip("safetensors.torch")
+    ema_state = nets["unet"][1].state_dict()
+    out["unet-bare"] = root / "unet-bare.pth"
+    torch.save({f"module._orig_mod.{k}": v for k, v in ema_state.items()}, out["unet-bare"])
+    out["unet-safetensors"] = root / "unet.safetensors"
+    safetensors.save_file({f"network.{k}": v.contiguous() for k, v in ema_state.items()}, str(out["unet-safetensors"]))
     out["unet-ema-trig"] = nets["unet"][1].save_pretrained(root / "unet-ema-trig", path="trig", param="trig")
     return out
 
 
-@pytest.mark.parametrize(("name", "nfe"), [("dit", "1"), ("dit-no-null", "2")])
+@pytest.mark.parametrize(("name", "nfe"), [("dit", "1"), ("dit-no-null", "2"), ("dit-uncond", "1")])
 def test_sample_draws_the_ema_network_of_an_official_dit_file(files, tmp_path, name, nfe):
-    """With and without the null row: the official file samples exactly like its EMA network saved alone."""
+    """With and without the null row, and without labels: the official file samples like its EMA network alone."""
     from_file = draw(files[name], tmp_path / "file.npz", *DIT_SIZE, "--nfe", nfe)
     assert from_file.shape == (5, 8, 8, 3)  # 4 latent channels without a VAE: the first three, 8x8
     assert np.array_equal(draw(files[f"{name}-ema"], tmp_path / "ema.npz", "--nfe", nfe), from_file)
@@ -83,7 +91,8 @@ def test_sample_draws_an_official_songunet_file_and_a_released_folder(files, tmp
     for nfe in ("1", "2"):
         from_file = draw(files["unet"], tmp_path / f"file{nfe}.npz", "--nfe", nfe)
         assert from_file.shape == (5, 8, 8, 3)
-        assert np.array_equal(draw(files["unet-ema"], tmp_path / f"ema{nfe}.npz", "--nfe", nfe), from_file)
+        for layout in ("unet-ema", "unet-bare", "unet-safetensors"):
+            assert np.array_equal(draw(files[layout], tmp_path / f"{layout}{nfe}.npz", "--nfe", nfe), from_file)
     # The released folder: the checkpoint of --ckpt-steps, the path and parameterization of its config.yaml.
     released = draw(files["released"], tmp_path / "released.npz", "--nfe", "2", "--ckpt-steps", "800")
     assert "0000800.pt, entry 'ema_model'" in capsys.readouterr().err
