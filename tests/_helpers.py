@@ -43,6 +43,41 @@ class ConvNet(nn.Module):
         return self.conv2(torch.tanh(self.conv1(torch.cat([x, tt, gap], dim=1))))
 
 
+class RowByRow(nn.Module):
+    """A batch-invariant backbone: ``net`` evaluated on one sample at a time.
+
+    A batched matmul may round a sample's row differently depending on the batch around it
+    (the BLAS picks blocking and threading from the shapes, and may take another path for
+    another alignment). Each sample here goes through ``net`` alone, in a freshly allocated
+    batch of one, so its output is a function of that sample only: two groupings of the same
+    samples give bit-identical outputs.
+    """
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x, t, s, cond=None):
+        rows = [
+            self.net(*(None if v is None else v[i : i + 1].clone() for v in (x, t, s, cond))) for i in range(x.shape[0])
+        ]
+        return torch.cat(rows)
+
+
+def summation_error_bound(terms: torch.Tensor, extra_roundings: int = 0) -> torch.Tensor:
+    r"""Elementwise bound on the error of a floating-point sum of ``terms`` over dim 0, in any order.
+
+    Every order of summing n terms (recursive, pairwise, blocked, split across calls and then
+    added) has $|\hat S - S| \le \gamma_{n-1} \sum_i |x_i|$ with
+    $\gamma_k = k u / (1 - k u)$, u the unit roundoff of the dtype (Higham, *Accuracy and
+    Stability of Numerical Algorithms*, 2nd ed., §4.2). ``extra_roundings`` adds roundings that
+    each term may carry beyond the additions.
+    """
+    k = terms.shape[0] - 1 + extra_roundings
+    u = torch.finfo(terms.dtype).eps / 2
+    return k * u / (1 - k * u) * terms.abs().sum(0)
+
+
 def grads(model: nn.Module) -> list[torch.Tensor]:
     return [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
 
