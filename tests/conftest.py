@@ -3,7 +3,8 @@
 * **torch threads**: ``TORCH_THREADS`` intra-op threads (override with ``SOFLOW_TEST_THREADS``).
   A fixed count, not "as many as the machine has", because a CPU BLAS may split a matmul's
   reduction differently per thread count and so round differently: with a fixed count the
-  numbers do not change with the machine's number of cores.
+  numbers do not change with the machine's number of cores. (Processes that tests spawn as
+  gloo ranks run one thread each: ``_helpers.spawn_gloo_ranks``.)
 * **hypothesis profiles** (pick one with ``--hypothesis-profile=NAME``):
 
   - ``deterministic``, the default, also in CI: 40 examples per property, derandomized (the
