@@ -232,6 +232,9 @@ class SoFlowObjective:
             ``"split"`` uses separate calls (needed to share dropout masks); ``"auto"`` picks
             ``"split"`` when the backbone is an ``nn.Module`` with active dropout, else ``"joint"``.
             Functional dropout inside ``forward`` is not detected: choose ``"split"`` then.
+            Both evaluate the same formulas; they agree up to the rounding of the backbone's
+            batched matmuls, and bit for bit only for a batch-invariant backbone (see
+            [Network calls per training step](../method.md#network-calls-per-training-step)).
         check_inputs: Check data, cond and noise for shape and finiteness before any model
             call (one device sync per step; skipped automatically under ``torch.compile``).
         backend: Where the fused loss-path ops (path build, guided target, teacher state, both

@@ -4,7 +4,6 @@ import json
 import os
 import pickle
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -45,12 +44,6 @@ def losses(run_dir: Path) -> dict[int, tuple[float, float]]:
         value = (row.get("fm_loss", 0.0), row["consistency_loss"])
         assert out.setdefault(row["step"], value) == value, f"step {row['step']} logged twice with different losses"
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -141,8 +134,10 @@ def test_two_ranks_match_one_rank_with_accumulation(tmp_path):
     reference = load_checkpoint(checkpoint_path(single / "checkpoints", 3))
     for mode in ("ddp", "fsdp"):
         out = tmp_path / mode
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                   str(free_port()), "examples/train_dit_imagenet.py", *common, "--out", str(out)]  # fmt: skip
+        # --standalone: the rendezvous store binds port 0 itself and holds it, where a port picked
+        # beforehand as free could be taken by another process before torchrun binds it
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                   "examples/train_dit_imagenet.py", *common, "--out", str(out)]  # fmt: skip
         if mode == "fsdp":
             command.append("--fsdp")
         ok(subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240))

@@ -3,13 +3,11 @@
 import json
 import os
 import random
-import socket
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from _helpers import spawn_gloo_ranks
 from torch import nn
 
 from soflow_core.seeding import derive_seed, micro_batch_index, seeded_generator
@@ -117,41 +115,31 @@ def test_ema_coefficient_state_dict_and_errors():
         ema.update(nn.Linear(3, 4), step=0)
 
 
-def _fsdp_ema_worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        from torch.distributed.fsdp import fully_shard
+def _fsdp_ema_worker(rank: int, world: int, out: str) -> None:
+    from torch.distributed.fsdp import fully_shard
 
-        net = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 4))
-        torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 4))
+    torch.manual_seed(0)
+    for p in net.parameters():
+        nn.init.normal_(p)
+    fully_shard(net)
+    ema = EMA(net, decay=0.5, every=1, dtype=torch.float64)
+    assert hasattr(ema.params["0.weight"], "device_mesh")  # a sharded shadow
+    with torch.no_grad():
         for p in net.parameters():
-            nn.init.normal_(p)
-        fully_shard(net)
-        ema = EMA(net, decay=0.5, every=1, dtype=torch.float64)
-        assert hasattr(ema.params["0.weight"], "device_mesh")  # a sharded shadow
-        with torch.no_grad():
-            for p in net.parameters():
-                p.mul_(3.0)
-        ema.update(net, step=0)
-        full = ema.state_dict()  # collective gather
-        again = EMA(net, decay=0.5, every=1, dtype=torch.float64)
-        again.load_state_dict(full)  # re-shards whole tensors
-        assert torch.equal(again.state_dict()["0.weight"], full["0.weight"])
-        if rank == 0:
-            torch.save(full, out)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+            p.mul_(3.0)
+    ema.update(net, step=0)
+    full = ema.state_dict()  # collective gather
+    again = EMA(net, decay=0.5, every=1, dtype=torch.float64)
+    again.load_state_dict(full)  # re-shards whole tensors
+    assert torch.equal(again.state_dict()["0.weight"], full["0.weight"])
+    if rank == 0:
+        torch.save(full, out)
 
 
 def test_ema_on_fsdp2_shards_equals_the_unsharded_ema(tmp_path):
     out = str(tmp_path / "ema.pt")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_fsdp_ema_worker, args=(2, port, out), nprocs=2, join=True)
+    spawn_gloo_ranks(_fsdp_ema_worker, out, world=2, tmp_path=tmp_path)
     net = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 4))
     torch.manual_seed(0)
     for p in net.parameters():
