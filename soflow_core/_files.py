@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 _CHUNK = 1 << 22
+TEMPORARY_SUFFIX = ".tmp"
 
 
 def fsync_dir(directory: Path) -> None:
@@ -24,14 +25,24 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def default_file_mode() -> int:
+    """The mode ``open`` gives a new file: 0o666 less the process umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_save(path: Path, save: Callable[[Path], None]) -> None:
     """Let ``save(tmp)`` write a temporary file beside ``path``; fsync it, rename it over ``path``, fsync the folder.
 
-    A crash leaves either the old file or the new one under ``path``, never a partial one.
+    A crash leaves either the old file or the new one under ``path``, never a partial one. The
+    temporary file is named ``.<name>.<random>.tmp`` (``random`` of letters, digits and ``_``) and
+    gets the mode an ordinary new file would (0o666 less the umask), not ``mkstemp``'s private 0o600.
     """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX)
     os.close(fd)
     try:
+        os.chmod(tmp, default_file_mode())
         save(Path(tmp))
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
