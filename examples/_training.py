@@ -638,7 +638,8 @@ def run_folder_problems(out: Path) -> list[str]:
     for name, folder in (("checkpoints", True), ("samples", True), ("tb", True), ("metrics.jsonl", False)):
         path = out / name
         if path.exists() and path.is_dir() != folder:
-            problems.append(f"{path} exists and is {'not ' if folder else ''}a folder; the run writes a {name}")
+            wanted = "folder" if folder else "file"
+            problems.append(f"{path} exists and is {'not ' if folder else ''}a folder; the run needs a {wanted} there")
     existing = out
     while not existing.exists():
         existing = existing.parent
@@ -979,6 +980,7 @@ def train(task: Task, runtime: Runtime, folder: RunFolder) -> dict[str, Any]:
                 "non_finite",
                 first_non_finite_step=first or None,
                 non_finite_state=entries[:8],
+                non_finite_entries=len(entries),
                 window=_finite_or_none(values),
                 last_checkpoint=None if last is None else Path(last).name,
             )

@@ -1,12 +1,15 @@
 """Shared test utilities: small deterministic networks with non-trivial outputs."""
 
 import contextlib
+import hashlib
+import json
 
 import jaxtyping
 import torch
 from torch import nn
 
 from soflow_core.nets import MLPBackbone
+from soflow_core.train.checkpoint import checkpoint_path
 
 
 def random_mlp(
@@ -75,3 +78,12 @@ class MaskRecorder(nn.Module):
         keep = self.dropout(torch.ones_like(x)) != 0
         self.masks.append((torch.is_grad_enabled(), keep))
         return self.net(x, t, s, cond) * keep
+
+
+def write_with_manifest(directory, step: int, obj: object) -> None:
+    """A checkpoint whose manifest matches its bytes, whatever the bytes hold (what another writer could leave)."""
+    path = checkpoint_path(directory, step)
+    torch.save(obj, path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    manifest = {"format": "soflow-checkpoint-v1", "step": step, "file": path.name, "size": path.stat().st_size}
+    path.with_suffix(".json").write_text(json.dumps({**manifest, "sha256": digest}))

@@ -1,6 +1,5 @@
 """EMA rules, atomic verified checkpoints, RNG capture/restore and the resumable batch order."""
 
-import hashlib
 import json
 import os
 import random
@@ -12,6 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _helpers import write_with_manifest
 from torch import nn
 
 from soflow_core.seeding import derive_seed, micro_batch_index, seeded_generator
@@ -240,15 +240,6 @@ def test_damaged_checkpoint_is_detected_and_skipped(tmp_path, damage):
         assert latest_valid_checkpoint(tmp_path) == checkpoint_path(tmp_path, 5)
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "step-000000099.pt")
-
-
-def write_with_manifest(directory, step: int, obj: object) -> None:
-    """A checkpoint whose manifest matches its bytes, whatever the bytes hold (what another writer could leave)."""
-    path = checkpoint_path(directory, step)
-    torch.save(obj, path)
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    manifest = {"format": "soflow-checkpoint-v1", "step": step, "file": path.name, "size": path.stat().st_size}
-    path.with_suffix(".json").write_text(json.dumps({**manifest, "sha256": digest}))
 
 
 def test_pruning_counts_valid_checkpoints_only_and_keeps_the_newest_valid(tmp_path):
