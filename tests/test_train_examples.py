@@ -435,3 +435,49 @@ def test_interrupted_writes_leave_nothing_behind_and_files_get_the_ordinary_mode
     os.umask(umask)
     for path in (checkpoint_path(out / "checkpoints", 4), out / "config.json", out / "metrics.jsonl"):
         assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path
+
+
+def _children_by_rank(parent: int) -> dict[int, int]:
+    """{RANK: pid} of the worker processes torchrun ``parent`` started (read from /proc)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        ranks = [v[5:] for v in environ if v.startswith(b"RANK=")]
+        if ppid == parent and ranks:
+            found[int(ranks[0])] = int(entry.name)
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds torchrun's workers through /proc")
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    """The ranks agree on the stop over a gloo group; the resumed run ends where one rank with accumulation does."""
+    common = [*TINY, "--total-steps", "40", "--log-every", "2", "--ckpt-every", "50"]
+    reference = tmp_path / "reference"
+    ok(run("train_dit_imagenet.py", *common, "--grad-accum", "2", "--out", str(reference)))
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), "examples/train_dit_imagenet.py", *common, "--out", str(out)]  # fmt: skip
+    launcher = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_rows(launcher, out, 3)
+    workers = _children_by_rank(launcher.pid)
+    assert sorted(workers) == [0, 1], workers
+    os.kill(workers[1], signal.SIGTERM)  # rank 1 only
+    launcher.communicate(timeout=120)
+    [stopped] = events(out)
+    assert stopped["event"] == "stopped" and stopped["step"] < 40
+    assert [s for s, _ in list_checkpoints(out / "checkpoints")] == [stopped["step"]]
+    resume = [*command[:6], str(free_port()), *command[7:]]
+    ok(subprocess.run(resume, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240))
+    # Parameters agree bit for bit (see test_two_ranks_match_one_rank_with_accumulation); the logged means
+    # only up to the order of their sums.
+    got, expected = (load_checkpoint(checkpoint_path(d / "checkpoints", 40)) for d in (out, reference))
+    assert all(torch.equal(got["model"][k], v) for k, v in expected["model"].items())
+    logged, wanted = losses(out), losses(reference)
+    assert sorted(logged) == sorted(wanted) == list(range(2, 41, 2))
+    assert all(logged[k] == pytest.approx(wanted[k], rel=1e-5) for k in wanted)
