@@ -50,7 +50,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from soflow_core import SoFlowObjective
-from soflow_core._files import atomic_write
+from soflow_core._files import atomic_save, atomic_write
 from soflow_core.nets import DIT_SIZES, DiT, SongUNet, load_weights, read_state_dict
 from soflow_core.nets.dit import DiTSize
 from soflow_core.parameterizations import param_name
@@ -403,7 +403,8 @@ def save_grid(images: Tensor | np.ndarray, path: Path, columns: int | None = Non
         r, col = divmod(i, columns)
         grid[r * h : (r + 1) * h, col * w : (col + 1) * w] = array[i]
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid[..., 0] if c == 1 else grid).save(path)
+    image = Image.fromarray(grid[..., 0] if c == 1 else grid)
+    atomic_save(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def latent_preview(z: Tensor) -> Tensor:
@@ -416,6 +417,8 @@ def latent_preview(z: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------- run checkpoints
 
 RUN_ENTRIES = ("step", "model", "ema", "optimizer", "config", "rng", "data")
+# The files a run writes whole through temporary files (see remove_stale_temporaries), by folder.
+WHOLE_FILES = {".": (r"config\.json", r"metrics\.jsonl"), "samples": (r"step-\d{9,}\.png",)}
 
 
 def check_run_payload(path: Path, payload: dict[str, Any]) -> None:
@@ -860,6 +863,8 @@ def train(task: Task, runtime: Runtime, folder: RunFolder) -> dict[str, Any]:
     plan = None
     if runtime.is_main:
         removed = remove_stale_temporaries(ckpt_dir)
+        for where, names in WHOLE_FILES.items():
+            removed += remove_stale_temporaries(out / where, names)
         if removed:
             print(f"removed {len(removed)} temporary file(s) of interrupted checkpoint writes", flush=True)
         found = latest_loadable_checkpoint(ckpt_dir, check=check_run_payload)

@@ -2,6 +2,7 @@
 
 import hashlib
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +24,11 @@ def fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def temporary_names(name_pattern: str) -> "re.Pattern[str]":
+    """The names ``atomic_save`` gives the temporary files of files whose names match ``name_pattern`` (a regex)."""
+    return re.compile(rf"^\.(?:{name_pattern})\.[A-Za-z0-9_]+{re.escape(TEMPORARY_SUFFIX)}$")
 
 
 def default_file_mode() -> int:

@@ -427,10 +427,17 @@ def test_start_problems_are_found_before_anything_is_written(tmp_path):
 def test_interrupted_writes_leave_nothing_behind_and_files_get_the_ordinary_mode(tmp_path):
     out = tmp_path / "run"
     ok(run("train_dit_imagenet.py", *TINY, "--total-steps", "2", "--out", str(out)))
-    stale = out / "checkpoints" / ".step-000000004.pt.x8b_2q.tmp"
-    stale.write_bytes(b"\0" * 1000)  # what a write killed before its rename leaves
+    stale = [
+        out / "checkpoints" / ".step-000000004.pt.x8b_2q.tmp",  # what writes killed before their rename leave
+        out / ".config.json.u2jd8k.tmp",
+        out / "samples" / ".step-000000004.png.0_a9zz.tmp",
+    ]
+    for path in stale:
+        path.write_bytes(b"\0" * 1000)
+    (out / "notes.tmp").write_text("not a temporary file of the run")
     result = ok(run("train_dit_imagenet.py", *TINY, "--total-steps", "4", "--out", str(out)))
-    assert "removed 1 temporary file(s)" in result.stdout and not stale.exists()
+    assert "removed 3 temporary file(s)" in result.stdout and not any(p.exists() for p in stale)
+    assert (out / "notes.tmp").exists()
     umask = os.umask(0)
     os.umask(umask)
     for path in (checkpoint_path(out / "checkpoints", 4), out / "config.json", out / "metrics.jsonl"):

@@ -40,14 +40,14 @@ import os
 import random
 import re
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from soflow_core._files import TEMPORARY_SUFFIX, atomic_save, atomic_write, sha256_file
+from soflow_core._files import atomic_save, atomic_write, sha256_file, temporary_names
 from soflow_core._validation import check_int
 
 __all__ = [
@@ -70,7 +70,7 @@ logger = logging.getLogger(__name__)
 _FORMAT = "soflow-checkpoint-v1"
 _NAME = re.compile(r"^step-(\d{9,})\.pt$")
 # The temporary files of atomic_save for a payload or a manifest: .step-XXXXXXXXX.pt.<random>.tmp
-_TEMPORARY = re.compile(rf"^\.step-\d{{9,}}\.(pt|json)\.[A-Za-z0-9_]+{re.escape(TEMPORARY_SUFFIX)}$")
+_TEMPORARY = temporary_names(r"step-\d{9,}\.(?:pt|json)")
 
 
 class CheckpointError(ValueError):
@@ -128,14 +128,17 @@ def list_checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
-def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
-    """Remove the temporary files that interrupted checkpoint writes left in ``directory``.
+def remove_stale_temporaries(directory: str | os.PathLike, names: Sequence[str] = ()) -> list[Path]:
+    """Remove the temporary files that interrupted writes left in ``directory``.
 
-    Only run it while no other process writes checkpoints into ``directory``: a write in
-    progress has a temporary file of the same form.
+    These are the temporaries of checkpoint payloads and manifests, and of the files whose
+    names match one of the regular expressions ``names`` (for instance ``(r"config\\.json",)``).
+    Only run it while no other process writes into ``directory``: a write in progress has a
+    temporary file of the same form.
 
     Args:
-        directory: The checkpoint folder (may not exist).
+        directory: The folder (may not exist).
+        names: Regular expressions of other file names whose temporaries are removed too.
 
     Returns:
         The files removed.
@@ -143,9 +146,11 @@ def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
     directory = Path(directory)
     if not directory.is_dir():
         return []
+    others = temporary_names("|".join(names)) if names else None
     removed = []
     for path in sorted(directory.iterdir()):
-        if _TEMPORARY.match(path.name) and path.is_file():
+        stale = _TEMPORARY.match(path.name) or (others is not None and others.match(path.name))
+        if stale and path.is_file():
             path.unlink(missing_ok=True)
             removed.append(path)
     return removed
