@@ -15,10 +15,11 @@ What a run guarantees, whatever happens to it (see docs/examples.md, "What a run
   refuses, naming the holder; the lock dies with its process;
 * nothing non-finite is saved: every step folds "was this step finite" into a device-side flag
   (no host sync), read at log steps and before every save together with a check of the whole
-  state; a non-finite step stops the run with an ``non_finite`` event in metrics.jsonl and the
+  state; a non-finite step stops the run with a ``non_finite`` event in metrics.jsonl and the
   last finite checkpoint untouched;
 * SIGTERM and SIGINT write a checkpoint at the next step boundary and exit with 128 + signal;
-* a resume applies changed settings consistently or refuses them (``ON_RESUME``).
+* a resume applies changed settings consistently or refuses them (``APPLIED_ON_RESUME``,
+  ``IGNORED_ON_RESUME``), before anything is written.
 """
 
 import argparse
@@ -839,7 +840,7 @@ def train(task: Task, runtime: Runtime, folder: RunFolder) -> dict[str, Any]:
     """Run (or resume) the loop in a locked run folder; returns a summary on rank 0.
 
     Raises SystemExit when a resume is refused (before anything is written), when a step is
-    non-finite (after an ``non_finite`` event row; the last finite checkpoint is untouched), and
+    non-finite (after a ``non_finite`` event row; the last finite checkpoint is untouched), and
     with status 128 + signal after SIGTERM or SIGINT (after saving a checkpoint).
     """
     config = task.config
