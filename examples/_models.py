@@ -40,7 +40,6 @@ from soflow_core import SoFlowObjective
 from soflow_core.nets import DiT, SongUNet, load_backbone, load_weights, read_state_dict
 from soflow_core.parameterizations import AbstractParam, make_param, param_name
 from soflow_core.paths import AbstractPath, make_path, path_name
-from soflow_core.train.checkpoint import load_checkpoint
 
 
 @dataclass(frozen=True)
@@ -154,12 +153,15 @@ def open_model(args: argparse.Namespace) -> OpenedModel:
     if released is None and args.ckpt_steps is not None:
         raise SystemExit(f"--ckpt-steps needs a released model folder (config.yaml + ckpts/); {source} is not one")
     source = released or source
-    run_file = T.find_run_checkpoint(source)
-    if run_file is not None:
-        payload = load_checkpoint(run_file)  # verified against its manifest
+    run = T.load_run_checkpoint(source)  # verified, loadable and complete; unusable ones reported and skipped
+    if run is not None:
+        run_file, payload = run
         config = payload["config"]
         net = T.build_net(config)
-        report = load_weights(net, payload, entry=args.entry or "ema")
+        try:
+            report = load_weights(net, payload, entry=args.entry or "ema")
+        except ValueError as error:
+            raise SystemExit(f"--ckpt {run_file}: {error}") from error
         objective = SoFlowObjective.from_preset(config["task"])  # the path and parameterization of training
         path, param = _sampling(args, objective.path, objective.param, f"the run's {config['task']!r} preset")
         described = f"run checkpoint {run_file} (step {payload['step']}), entry {report.origin.entry!r}"

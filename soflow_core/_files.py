@@ -2,12 +2,14 @@
 
 import hashlib
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 _CHUNK = 1 << 22
+TEMPORARY_SUFFIX = ".tmp"
 
 
 def fsync_dir(directory: Path) -> None:
@@ -24,14 +26,29 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def temporary_names(name_pattern: str) -> "re.Pattern[str]":
+    """The names ``atomic_save`` gives the temporary files of files whose names match ``name_pattern`` (a regex)."""
+    return re.compile(rf"^\.(?:{name_pattern})\.[A-Za-z0-9_]+{re.escape(TEMPORARY_SUFFIX)}$")
+
+
+def default_file_mode() -> int:
+    """The mode ``open`` gives a new file: 0o666 less the process umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_save(path: Path, save: Callable[[Path], None]) -> None:
     """Let ``save(tmp)`` write a temporary file beside ``path``; fsync it, rename it over ``path``, fsync the folder.
 
-    A crash leaves either the old file or the new one under ``path``, never a partial one.
+    A crash leaves either the old file or the new one under ``path``, never a partial one. The
+    temporary file is named ``.<name>.<random>.tmp`` (``random`` of letters, digits and ``_``) and
+    gets the mode an ordinary new file would (0o666 less the umask), not ``mkstemp``'s private 0o600.
     """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX)
     os.close(fd)
     try:
+        os.chmod(tmp, default_file_mode())
         save(Path(tmp))
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from soflow_core._tensor import bcast_right
 from soflow_core._validation import (
+    check_backbone_output,
     check_choice,
     check_cond,
     check_tensor,
@@ -111,7 +112,8 @@ class AbstractParam(ABC):
             f_θ(x_t, t, s).
 
         Raises:
-            ValueError: On bad shapes, times outside [0, 1] or s > t.
+            ValueError: On bad shapes, times outside [0, 1], s > t, or a backbone output not
+                shaped like ``x_t``.
 
         Examples:
             >>> import torch
@@ -121,7 +123,7 @@ class AbstractParam(ABC):
             True
         """
         _check_call(x_t, t, s, cond)
-        return self.combine(x_t, backbone(x_t, t, s, cond), t, s)
+        return self.combine(x_t, check_backbone_output(backbone(x_t, t, s, cond), x_t), t, s)
 
     def velocity(self, backbone: Backbone, x_t: Data, t: Time, cond: Cond | None = None) -> Data:
         """Evaluate the model velocity v_θ(x_t, t): the backbone at s = t (spec §3).
@@ -136,10 +138,11 @@ class AbstractParam(ABC):
             v_θ(x_t, t).
 
         Raises:
-            ValueError: On bad shapes or times outside [0, 1].
+            ValueError: On bad shapes, times outside [0, 1], or a backbone output not shaped
+                like ``x_t``.
         """
         _check_call(x_t, t, t, cond)
-        return self.velocity_from_output(x_t, backbone(x_t, t, t, cond), t)
+        return self.velocity_from_output(x_t, check_backbone_output(backbone(x_t, t, t, cond), x_t), t)
 
 
 @dataclass(frozen=True, kw_only=True)

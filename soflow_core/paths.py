@@ -14,7 +14,14 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from soflow_core._validation import check_choice, check_same_shape, check_tensor, check_time, registered_name
+from soflow_core._validation import (
+    check_choice,
+    check_same_dtype,
+    check_same_shape,
+    check_tensor,
+    check_time,
+    registered_name,
+)
 from soflow_core.ops.fused import linear_combination
 from soflow_core.typing import Data, Time
 
@@ -94,6 +101,7 @@ class AbstractPath(ABC):
 
         Raises:
             ValueError: On mismatched shapes or t outside [0, 1].
+            TypeError: If ``noise`` has another dtype than ``data``.
 
         Examples:
             >>> import torch
@@ -104,6 +112,7 @@ class AbstractPath(ABC):
         check_tensor("data", data, min_ndim=2)
         check_tensor("noise", noise, min_ndim=2)
         check_same_shape("noise", noise, "data", data)
+        check_same_dtype("noise", noise, "data", data)
         check_time("t", t, data.shape[0])
         return self.interpolate(data, noise, t, backend=backend)
 

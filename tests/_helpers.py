@@ -2,6 +2,8 @@
 
 import contextlib
 import faulthandler
+import hashlib
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -14,6 +16,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from soflow_core.nets import MLPBackbone
+from soflow_core.train.checkpoint import checkpoint_path
 
 
 def random_mlp(
@@ -154,3 +157,12 @@ def _gloo_rank(rank: int, world: int, store: str, worker: Callable[..., None], a
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def write_with_manifest(directory, step: int, obj: object) -> None:
+    """A checkpoint whose manifest matches its bytes, whatever the bytes hold (what another writer could leave)."""
+    path = checkpoint_path(directory, step)
+    torch.save(obj, path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    manifest = {"format": "soflow-checkpoint-v1", "step": step, "file": path.name, "size": path.stat().st_size}
+    path.with_suffix(".json").write_text(json.dumps({**manifest, "sha256": digest}))

@@ -188,8 +188,8 @@ def test_cifar_trainer_starts_from_a_pretrained_folder_and_resumes_over_it(tmp_p
     out = tmp_path / "run"
     train_dit_cifar10.main([*TINY, "--init", str(folder), "--out", str(out)])
     started_from(out, unet, capsys.readouterr().out, f"pretrained folder {folder}")
-    # Starting again resumes from the run's checkpoint; --init no longer applies.
-    with pytest.warns(UserWarning, match="config differs from the checkpoint's"):
-        train_dit_cifar10.main([*TINY, "--total-steps", "2", "--init", str(folder), "--out", str(out)])
+    # Starting again resumes from the run's checkpoint; --init no longer applies, a longer run does.
+    train_dit_cifar10.main([*TINY, "--total-steps", "2", "--init", str(folder), "--out", str(out)])
     printed = capsys.readouterr().out
     assert "resuming from" in printed and "initialised" not in printed
+    assert "--total-steps: 1 -> 2 (applied from step 1 on)" in printed

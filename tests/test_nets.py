@@ -147,7 +147,7 @@ def test_dit_null_class():
     assert unconditional.y_embedder is None and unconditional(x, t, s, None).shape == x.shape
     with pytest.raises(ValueError, match="unconditional"):
         unconditional(x, t, s, labels())
-    with pytest.raises(ValueError, match="x must have shape"):
+    with pytest.raises(ValueError, match=r"x must be a batch of images of shape \(4, 8, 8\)"):
         net(torch.randn(3, 4, 16, 16), t, s, None)
 
 

@@ -502,7 +502,8 @@ class DiT(AbstractBackbone):
             return torch.full((batch,), self.num_classes, dtype=torch.long, device=device)  # type: ignore[arg-type]
         if cond.shape != (batch,) or cond.is_floating_point() or cond.is_complex():
             raise ValueError(
-                f"cond must be integer class labels of shape ({batch},); got {tuple(cond.shape)} {cond.dtype}"
+                f"cond must hold one integer class label per image of x ({batch} images); got shape "
+                f"{tuple(cond.shape)} and dtype {cond.dtype}"
             )
         return cond.long()
 

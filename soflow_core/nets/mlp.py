@@ -91,6 +91,7 @@ class MLPBackbone(AbstractBackbone):
             raise ValueError(f"time_features must be even; got {time_features!r}")
         self.dropout = check_real("dropout", dropout, low=0.0, high=1.0, high_open=True)
         self.num_classes = None if num_classes is None else check_int("num_classes", num_classes, low=1)
+        self.null_class = self.num_classes is not None  # the label table always has the null row
         self.input = nn.Linear(dim, width)
         self.time_mlp = nn.Sequential(nn.Linear(2 * time_features, width), nn.SiLU(), nn.Linear(width, width))
         self.label_embedding = None if num_classes is None else nn.Embedding(num_classes + 1, width)
