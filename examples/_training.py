@@ -452,14 +452,14 @@ def train(task: Task, runtime: Runtime) -> dict[str, Any]:
         )
         backbone = ddp
     optimizer = task.make_optimizer(list(net.parameters()))
-    # FSDP2's hooks are not traced by dynamo, so an FSDP step may break its graph where they run.
+    # Under DDP/FSDP2 the step compiles with graph breaks around the wrapper's calls (dynamo traces
+    # neither) and a backward through autograd, where their gradient hooks run.
     step_fn = make_training_step(
         task.objective,
         backbone,
         optimizer,
         accumulation_steps=accum,
         compile=config.compile,
-        fullgraph=not config.fsdp,
         mode=config.compile_mode or None,
         backend=config.compile_backend,
     )

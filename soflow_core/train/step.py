@@ -29,8 +29,9 @@ calls, and the update is compiled without it), and dynamo refuses to run an opti
 
 With ``backward="autograd"`` graph 1 holds only the forward (and its compiled backward runs
 through the autograd engine when ``accumulate`` calls ``.backward()``), so gradient hooks fire:
-DDP and FSDP need that, since a backward traced into the graph bypasses their gradient
-synchronisation.
+DDP and FSDP2 need that, since a backward traced into the graph bypasses their gradient
+synchronisation. Their forward is not traced by dynamo either, so with them the step is several
+graphs: the loss path between the wrapper's calls, and the network inside each call.
 """
 
 from collections.abc import Callable
@@ -116,7 +117,7 @@ def make_training_step(
     accumulation_steps: int = 1,
     compile: bool = False,
     backward: StepBackward = "auto",
-    fullgraph: bool = True,
+    fullgraph: bool | None = None,
     mode: str | None = None,
     backend: str = "inductor",
 ) -> TrainingStep:
@@ -149,7 +150,10 @@ def make_training_step(
             gradient hooks fire; ``"auto"`` picks ``"autograd"`` when the model is or holds a
             DDP or FSDP2 module (their gradient synchronisation lives in such hooks), else
             ``"graph"``.
-        fullgraph: Passed to ``torch.compile``: fail instead of breaking the graph.
+        fullgraph: Passed to ``torch.compile``: fail instead of breaking the graph. None: True,
+            except for a model that is or holds a DDP or FSDP2 module, which dynamo does not
+            trace (``DistributedDataParallel._inside_ddp_forward`` is on its skip list, FSDP2's
+            hooks are skipped), so the step breaks its graph around the wrapper's calls.
         mode: ``torch.compile`` mode (``"reduce-overhead"`` adds CUDA graphs), or None.
         backend: ``torch.compile`` backend.
 
@@ -203,7 +207,8 @@ def make_training_step(
 
         return TrainingStep(accumulate=loss_and_backward, update=update, compiled=False)
 
-    options: dict[str, Any] = {"fullgraph": fullgraph, "backend": backend, "mode": mode}
+    options: dict[str, Any] = {"fullgraph": not hooked if fullgraph is None else fullgraph}
+    options |= {"backend": backend, "mode": mode}
     if in_graph:
         accumulate = _with_traced_autograd(torch.compile(loss_and_backward, **options))
     else:
