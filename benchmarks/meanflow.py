@@ -281,10 +281,7 @@ def jvp_subset(model: Model, z: Tensor, r: Tensor, t: Tensor, v: Tensor, cond: T
     Returns:
         du/dt, shaped like ``z``.
     """
-    keep = torch.nonzero(r != t).squeeze(1)
-    dudt = torch.zeros_like(z)
-    if keep.numel() == 0:
-        return dudt
+    keep = torch.nonzero(r != t).squeeze(1)  # an empty subset runs an empty JVP
 
     def u_fn(z_: Tensor, r_: Tensor, t_: Tensor) -> Tensor:
         return model(z_, t_, r_, None if cond is None else cond[keep])
@@ -292,7 +289,7 @@ def jvp_subset(model: Model, z: Tensor, r: Tensor, t: Tensor, v: Tensor, cond: T
     primals = (z[keep], r[keep], t[keep])
     tangents = (v[keep].to(z.dtype), torch.zeros_like(r[keep]), torch.ones_like(t[keep]))
     _, dudt_keep = torch.func.jvp(u_fn, primals, tangents)
-    return dudt.index_copy(0, keep, dudt_keep.to(dudt.dtype))
+    return torch.zeros_like(z).index_copy(0, keep, dudt_keep.to(z.dtype))
 
 
 def meanflow_target(v: Tensor, dudt: Tensor, r: Tensor, t: Tensor) -> Tensor:

@@ -36,16 +36,28 @@ graphs: the loss path between the wrapper's calls, and the network inside each c
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
 from soflow_core._validation import check_choice, check_int
-from soflow_core.objective import SoFlowObjective, TrainingBatch
+from soflow_core.objective import TrainingBatch
 from soflow_core.typing import Backbone
 
-__all__ = ["BACKWARDS", "StepBackward", "TrainingStep", "has_gradient_hooks", "make_training_step"]
+__all__ = ["BACKWARDS", "StepBackward", "StepObjective", "TrainingStep", "has_gradient_hooks", "make_training_step"]
+
+@runtime_checkable
+class StepObjective(Protocol):
+    """What a training step needs of an objective: [`SoFlowObjective`][soflow_core.SoFlowObjective], or another.
+
+    ``loss(model, batch)`` evaluates the objective on a batch of draws and returns an object with
+    ``backprop`` (the scalar to backpropagate) and ``metrics`` (detached tensors).
+    """
+
+    def loss(self, model: Backbone, batch: Any) -> Any:
+        """The objective's output on ``batch``."""
+
 
 StepBackward = Literal["auto", "graph", "autograd"]
 """Where a compiled step's backward runs; see [`make_training_step`][soflow_core.train.make_training_step]."""
@@ -110,7 +122,7 @@ def has_gradient_hooks(model: object) -> bool:
 
 
 def make_training_step(
-    objective: SoFlowObjective,
+    objective: StepObjective,
     model: Backbone,
     optimizer: torch.optim.Optimizer,
     *,
@@ -139,7 +151,7 @@ def make_training_step(
     mask tensors; see [`PassReplay`][soflow_core._rng.PassReplay].
 
     Args:
-        objective: The SoFlow objective.
+        objective: The SoFlow objective (or any [`StepObjective`][soflow_core.train.step.StepObjective]).
         model: The backbone (a module, a DDP/FSDP wrapper, or any callable).
         optimizer: The optimizer of the model's parameters.
         accumulation_steps: N, the micro-batches per optimizer step: each ``accumulate`` adds
