@@ -382,7 +382,8 @@ def measure_variant(name: str, config: BenchConfig) -> dict:
     if config.threads:
         torch.set_num_threads(config.threads)
     row = _row_header(name)
-    cpu_memory = device.type == "cpu" and config.isolate
+    # A compiled row's peak RSS on a CPU is the compiler's (dynamo, AOTAutograd, Inductor), not the step's.
+    cpu_memory = device.type == "cpu" and config.isolate and not VARIANTS[name].compile
     rss_before = _rss_mb() if cpu_memory else None
     step = None
     try:
@@ -533,7 +534,8 @@ def markdown_table(rows: list[dict], config: BenchConfig) -> str:
         "peak `torch.cuda.max_memory_allocated` over the timed steps"
         if config.device.startswith("cuda") and not config.interleave
         else (
-            "peak RSS growth above the RSS before the model was built (one process per row)"
+            "peak RSS growth above the RSS before the model was built (one process per row; not for the compiled "
+            "rows, whose peak RSS is the compiler's)"
             if config.isolate and not config.device.startswith("cuda")
             else "not measured (CPU without --isolate, or CUDA with --interleave)"
         )
@@ -668,9 +670,16 @@ def parse_config(argv: list[str] | None = None) -> BenchConfig:
 
 
 def _memory_pass(rows: list[dict], config: BenchConfig) -> None:
-    """Add each row's peak memory from a run of its own in a fresh process (warm-up steps and two timed steps)."""
+    """Add each row's peak memory from a run of its own in a fresh process (warm-up steps and two timed steps).
+
+    On a CPU the compiled rows are left out: their peak RSS would be the compiler's own memory
+    (dynamo, AOTAutograd and Inductor run inside the process), not the step's.
+    """
     short = dataclasses.replace(config, iters=2, interleave=False)
     for row in rows:
+        if row.get("compile") and not config.device.startswith("cuda"):
+            row["memory_note"] = "not measured: a compiled row's peak RSS on a CPU is the compiler's"
+            continue
         isolated = _run_isolated(row["variant"], short)
         row["peak_memory_mb"] = isolated.get("peak_memory_mb")
         row["step_peak_memory_mb"] = isolated.get("step_peak_memory_mb")
