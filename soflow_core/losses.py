@@ -566,7 +566,7 @@ class SolutionConsistencyLoss:
     """The JVP-free solution-consistency loss: a grad pass at (x_t, t, s) and a no-grad teacher at (x_ℓ, ℓ, s).
 
     The teacher is the same online network under ``no_grad`` (not an EMA copy), run with the
-    random draws of the grad pass replayed (see [`PassReplay`][soflow_core._rng.PassReplay]), so
+    random draws of the grad pass replayed (see [shared dropout masks](../method.md#shared-dropout-masks)), so
     dropout layers apply the same masks in both passes, on CPU and on accelerators, eagerly and
     under ``torch.compile``. The replay is skipped for a module without active dropout layers
     (dropout applied functionally in its ``forward`` is then not replayed); a backbone that is not

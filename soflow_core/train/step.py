@@ -148,7 +148,7 @@ def make_training_step(
 
     Under ``torch.compile``, dropout masks are drawn inside the graph from PyTorch's default
     generator (seed it per step for reproducibility) and the teacher pass reuses the student's
-    mask tensors; see [`PassReplay`][soflow_core._rng.PassReplay].
+    mask tensors; see [shared dropout masks](../method.md#shared-dropout-masks).
 
     Args:
         objective: The SoFlow objective (or any [`StepObjective`][soflow_core.train.step.StepObjective]).
