@@ -50,7 +50,6 @@ import gc
 import json
 import math
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -324,7 +323,16 @@ def _rss_mb() -> float:
 
 
 def _max_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    """The peak RSS of this process image (``VmHWM``).
+
+    Not ``getrusage``'s ``ru_maxrss``: Linux carries that across ``fork`` + ``exec``, so a worker
+    started by a large parent would report the parent's peak.
+    """
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError("no VmHWM line in /proc/self/status")
 
 
 def _row_header(name: str) -> dict:
@@ -348,6 +356,21 @@ def _failure(name: str, error: BaseException) -> dict:
         return {"status": "unsupported", "error": message}
     traceback.print_exc()
     return {"status": "error", "error": message}
+
+
+def count_flops(step: Step) -> int:
+    """FLOPs of one training step of an eager row, counted by ``torch.utils.flop_counter.FlopCounterMode``.
+
+    Every matrix product, convolution and attention call of the step (forward passes with and
+    without gradient, the JVP's tangent pass, the backward) at 2 FLOPs per multiply-add;
+    elementwise work is not counted.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step.run()
+    return counter.get_total_flops()
 
 
 def _time_one(step: Step, device: torch.device) -> float:
@@ -391,6 +414,7 @@ def measure_variant(name: str, config: BenchConfig) -> dict:
         row |= {"attention": step.attention, "backend": step.backend, "dtype": step.dtype}
         for _ in range(config.warmup):
             step.run()
+        row["flops_per_step"] = None if VARIANTS[name].compile else count_flops(step)
         times = []
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -449,6 +473,7 @@ def measure_interleaved(names: tuple[str, ...], config: BenchConfig) -> list[dic
             rows[name] |= {"attention": step.attention, "backend": step.backend, "dtype": step.dtype}
             for _ in range(config.warmup):
                 step.run()
+            rows[name]["flops_per_step"] = None if VARIANTS[name].compile else count_flops(step)
             steps[name] = step
         except Exception as error:
             rows[name] |= _failure(name, error)
@@ -498,6 +523,11 @@ def add_ratios(rows: list[dict]) -> None:
     measured (whichever JVP variant and compile setting), ``memory_vs_leanest_meanflow`` by
     their lowest peak memory; the names are in ``fastest_meanflow`` and ``leanest_meanflow``.
     """
+    by_name = {row["variant"]: row for row in rows}
+    for row in rows:  # compiling changes no FLOP: a compiled row counts as its eager twin
+        twin = by_name.get(row["variant"].removesuffix("+compile"), {})
+        if row.get("compile") and row.get("flops_per_step") is None:
+            row["flops_per_step"] = twin.get("flops_per_step")
     meanflow = [row for row in rows if row["method"] == "meanflow" and row.get("status") == "ok"]
     best = {}
     for key, field in (("fastest", "median_ms"), ("leanest", "peak_memory_mb")):
@@ -516,6 +546,8 @@ def add_ratios(rows: list[dict]) -> None:
             base = best[key]
             row[f"{key}_meanflow"] = base["variant"] if base else None
             row[ratio_name] = _ratio(row, base, field) if ok and base else None
+        base = best["fastest"]
+        row["flops_vs_fastest_meanflow"] = _ratio(row, base, "flops_per_step") if base else None
 
 
 def _ratio(row: dict, base: dict, field: str) -> float | None:
@@ -554,8 +586,8 @@ def markdown_table(rows: list[dict], config: BenchConfig) -> str:
         "kernels).",
         "",
         "| variant | attention | forward | loss backend | dtype | step ms (p20–p80) | images/s | peak MiB "
-        "| time × fastest MF | memory × leanest MF | status |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| GFLOP per step | time × fastest MF | FLOPs × fastest MF | memory × leanest MF | status |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         forward = row.get("forward_batching", "–") if row["method"] == "soflow" else row.get("jvp_variant", "–")
@@ -566,7 +598,9 @@ def markdown_table(rows: list[dict], config: BenchConfig) -> str:
         lines.append(
             f"| {row['variant']} | {row.get('attention', '–')} | {forward} | {row.get('backend', '–')} | "
             f"{row.get('dtype', '–')} | {step} | {_fmt(row.get('images_per_s'), '.1f')} | "
-            f"{_fmt(row.get('peak_memory_mb'), '.0f')} | {_fmt(row.get('time_vs_fastest_meanflow'), '.2f')} | "
+            f"{_fmt(row.get('peak_memory_mb'), '.0f')} | {_fmt(_giga(row.get('flops_per_step')), '.1f')} | "
+            f"{_fmt(row.get('time_vs_fastest_meanflow'), '.2f')} | "
+            f"{_fmt(row.get('flops_vs_fastest_meanflow'), '.2f')} | "
             f"{_fmt(row.get('memory_vs_leanest_meanflow'), '.2f')} | {row['status']} |"
         )
     lines += ["", *headline(rows)]
@@ -575,6 +609,10 @@ def markdown_table(rows: list[dict], config: BenchConfig) -> str:
         lines += ["", "Rows that did not run:", ""]
         lines += [f"* `{row['variant']}` ({row['status']}): {row.get('error', '')}" for row in failed]
     return "\n".join(lines) + "\n"
+
+
+def _giga(value: float | None) -> float | None:
+    return None if value is None else value / 1e9
 
 
 def headline(rows: list[dict]) -> list[str]:
@@ -587,8 +625,10 @@ def headline(rows: list[dict]) -> list[str]:
     for row in rows:
         if row["variant"] in ("soflow", "soflow+compile") and row.get("status") == "ok":
             memory = row.get("memory_vs_leanest_meanflow")
+            flops = row.get("flops_vs_fastest_meanflow")
             lines.append(
                 f"`{row['variant']}`: step time {row['time_vs_fastest_meanflow']:.2f}× the fastest MeanFlow row"
+                + (f" (counted FLOPs {flops:.2f}×)" if flops is not None else "")
                 + (f", peak memory {memory:.2f}× the leanest." if memory is not None else ".")
             )
     return [" ".join(lines)]

@@ -83,6 +83,7 @@ def test_jvp_vs_soflow_tiny(tmp_path):
         assert row["fastest_meanflow"] == f"meanflow_{fastest}"
         assert row["time_vs_fastest_meanflow"] == row[f"time_vs_meanflow_{fastest}"]
         assert row["peak_memory_mb"] is None and row["memory_vs_leanest_meanflow"] is None  # CPU, not isolated
+        assert row["flops_per_step"] > 0
     assert by_name["meanflow_shared_primal"]["time_vs_meanflow_shared_primal"] == 1.0
     assert by_name["ref+attn_math"]["attention"] == "math"
     assert by_name["meanflow_separate"]["attention"].startswith("math for the JVP")
@@ -113,6 +114,9 @@ def test_jvp_vs_soflow_compiled_rows_interleaved(tmp_path):
     for row in ok:
         assert row["fastest_meanflow"] == fastest["variant"]
         assert abs(row["time_vs_fastest_meanflow"] - row["median_ms"] / fastest["median_ms"]) < 1e-9
+    # Counted FLOPs: compiling changes none.
+    assert rows["soflow+compile"]["flops_per_step"] == rows["soflow"]["flops_per_step"] > 0
+    assert rows["meanflow_separate+compile"]["flops_per_step"] == rows["meanflow_separate"]["flops_per_step"]
     table = (tmp_path / "t.md").read_text()
     assert "`soflow+compile`: step time" in table and "`meanflow_subset+compile` (unsupported)" in table
 
