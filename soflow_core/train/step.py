@@ -47,6 +47,7 @@ from soflow_core.typing import Backbone
 
 __all__ = ["BACKWARDS", "StepBackward", "StepObjective", "TrainingStep", "has_gradient_hooks", "make_training_step"]
 
+
 @runtime_checkable
 class StepObjective(Protocol):
     """What a training step needs of an objective: [`SoFlowObjective`][soflow_core.SoFlowObjective], or another.
