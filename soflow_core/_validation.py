@@ -287,4 +287,5 @@ def checked_backbone(backbone: Callable[..., object], context: str | None = None
             raise
         return check_backbone_output(output, x)
 
+    call.__wrapped__ = backbone  # type: ignore[attr-defined]  # dropout detection looks through it
     return call

@@ -20,7 +20,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from soflow_core._rng import replay_rng, snapshot_rng
+from soflow_core._rng import PassReplay, may_use_dropout
 from soflow_core._tensor import bcast_right
 from soflow_core._validation import (
     check_choice,
@@ -658,8 +658,11 @@ class SolutionConsistencyLoss:
     """The JVP-free solution-consistency loss: a grad pass at (x_t, t, s) and a no-grad teacher at (x_ℓ, ℓ, s).
 
     The teacher is the same online network under ``no_grad`` (not an EMA copy), run with the
-    random-number stream rewound to where the grad pass started, so dropout layers draw the
-    same masks in both passes (on CPU and on accelerators).
+    random draws of the grad pass replayed (see [shared dropout masks](../method.md#shared-dropout-masks)), so
+    dropout layers apply the same masks in both passes, on CPU and on accelerators, eagerly and
+    under ``torch.compile``. The replay is skipped for a module without active dropout layers
+    (dropout applied functionally in its ``forward`` is then not replayed); a backbone that is not
+    an ``nn.Module`` is always replayed.
 
     Attributes:
         param: The solution parameterization.
@@ -713,9 +716,10 @@ class SolutionConsistencyLoss:
         check_time_order("s", s, "ell", ell, strict=False)
         check_time_order("ell", ell, "t", t, strict=True)
         backbone = _checked_labels(backbone, cond)
-        snapshot = snapshot_rng(x_t.device)
-        network_output = backbone(x_t, t, s, cond)
-        with torch.no_grad(), replay_rng(snapshot):
+        replay = PassReplay(x_t.device, enabled=may_use_dropout(backbone))
+        with replay.record():
+            network_output = backbone(x_t, t, s, cond)
+        with torch.no_grad(), replay.replay():
             x_ell = teacher_state(x_t, velocity, t, ell, backend=self.backend)
             teacher_output = backbone(x_ell, ell, s, cond)
         return solution_consistency_loss_from_teacher(

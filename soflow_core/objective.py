@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from soflow_core._rng import randn, replay_rng, snapshot_rng
+from soflow_core._rng import PassReplay, has_active_dropout, may_use_dropout, randn
 from soflow_core._validation import (
     check_choice,
     check_cond,
@@ -174,27 +174,6 @@ def split_sizes(batch_size: int, fm_fraction: float) -> tuple[int, int]:
     """
     n_fm = int(fm_fraction * batch_size)
     return n_fm, batch_size - n_fm
-
-
-def has_active_dropout(model: object) -> bool:
-    """Whether ``model`` is a module in training mode holding a dropout layer with p > 0.
-
-    Args:
-        model: The backbone.
-
-    Returns:
-        True if some dropout layer would draw random masks.
-    """
-    if not isinstance(model, nn.Module):
-        return False
-    for module in model.modules():
-        if not module.training:
-            continue
-        if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
-            return True
-        if isinstance(module, nn.MultiheadAttention) and module.dropout > 0:
-            return True
-    return False
 
 
 def _cat(parts: Sequence[Tensor | None]) -> Tensor | None:
@@ -495,6 +474,22 @@ class SoFlowObjective:
             return not has_active_dropout(model)
         return self.forward_batching == "joint"
 
+    def replays_dropout(self, model: Backbone) -> bool:
+        """Whether the teacher pass replays the random draws of the consistency grad call for ``model``.
+
+        True when the backbone has active dropout layers or is not an ``nn.Module`` (so cannot be
+        inspected), or when ``forward_batching="split"`` declares dropout the layer scan cannot
+        see. Otherwise nothing is snapshot or replayed (no generator read, no device
+        synchronisation).
+
+        Args:
+            model: The backbone.
+
+        Returns:
+            True if the step replays the student pass's random draws in the teacher pass.
+        """
+        return self.forward_batching == "split" or may_use_dropout(model)
+
     def loss(self, model: Backbone, batch: TrainingBatch) -> ObjectiveOutput:
         """Evaluate the objective on a batch of draws (deterministic given the batch and the network).
 
@@ -535,27 +530,28 @@ class SoFlowObjective:
                     uncond_sc = next(outs)
                     model_sc = next(outs) if guidance.needs_model_velocity else None
 
-        # 2. The grad call(s); the RNG snapshot is taken right before the consistency samples' call.
+        # 2. The grad call(s); the consistency samples' call is recorded for the teacher's replay.
         device = (fm or sc).x_t.device  # type: ignore[union-attr]
+        replay = PassReplay(device, enabled=sc is not None and self.replays_dropout(model))
         fm_out = sc_out = None
         if joint:
-            snapshot = snapshot_rng(device)
             requests = []
             if fm is not None:
                 requests.append((fm.x_t, fm.t, fm.t, fm.cond))
             if sc is not None:
                 requests.append((sc.x_t, sc.t, sc.s, sc.cond))
-            outs = iter(_batched_call(model, requests, joint=True))
+            with replay.record():
+                outs = iter(_batched_call(model, requests, joint=True))
             fm_out = next(outs) if fm is not None else None
             sc_out = next(outs) if sc is not None else None
         else:
             if fm is not None:
                 fm_out = model(fm.x_t, fm.t, fm.t, fm.cond)
-            snapshot = snapshot_rng(device)
             if sc is not None:
-                sc_out = model(sc.x_t, sc.t, sc.s, sc.cond)
+                with replay.record():
+                    sc_out = model(sc.x_t, sc.t, sc.s, sc.cond)
 
-        # 3. Losses; the teacher call replays the random stream of the consistency grad call.
+        # 3. Losses; the teacher call replays the random draws of the consistency grad call.
         fm_result = sc_result = None
         options = {"param": param, "backend": self.backend}
         if fm is not None:
@@ -568,7 +564,7 @@ class SoFlowObjective:
                 fm_out, fm.x_t, target, fm.t, weighting=self.weighting, **options
             )
         if sc is not None:
-            with torch.no_grad(), replay_rng(snapshot):
+            with torch.no_grad(), replay.replay():
                 if guidance is not None:
                     x_ell = guided_teacher_state(
                         sc.x_t, sc.v_t, uncond_sc, model_sc, sc.drop_mask, sc.t, sc.ell, guidance=guidance, **options
