@@ -515,7 +515,7 @@ def guided_teacher_state(
 ) -> Data:
     r"""[`teacher_state`][soflow_core.losses.teacher_state] with the guided velocity, in one fused pass.
 
-    $$x_\ell = x_t + (\ell - t)\,\tilde v$$ with ṽ as in
+    \(x_\ell = x_t + (\ell - t)\,\tilde v\) with ṽ as in
     [`guided_target_from_outputs`][soflow_core.losses.guided_target_from_outputs]; ṽ itself is
     never materialised.
 
