@@ -22,6 +22,7 @@ import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -53,13 +54,13 @@ class CifarConfig(T.TrainConfig):
     batch_size: int = 1024
     ema_every: int = 16
     ema_float64: bool = True
-    dropout: float = 0.3
-    model_channels: int = 128
-    channel_mult: str = "2,2,2"
-    num_blocks: int = 4
+    dropout: float = 0.3  # SongUNet dropout
+    model_channels: int = 128  # SongUNet base channels
+    channel_mult: str = "2,2,2"  # SongUNet channel multiplier per resolution, comma-separated
+    num_blocks: int = 4  # SongUNet residual blocks per resolution
     augment: bool | None = None  # EDM augmentation; None: on for the UNet, off for a DiT
-    augment_p: float = 0.12
-    backend: str = "auto"
+    augment_p: float = 0.12  # EDM augmentation probability
+    backend: Literal["auto", "torch", "triton"] = "auto"  # loss-path kernels ("auto": Triton on CUDA)
 
 
 PRESETS = {
@@ -80,6 +81,12 @@ PRESETS = {
 }
 
 
+PRESETS_HELP = {
+    "paper": "the paper's CIFAR-10 run: 800 000 steps at global batch 1024 (a multi-GPU job)",
+    "tiny": "a 4-step smoke run of a small SongUNet (seconds on a CPU; its samples are noise)",
+}
+
+
 def synthetic_cifar(count: int) -> tuple[np.ndarray, np.ndarray]:
     """Deterministic uint8 images (N, 3, 32, 32): colored bars whose angle and color depend on the index."""
     index = np.arange(count)
@@ -97,7 +104,7 @@ def resolve(config: CifarConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    config, parser = T.parse_config(CifarConfig, PRESETS, argv, __doc__, "paper")
+    config, parser = T.parse_config(CifarConfig, PRESETS, argv, __doc__, "paper", PRESETS_HELP)
     if config.net != "unet" and config.net not in T.ALL_DIT_SIZES:
         parser.error(f"--net must be unet or one of {', '.join(T.ALL_DIT_SIZES)}; got {config.net!r}")
     if config.net != "unet" and config.augment:
