@@ -78,7 +78,7 @@ EXTRA_DIT_SIZES: dict[str, DiTSize] = {
 }
 ALL_DIT_SIZES: dict[str, DiTSize] = {**DIT_SIZES, **EXTRA_DIT_SIZES}
 
-# Baked-in guidance scale ω per size (spec §11.2: B/4 from imagenet.yaml; the others are
+# Baked-in guidance scale ω per size (B/4 from the official imagenet.yaml; the others are
 # reported by the paper text and not confirmed against the released per-model configs).
 GUIDANCE_SCALE = {"DiT-B/4": 3.0, "DiT-B/2": 2.5, "DiT-M/2": 2.25, "DiT-L/2": 2.0, "DiT-XL/2": 2.0}
 # Planned run length K per size: 80 epochs for B/4, 240 epochs (1.2 M steps at batch 256) for the rest.

@@ -1,4 +1,4 @@
-"""Train an unconditional one-step SoFlow generator on CIFAR-10 (the reference recipe, spec §10-§11).
+"""Train an unconditional one-step SoFlow generator on CIFAR-10 (the official recipe).
 
     python examples/train_dit_cifar10.py --data data/cifar-10-batches-py --out runs/cifar_unet
     torchrun --nproc_per_node 8 examples/train_dit_cifar10.py --data data/cifar-10-batches-py --out runs/cifar_unet
@@ -46,7 +46,7 @@ then pass --data data/cifar-10-batches-py."""
 
 @dataclass(frozen=True, kw_only=True)
 class CifarConfig(T.TrainConfig):
-    """The CIFAR-10 run; defaults are the reference SongUNet recipe (spec §11.1)."""
+    """The CIFAR-10 run; defaults are the reference SongUNet recipe (the official code's CIFAR-10 config)."""
 
     out: str = "runs/cifar10"
     net: str = "unet"  # "unet" (SongUNet) or a DiT size such as "DiT-S/2" (patch 2, unconditional)

@@ -1,4 +1,4 @@
-"""Train a class-conditional SoFlow DiT on ImageNet-256 VAE latents (the reference recipe, spec §10-§11).
+"""Train a class-conditional SoFlow DiT on ImageNet-256 VAE latents (the official recipe).
 
     # 1 GPU / 8 GPUs / several nodes (global batch 256 is split over ranks and --grad-accum)
     python examples/train_dit_imagenet.py --data data/imagenet256_latents --out runs/dit_b4
@@ -51,7 +51,7 @@ then pass --data data/imagenet256_latents."""
 
 @dataclass(frozen=True, kw_only=True)
 class ImageNetConfig(T.TrainConfig):
-    """The ImageNet-256 run; defaults are the reference DiT-B/4 recipe (spec §11.1)."""
+    """The ImageNet-256 run; defaults are the reference DiT-B/4 recipe (the official code's imagenet.yaml)."""
 
     out: str = "runs/dit_imagenet"
     model: str = "DiT-B/4"  # any of DIT_SIZES (B/4, B/2, M/2, L/2, XL/2) or a small extra size

@@ -1,4 +1,4 @@
-r"""`SoFlowObjective`: one training step's loss, composed from the building blocks (spec §5.3, §15).
+r"""`SoFlowObjective`: one training step's loss, composed from the building blocks (see the Method page).
 
 The objective owns no network, optimizer or state. Each call draws noise, times and label
 masks from an explicit ``generator``, evaluates the backbone in as few batched calls as the
@@ -592,7 +592,7 @@ class SoFlowObjective:
 
 
 def _combine(fm: FlowMatchingOutput | None, sc: ConsistencyOutput | None, batch_size: int) -> ObjectiveOutput:
-    """L = L_FM·N_fm/B + L_sur·N_c/B with merged metrics (spec §5.3)."""
+    """L = L_FM·N_fm/B + L_sur·N_c/B with merged metrics (SoFlow paper; see the Method page of the docs)."""
     terms: list[Tensor] = []
     metrics: dict[str, Tensor] = {}
     for part in (fm, sc):

@@ -1,4 +1,4 @@
-r"""Exponential moving average (EMA) of a network's parameters, as the SoFlow recipes use it (spec §10).
+r"""Exponential moving average (EMA) of a network's parameters, as the SoFlow recipes use it (see the Method page).
 
 The EMA keeps a shadow copy of every parameter and buffer of a module. After an optimizer
 step ``k`` (0-based, the number of steps finished before this one), the rule
