@@ -104,6 +104,9 @@ class TrainConfig:
     ema_decay: float = 0.9999  # EMA decay per EMA update (the paper's rule: constant)
     ema_every: int = 1  # EMA period n (1: every step; 16: the CIFAR-10 rule)
     ema_float64: bool = False  # keep the EMA in float64
+    # cap the EMA's kept weight by (1 + u)/(10 + u) at update u (diffusers' EMAModel rule), so the sample grids of a
+    # short run show what it learned; the paper's rule has no warm-up
+    ema_warmup: bool = False
     ckpt_every: int = 25_000  # checkpoint period in steps (and at the end)
     keep: int = 3  # checkpoints kept
     log_every: int = 100  # metrics.jsonl / progress-bar period in steps
@@ -904,7 +907,13 @@ def train(task: Task, runtime: Runtime, folder: RunFolder) -> dict[str, Any]:
         backend=config.compile_backend,
     )
     wanted = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-    ema = EMA(net, decay=config.ema_decay, every=config.ema_every, dtype=torch.float64 if config.ema_float64 else None)
+    ema = EMA(
+        net,
+        decay=config.ema_decay,
+        every=config.ema_every,
+        dtype=torch.float64 if config.ema_float64 else None,
+        warmup=config.ema_warmup,
+    )
     stream = EpochStream(num_samples=task.num_samples, seed=config.seed)
 
     start_step, position, window = 0, 0, None

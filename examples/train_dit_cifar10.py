@@ -76,6 +76,7 @@ PRESETS = {
         log_every=1,
         sample_every=0,
         sample_grid=4,
+        ema_warmup=True,
         out="runs/cifar10_tiny",
     ),
 }
@@ -83,7 +84,7 @@ PRESETS = {
 
 PRESETS_HELP = {
     "paper": "the paper's CIFAR-10 run: 800 000 steps at global batch 1024 (a multi-GPU job)",
-    "tiny": "a 4-step smoke run of a small SongUNet (seconds on a CPU; its samples are noise)",
+    "tiny": "a 4-step smoke run of a small SongUNet (seconds on a CPU; EMA with warm-up)",
 }
 
 

@@ -75,6 +75,7 @@ PRESETS = {
         log_every=1,
         sample_every=0,
         sample_grid=4,
+        ema_warmup=True,
         out="runs/dit_imagenet_tiny",
     ),
 }
@@ -82,7 +83,7 @@ PRESETS = {
 
 PRESETS_HELP = {
     "paper": "the paper's DiT-B/4 run: 400 000 steps at global batch 256 (a multi-GPU job)",
-    "tiny": "a 6-step smoke run of a tiny DiT on 10 classes (seconds on a CPU; its samples are noise)",
+    "tiny": "a 6-step smoke run of a tiny DiT on 10 classes (seconds on a CPU; EMA with warm-up)",
 }
 
 
