@@ -33,3 +33,18 @@ def test_citation_names_the_paper_and_the_software():
 def test_project_urls_point_at_the_paper_and_the_official_code():
     urls = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["urls"]
     assert set(urls.values()) == {"https://arxiv.org/abs/2512.15657", "https://github.com/zlab-princeton/SoFlow"}
+
+
+def test_every_required_dependency_is_imported_by_the_library():
+    import re
+
+    requirements = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    sources = "\n".join(p.read_text() for p in (ROOT / "soflow_core").rglob("*.py"))
+    # beartype checks the jaxtyping annotations at run time when enabled (the tests do, through jaxtyping's
+    # import hook); nothing imports it by name
+    checker_only = {"beartype"}
+    for requirement in requirements:
+        name = re.match(r"[A-Za-z0-9_.-]+", requirement).group(0).replace("-", "_")
+        if name in checker_only:
+            continue
+        assert re.search(rf"^\s*(import|from) {name}\b", sources, re.M), f"{name} is required but never imported"
