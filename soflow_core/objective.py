@@ -32,6 +32,7 @@ from soflow_core._validation import (
     check_same_dtype,
     check_same_shape,
     check_tensor,
+    check_total_steps,
     check_values,
     checked_backbone,
     class_count,
@@ -215,8 +216,11 @@ class SoFlowObjective:
         guidance: Training-time classifier-free guidance, or None.
         forward_batching: ``"joint"`` evaluates FM and consistency samples in one grad call;
             ``"split"`` uses separate calls (needed to share dropout masks); ``"auto"`` picks
-            ``"split"`` when the backbone is an ``nn.Module`` with active dropout, else ``"joint"``.
-            Functional dropout inside ``forward`` is not detected: choose ``"split"`` then.
+            ``"joint"`` only when the backbone reaches modules without active dropout, seen
+            through DDP, FSDP2, ``torch.compile``, ``functools.partial`` and closures over
+            ``torch.func.functional_call``; a callable that reaches no module, or a module with
+            active dropout, gets ``"split"``. Functional dropout inside ``forward`` (or in a
+            wrapper function) is not detected: choose ``"split"`` then.
             Both evaluate the same formulas; they agree up to the rounding of the backbone's
             batched matmuls, and bit for bit only for a batch-invariant backbone (see
             [Network calls per training step](../method.md#network-calls-per-training-step)).
@@ -371,7 +375,7 @@ class SoFlowObjective:
             TypeError: On non-tensor inputs or non-integer step counts.
         """
         check_int("step", step, low=0)
-        check_int("total_steps", total_steps, low=1)
+        check_total_steps(total_steps)
         check_generator("generator", generator)
         if self.check_inputs:
             self._check_draw_inputs(data, cond, noise)
@@ -471,7 +475,7 @@ class SoFlowObjective:
             True for one joint grad call, False for separate calls.
         """
         if self.forward_batching == "auto":
-            return not has_active_dropout(model)
+            return not may_use_dropout(model)
         return self.forward_batching == "joint"
 
     def replays_dropout(self, model: Backbone) -> bool:
