@@ -168,7 +168,7 @@ def _wrapped_objects(model: object) -> list[object]:
     for name in ("__wrapped__", "_torchdynamo_orig_callable"):  # functools.wraps, torch.compile of a function
         if hasattr(model, name):
             held.append(getattr(model, name))
-    if isinstance(model, functools.partial):  # partial(functional_call, module, params), partial(forward, ...)
+    if isinstance(model, functools.partial):  # partial(call, module, params) around torch.func.functional_call
         held += [model.func, *model.args, *model.keywords.values()]
     elif inspect.ismethod(model):  # module.forward, wrapper.__call__
         held.append(model.__self__)
@@ -190,7 +190,8 @@ def reachable_modules(model: object) -> list[nn.Module]:
     ``torch.compile`` (``_orig_mod``) hold the network as a sub-module, so ``.modules()`` sees
     through them. A function is followed through ``__wrapped__`` (``functools.wraps``, the checks
     this package adds), ``torch.compile``'s original callable, ``functools.partial`` (its function,
-    arguments and keywords: ``partial(torch.func.functional_call, module, params)``), bound
+    arguments and keywords: ``partial(call, module, params)`` with ``call`` running
+    ``torch.func.functional_call(module, params, (x, t, s, cond))``), bound
     methods (``module.forward``), the variables a closure captures (``lambda x, t, s, c:
     functional_call(module, params, (x, t, s, c))``) and the attributes of a callable object.
 
