@@ -27,6 +27,7 @@ from soflow_core import (
     sample_one_step,
     solution_consistency_loss,
 )
+from soflow_core._validation import check_total_steps
 from soflow_core.guidance import drop_cond
 from soflow_core.nets import DiT
 from soflow_core.time_samplers import make_schedule
@@ -257,9 +258,10 @@ def test_epoch_stream_arrays_are_the_callers_own():
     ids=["lightning-max_steps-unset", "zero", "infinite-epochs", "float"],
 )
 def test_a_bad_total_steps_says_what_to_pass_under_lightning_and_accelerate(total_steps, error):
-    calls = [lambda: LinearSchedule()(0, total_steps)]
-    if error is ValueError:  # the objective's annotations reject a float first when the jaxtyping hook runs
+    calls = [lambda: check_total_steps(total_steps)]  # the check the objective and the schedules share
+    if error is ValueError:  # their int annotations reject a float first when the jaxtyping hook runs
         calls.append(lambda: SoFlowObjective().sample_batch(X, step=0, total_steps=total_steps))
+        calls.append(lambda: LinearSchedule()(0, total_steps))
     for call in calls:
         with pytest.raises(error, match="total_steps") as caught:
             call()
