@@ -83,3 +83,27 @@ def soflow_checkpoint(out: Path, step: int) -> Path:
 @pytest.mark.parametrize("script", ["ddp_torchrun.py", "fsdp2_torchrun.py"])
 def test_torchrun_recipes(script, tmp_path):
     check_recipe(script, soflow_checkpoint, tmp_path)
+
+
+def lightning_checkpoint(out: Path, step: int) -> Path:
+    return out / f"step={step}.ckpt"
+
+
+def accelerate_state(out: Path, step: int) -> Path:
+    return out / f"state-{step}"
+
+
+def test_lightning_recipe(tmp_path):
+    check_recipe("lightning_ddp.py", lightning_checkpoint, tmp_path)
+
+
+def test_accelerate_recipe(tmp_path):
+    check_recipe("accelerate_loop.py", accelerate_state, tmp_path)
+
+
+def test_accelerate_recipe_refuses_fewer_processes_than_expected(tmp_path):
+    """What ``accelerate launch --cpu --num_processes 2`` does (one process) is caught, not trained on."""
+    command = [sys.executable, "examples/recipes/accelerate_loop.py", "--out", str(tmp_path), "--expect-ranks", "2"]
+    result = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "--expect-ranks 2 but Accelerate runs 1 process" in result.stderr and "torchrun" in result.stderr
