@@ -226,11 +226,10 @@ def reachable_modules(model: object) -> list[nn.Module]:
 def has_active_dropout(model: object) -> bool:
     """Whether ``model`` reaches a module in training mode holding a dropout layer with p > 0.
 
-    Wrappers are seen through as [`reachable_modules`][soflow_core._rng.reachable_modules]
-    describes: DDP, FSDP2, ``torch.compile``, ``functools.partial`` and closures over
-    ``torch.func.functional_call``. Dropout applied functionally inside ``forward``, or by a
-    callable that reaches no module, is not detected: declare it with
-    ``forward_batching="split"``.
+    Wrappers are seen through as ``reachable_modules`` describes: DDP, FSDP2,
+    ``torch.compile``, ``functools.partial`` and closures over ``torch.func.functional_call``.
+    Dropout applied functionally inside ``forward``, or by a callable that reaches no module, is
+    not detected: declare it with ``forward_batching="split"``.
 
     Args:
         model: The backbone.
