@@ -437,12 +437,12 @@ def consistency_equivalent_loss(
     Computed in plain PyTorch (no fused kernel): one extra elementwise pass over the batch.
 
     Args:
-        network_output: F_θ(x_t, t, s), with gradient.
-        x_t: The state at time t.
-        f_ell: f_θ(x_ℓ, ℓ, s) from the teacher pass (treated as constant).
-        t: Time of x_t.
-        s: Target time, s ≤ ℓ.
-        ell: Intermediate time, ℓ < t.
+        network_output: The student's F_θ(x_t, t, s); the gradient flows through it.
+        x_t: Student input, the state at t.
+        f_ell: The teacher's solution f_θ(x_ℓ, ℓ, s), detached here.
+        t: Student time per sample.
+        s: Target time per sample (s ≤ ℓ).
+        ell: Teacher time per sample (ℓ < t).
         weight: w_i, the adaptive weight (treated as constant), e.g. ``ConsistencyOutput.weight``.
         param: The parameterization.
 

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import torch
 
-from soflow_core import SoFlowObjective, TrainingBatch
+from soflow_core import SoFlowObjective, TrainingBatch, check_distinct_draws, step_generator
 from soflow_core.data import sample_toy_2d
 from soflow_core.nets import MLPBackbone
+from soflow_core.train import EpochStream
 
 OBJECTIVE = SoFlowObjective()
 
@@ -85,3 +86,44 @@ def save_final_weights(out: Path, state: dict) -> None:
     """Write the trained weights (rank 0 only) so runs can be compared bit for bit."""
     out.mkdir(parents=True, exist_ok=True)
     torch.save({k: v.detach().cpu().clone() for k, v in state.items()}, out / "final.pt")
+
+
+class StepDraws:
+    """The torchrun recipes' batches: this rank's micro-batches of each optimizer step, with their draws.
+
+    The data order is an ``EpochStream`` (its whole state is the step) and every micro-batch draws
+    from ``step_generator(seed, step, micro)``, so a resumed run sees exactly the uninterrupted
+    run's batches and draws.
+    """
+
+    def __init__(self, args: argparse.Namespace, rank: int, world: int) -> None:
+        self.args, self.rank, self.world = args, rank, world
+        self.data = toy_data(args.seed, args.samples)
+        self.stream = EpochStream(num_samples=len(self.data), seed=args.seed)
+        self.global_batch = args.batch * args.accum * world
+        self.steps_per_epoch = len(self.data) // self.global_batch
+        self.total_steps = args.epochs * self.steps_per_epoch
+        self.trace = DrawTrace(args.out, rank, args.trace)
+
+    def steps(self, start: int):
+        """Yield the optimizer steps start, ..., K − 1, first checking once that the ranks draw differently."""
+        check_distinct_draws(step_generator(self.args.seed, start))  # opt-in; raises if two ranks draw alike
+        yield from range(start, self.total_steps)
+
+    def micro_batches(self, step: int, optimizer: torch.optim.Optimizer):
+        """Yield (micro, draws) for the micro-batches of optimizer step ``step``."""
+        args = self.args
+        for micro in range(args.accum):
+            indices = self.stream.micro_batch(
+                position=step * self.global_batch,
+                micro_batch_size=args.batch,
+                micro_step=micro,
+                rank=self.rank,
+                world_size=self.world,
+            )
+            generator = step_generator(args.seed, step, micro)  # distinct per rank and micro-batch
+            draws = OBJECTIVE.sample_batch(
+                self.data[indices], step=step, total_steps=self.total_steps, generator=generator
+            )
+            self.trace.record(step=step, micro=micro, optimizer_steps=optimizer_steps_taken(optimizer), batch=draws)
+            yield micro, draws

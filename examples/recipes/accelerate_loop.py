@@ -22,16 +22,8 @@ Checkpoints are written at epoch ends, where the prepared loader starts a fresh 
 
 import math
 
+import _common as common
 import torch
-from _common import (
-    OBJECTIVE,
-    DrawTrace,
-    optimizer_steps_taken,
-    recipe_arguments,
-    save_final_weights,
-    tiny_backbone,
-    toy_data,
-)
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration
 from torch.utils.data import DataLoader, TensorDataset
@@ -54,7 +46,7 @@ class StepCount:
 
 
 def main() -> None:
-    parser = recipe_arguments(__doc__.splitlines()[0])
+    parser = common.recipe_arguments(__doc__.splitlines()[0])
     parser.add_argument("--expect-ranks", type=int, default=None, help="fail unless this many processes run")
     args = parser.parse_args()
     accelerator = Accelerator(
@@ -67,9 +59,9 @@ def main() -> None:
             f"--expect-ranks {args.expect_ranks} but Accelerate runs {accelerator.num_processes} process(es); "
             "on CPU launch with torchrun --nproc_per_node N (accelerate launch --cpu starts one process)"
         )
-    dataset = TensorDataset(toy_data(args.seed, args.samples))
+    dataset = TensorDataset(common.toy_data(args.seed, args.samples))
     loader = DataLoader(dataset, batch_size=args.batch, shuffle=True)
-    model = tiny_backbone(args.seed)
+    model = common.tiny_backbone(args.seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     ema = EMA(accelerator.unwrap_model(model), decay=args.ema_decay)
@@ -79,7 +71,7 @@ def main() -> None:
     total_steps = args.epochs * steps_per_epoch
     if args.resume is not None:
         accelerator.load_state(args.resume)
-    trace = DrawTrace(args.out, accelerator.process_index, args.trace)
+    trace = common.DrawTrace(args.out, accelerator.process_index, args.trace)
 
     check_distinct_draws(step_generator(args.seed, progress.step))  # opt-in, once
     for epoch in range(progress.step // steps_per_epoch, args.epochs):
@@ -89,9 +81,11 @@ def main() -> None:
             step = progress.step  # optimizer steps taken, not micro-batches
             with accelerator.accumulate(model):
                 generator = step_generator(args.seed, step, micro)
-                draws = OBJECTIVE.sample_batch(data, step=step, total_steps=total_steps, generator=generator)
-                trace.record(step=step, micro=micro, optimizer_steps=optimizer_steps_taken(optimizer), batch=draws)
-                accelerator.backward(OBJECTIVE.loss(model, draws).backprop)  # divided by the accumulation steps
+                draws = common.OBJECTIVE.sample_batch(data, step=step, total_steps=total_steps, generator=generator)
+                trace.record(
+                    step=step, micro=micro, optimizer_steps=common.optimizer_steps_taken(optimizer), batch=draws
+                )
+                accelerator.backward(common.OBJECTIVE.loss(model, draws).backprop)  # divided by the accumulation steps
                 optimizer.step()
                 optimizer.zero_grad()
             if accelerator.sync_gradients:  # an optimizer step was taken
@@ -102,7 +96,7 @@ def main() -> None:
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_final_weights(args.out, accelerator.unwrap_model(model).state_dict())
+        common.save_final_weights(args.out, accelerator.unwrap_model(model).state_dict())
     accelerator.end_training()
 
 

@@ -6,39 +6,25 @@ Every micro-batch draws from ``step_generator(seed, step, micro)``: distinct on 
 micro-batch (the rank comes from the process group) and exact after a resume, with no generator
 state to save. ``step`` counts optimizer steps, never micro-batches. The data order is an
 ``EpochStream``, whose whole state is the step, so a checkpoint holds weights, optimizer, EMA
-and the step only.
+and the step only. Both live in ``_common.StepDraws``, shared with the FSDP2 recipe.
 """
 
 import contextlib
 
+import _common as common
 import torch
 import torch.distributed as dist
-from _common import (
-    OBJECTIVE,
-    DrawTrace,
-    optimizer_steps_taken,
-    recipe_arguments,
-    save_final_weights,
-    tiny_backbone,
-    toy_data,
-)
 from torch.nn.parallel import DistributedDataParallel
 
-from soflow_core import check_distinct_draws, step_generator
-from soflow_core.train import EMA, EpochStream, load_checkpoint, save_checkpoint
+from soflow_core.train import EMA, load_checkpoint, save_checkpoint
 
 
 def main() -> None:
-    args = recipe_arguments(__doc__.splitlines()[0]).parse_args()
+    args = common.recipe_arguments(__doc__.splitlines()[0]).parse_args()
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    data = toy_data(args.seed, args.samples)
-    stream = EpochStream(num_samples=len(data), seed=args.seed)
-    global_batch = args.batch * args.accum * world
-    steps_per_epoch = len(data) // global_batch
-    total_steps = args.epochs * steps_per_epoch
+    batches = common.StepDraws(args, dist.get_rank(), dist.get_world_size())
 
-    model = tiny_backbone(args.seed)
+    model = common.tiny_backbone(args.seed)
     ddp = DistributedDataParallel(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     ema = EMA(model, decay=args.ema_decay)
@@ -49,32 +35,23 @@ def main() -> None:
         optimizer.load_state_dict(state["optimizer"])
         ema.load_state_dict(state["ema"])
         start = state["step"]
-    trace = DrawTrace(args.out, rank, args.trace)
-
-    for step in range(start, total_steps):
-        if step == start:  # opt-in, once: raises if two ranks would draw alike
-            check_distinct_draws(step_generator(args.seed, step))
-        for micro in range(args.accum):
-            indices = stream.micro_batch(
-                position=step * global_batch, micro_batch_size=args.batch, micro_step=micro, rank=rank, world_size=world
-            )
-            generator = step_generator(args.seed, step, micro)
-            batch = OBJECTIVE.sample_batch(data[indices], step=step, total_steps=total_steps, generator=generator)
-            trace.record(step=step, micro=micro, optimizer_steps=optimizer_steps_taken(optimizer), batch=batch)
+    for step in batches.steps(start):  # check_distinct_draws once, before the first step
+        for micro, draws in batches.micro_batches(step, optimizer):  # draws from step_generator(seed, step, micro)
             last = micro == args.accum - 1
             with contextlib.nullcontext() if last else ddp.no_sync():  # all-reduce once, on the last micro-batch
-                out = OBJECTIVE.loss(ddp, batch)
+                out = common.OBJECTIVE.loss(ddp, draws)
                 (out.backprop / args.accum).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         ema.update(model, step=step)
         done = step + 1
-        if args.save_every_epoch and done % steps_per_epoch == 0 and rank == 0:
+        if args.save_every_epoch and done % batches.steps_per_epoch == 0 and dist.get_rank() == 0:
             payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "ema": ema.state_dict()}
             save_checkpoint(args.out, done, {**payload, "step": done})
 
-    if rank == 0:
-        save_final_weights(args.out, model.state_dict())
+    if dist.get_rank() == 0:
+        common.save_final_weights(args.out, model.state_dict())
+    del ddp  # its reducer is torn down while the process group still exists
     dist.barrier()
     dist.destroy_process_group()
 

@@ -8,17 +8,9 @@ switched off on all but the last micro-batch. Checkpoints hold full (gathered) s
 by rank 0 and read by every rank; the EMA tracks the sharded parameters and gathers them to save.
 """
 
+import _common as common
 import torch
 import torch.distributed as dist
-from _common import (
-    OBJECTIVE,
-    DrawTrace,
-    optimizer_steps_taken,
-    recipe_arguments,
-    save_final_weights,
-    tiny_backbone,
-    toy_data,
-)
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -28,23 +20,18 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import fully_shard
 
-from soflow_core import check_distinct_draws, step_generator
-from soflow_core.train import EMA, EpochStream, load_checkpoint, save_checkpoint
+from soflow_core.train import EMA, load_checkpoint, save_checkpoint
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def main() -> None:
-    args = recipe_arguments(__doc__.splitlines()[0]).parse_args()
+    args = common.recipe_arguments(__doc__.splitlines()[0]).parse_args()
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    data = toy_data(args.seed, args.samples)
-    stream = EpochStream(num_samples=len(data), seed=args.seed)
-    global_batch = args.batch * args.accum * world
-    steps_per_epoch = len(data) // global_batch
-    total_steps = args.epochs * steps_per_epoch
+    rank = dist.get_rank()
+    batches = common.StepDraws(args, rank, dist.get_world_size())
 
-    model = tiny_backbone(args.seed)
+    model = common.tiny_backbone(args.seed)
     for block in model.blocks:
         fully_shard(block)
     fully_shard(model)
@@ -57,26 +44,16 @@ def main() -> None:
         set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
         ema.load_state_dict(state["ema"])
         start = state["step"]
-    trace = DrawTrace(args.out, rank, args.trace)
-
-    for step in range(start, total_steps):
-        if step == start:  # opt-in, once: raises if two ranks would draw alike
-            check_distinct_draws(step_generator(args.seed, step))
-        for micro in range(args.accum):
-            indices = stream.micro_batch(
-                position=step * global_batch, micro_batch_size=args.batch, micro_step=micro, rank=rank, world_size=world
-            )
-            generator = step_generator(args.seed, step, micro)
-            batch = OBJECTIVE.sample_batch(data[indices], step=step, total_steps=total_steps, generator=generator)
-            trace.record(step=step, micro=micro, optimizer_steps=optimizer_steps_taken(optimizer), batch=batch)
+    for step in batches.steps(start):  # check_distinct_draws once, before the first step
+        for micro, draws in batches.micro_batches(step, optimizer):  # draws from step_generator(seed, step, micro)
             model.set_requires_gradient_sync(micro == args.accum - 1)  # reduce-scatter once, on the last one
-            out = OBJECTIVE.loss(model, batch)
+            out = common.OBJECTIVE.loss(model, draws)
             (out.backprop / args.accum).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         ema.update(model, step=step)
         done = step + 1
-        if args.save_every_epoch and done % steps_per_epoch == 0:
+        if args.save_every_epoch and done % batches.steps_per_epoch == 0:
             payload = {  # gathering is a collective: every rank enters, rank 0 writes
                 "model": get_model_state_dict(model, options=FULL),
                 "optimizer": get_optimizer_state_dict(model, optimizer, options=FULL),
@@ -88,7 +65,7 @@ def main() -> None:
 
     weights = get_model_state_dict(model, options=FULL)
     if rank == 0:
-        save_final_weights(args.out, weights)
+        common.save_final_weights(args.out, weights)
     dist.barrier()
     dist.destroy_process_group()
 

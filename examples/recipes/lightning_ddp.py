@@ -21,17 +21,9 @@ batches of the uninterrupted run.
 
 import os
 
+import _common as common
 import lightning as L
 import torch
-from _common import (
-    OBJECTIVE,
-    DrawTrace,
-    optimizer_steps_taken,
-    recipe_arguments,
-    save_final_weights,
-    tiny_backbone,
-    toy_data,
-)
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -43,13 +35,13 @@ class SoFlowModule(L.LightningModule):
     def __init__(self, args) -> None:
         super().__init__()
         self.args = args
-        self.model = tiny_backbone(args.seed)
+        self.model = common.tiny_backbone(args.seed)
         self.ema = EMA(self.model, decay=args.ema_decay)
-        self.trace: DrawTrace | None = None
+        self.trace: common.DrawTrace | None = None
         self.checked = False
 
     def setup(self, stage: str) -> None:
-        self.trace = DrawTrace(self.args.out, self.global_rank, self.args.trace)
+        self.trace = common.DrawTrace(self.args.out, self.global_rank, self.args.trace)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         (data,) = batch
@@ -60,10 +52,10 @@ class SoFlowModule(L.LightningModule):
         if not self.checked:  # opt-in, once: raises if two ranks would draw alike
             check_distinct_draws(generator)
             self.checked = True
-        draws = OBJECTIVE.sample_batch(data, step=step, total_steps=total_steps, generator=generator)
-        optimizer_steps = optimizer_steps_taken(self.optimizers().optimizer)
+        draws = common.OBJECTIVE.sample_batch(data, step=step, total_steps=total_steps, generator=generator)
+        optimizer_steps = common.optimizer_steps_taken(self.optimizers().optimizer)
         self.trace.record(step=step, micro=micro, optimizer_steps=optimizer_steps, batch=draws)
-        return OBJECTIVE.loss(self.model, draws).backprop  # Lightning divides by accumulate_grad_batches
+        return common.OBJECTIVE.loss(self.model, draws).backprop  # Lightning divides by accumulate_grad_batches
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         if (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0:  # an optimizer step was just taken
@@ -80,10 +72,10 @@ class SoFlowModule(L.LightningModule):
 
 
 def main() -> None:
-    parser = recipe_arguments(__doc__.splitlines()[0])
+    parser = common.recipe_arguments(__doc__.splitlines()[0])
     parser.add_argument("--devices", type=int, default=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     args = parser.parse_args()
-    loader = DataLoader(TensorDataset(toy_data(args.seed, args.samples)), batch_size=args.batch, shuffle=True)
+    loader = DataLoader(TensorDataset(common.toy_data(args.seed, args.samples)), batch_size=args.batch, shuffle=True)
     callbacks = []
     if args.save_every_epoch:
         callbacks.append(ModelCheckpoint(dirpath=args.out, filename="{step}", every_n_epochs=1, save_top_k=-1))
@@ -102,7 +94,7 @@ def main() -> None:
     module = SoFlowModule(args)
     trainer.fit(module, loader, ckpt_path=args.resume)
     if trainer.is_global_zero:
-        save_final_weights(args.out, module.model.state_dict())
+        common.save_final_weights(args.out, module.model.state_dict())
 
 
 if __name__ == "__main__":
