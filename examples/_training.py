@@ -48,13 +48,13 @@ import torch.distributed as dist
 from _cli import config_parser, optional_import, resolve_config
 from torch import Tensor, nn
 
-from soflow_core import SoFlowObjective
+from soflow_core import SoFlowObjective, step_generator
 from soflow_core._files import atomic_save, atomic_write
 from soflow_core.nets import DIT_SIZES, DiT, SongUNet, load_weights, read_state_dict
 from soflow_core.nets.dit import DiTSize
 from soflow_core.parameterizations import param_name
 from soflow_core.paths import path_name
-from soflow_core.seeding import derive_seed, micro_batch_index, seeded_generator
+from soflow_core.seeding import seeded_generator
 from soflow_core.train import EpochStream
 from soflow_core.train.checkpoint import (
     CheckpointError,
@@ -1065,12 +1065,14 @@ def train(task: Task, runtime: Runtime, folder: RunFolder) -> dict[str, Any]:
             for step in range(start_step, end_step):
                 finite = torch.ones((), dtype=torch.bool, device=device)
                 for j in range(accum):
-                    m = micro_batch_index(j, runtime.rank, world)
                     indices = stream.micro_batch(
                         position=position, micro_batch_size=micro, micro_step=j, rank=runtime.rank, world_size=world
                     )
-                    generator = seeded_generator(config.seed, step, m, 0, device=device)
-                    torch.manual_seed(derive_seed(config.seed, step, m, 1))  # dropout masks
+                    # distinct per rank and micro-batch, exact after a resume: keyed on m = j·world + rank
+                    layout = {"rank": runtime.rank, "world_size": world}
+                    generator = step_generator(config.seed, step, j, **layout, device=device)
+                    dropout_seed = step_generator(config.seed, step, j, **layout, stream=1).initial_seed()
+                    torch.manual_seed(dropout_seed)  # dropout masks
                     raw = next(reads) if reads is not None else indices
                     data, cond = task.load_batch(raw, generator, device)
                     final = j == accum - 1

@@ -12,6 +12,8 @@ records the masks that ``torch.nn.functional.dropout`` draws in the first pass a
 same mask tensors to the second, since dynamo cannot trace generator states.
 """
 
+import functools
+import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,6 +31,7 @@ __all__ = [
     "may_use_dropout",
     "rand",
     "randn",
+    "reachable_modules",
     "replay_rng",
     "snapshot_rng",
 ]
@@ -156,27 +159,77 @@ def replay_rng(snapshot: RngSnapshot) -> Iterator[None]:
 # ---------------------------------------------------------------------------- replaying a pass
 
 
-def unwrap_callable(model: object) -> object:
-    """The callable behind ``model``'s ``__wrapped__`` chain (wrappers this package adds set it).
+_UNWRAP_DEPTH = 8
+
+
+def _wrapped_objects(model: object) -> list[object]:
+    """What a callable wrapper holds: the objects it calls through or closes over."""
+    held: list[object] = []
+    for name in ("__wrapped__", "_torchdynamo_orig_callable"):  # functools.wraps, torch.compile of a function
+        if hasattr(model, name):
+            held.append(getattr(model, name))
+    if isinstance(model, functools.partial):  # partial(call, module, params) around torch.func.functional_call
+        held += [model.func, *model.args, *model.keywords.values()]
+    elif inspect.ismethod(model):  # module.forward, wrapper.__call__
+        held.append(model.__self__)
+    elif inspect.isfunction(model):  # a lambda or closure calling functional_call(module, ...)
+        for cell in model.__closure__ or ():
+            try:
+                held.append(cell.cell_contents)
+            except ValueError:  # an empty cell
+                continue
+    elif not isinstance(model, type) and hasattr(model, "__dict__"):  # a callable object holding the network
+        held += list(vars(model).values())
+    return [obj for obj in held if isinstance(obj, nn.Module) or callable(obj)]
+
+
+def reachable_modules(model: object) -> list[nn.Module]:
+    """The ``nn.Module`` objects a backbone is, or calls through its wrappers.
+
+    A module is returned as it is: DDP (``.module``), FSDP2 (the module itself) and
+    ``torch.compile`` (``_orig_mod``) hold the network as a sub-module, so ``.modules()`` sees
+    through them. A function is followed through ``__wrapped__`` (``functools.wraps``, the checks
+    this package adds), ``torch.compile``'s original callable, ``functools.partial`` (its function,
+    arguments and keywords: ``partial(call, module, params)`` with ``call`` running
+    ``torch.func.functional_call(module, params, (x, t, s, cond))``), bound
+    methods (``module.forward``), the variables a closure captures (``lambda x, t, s, c:
+    functional_call(module, params, (x, t, s, c))``) and the attributes of a callable object.
 
     Args:
-        model: A backbone, possibly a function wrapping one.
+        model: A backbone: a module or any callable.
 
     Returns:
-        The innermost object of the chain (``model`` itself when nothing is wrapped).
+        The modules found (empty when none is reachable), each once.
+
+    Examples:
+        >>> import functools
+        >>> from torch import nn
+        >>> net = nn.Linear(2, 2)
+        >>> reachable_modules(functools.partial(torch.func.functional_call, net, {})) == [net]
+        True
     """
-    seen = 0
-    while not isinstance(model, nn.Module) and hasattr(model, "__wrapped__") and seen < 100:
-        model, seen = model.__wrapped__, seen + 1
-    return model
+    found: list[nn.Module] = []
+    seen: set[int] = set()
+    frontier: list[tuple[object, int]] = [(model, 0)]
+    while frontier:
+        obj, depth = frontier.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, nn.Module):
+            found.append(obj)
+        elif depth < _UNWRAP_DEPTH:
+            frontier += [(held, depth + 1) for held in reversed(_wrapped_objects(obj))]
+    return found
 
 
 def has_active_dropout(model: object) -> bool:
-    """Whether ``model`` is a module in training mode holding a dropout layer with p > 0.
+    """Whether ``model`` reaches a module in training mode holding a dropout layer with p > 0.
 
-    Wrappers (DDP, FSDP, ``torch.compile``) are modules holding the network, and functions that
-    name the module they wrap in ``__wrapped__`` are unwrapped, so both are seen through.
-    Dropout applied functionally inside ``forward`` is not detected.
+    Wrappers are seen through as ``reachable_modules`` describes: DDP, FSDP2,
+    ``torch.compile``, ``functools.partial`` and closures over ``torch.func.functional_call``.
+    Dropout applied functionally inside ``forward``, or by a callable that reaches no module, is
+    not detected: declare it with ``forward_batching="split"``.
 
     Args:
         model: The backbone.
@@ -191,32 +244,30 @@ def has_active_dropout(model: object) -> bool:
         >>> has_active_dropout(nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.1)).eval())
         False
     """
-    model = unwrap_callable(model)
-    if not isinstance(model, nn.Module):
-        return False
-    for module in model.modules():
-        if not module.training:
-            continue
-        if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
-            return True
-        if isinstance(module, nn.MultiheadAttention) and module.dropout > 0:
-            return True
+    for root in reachable_modules(model):
+        for module in root.modules():
+            if not module.training:
+                continue
+            if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
+                return True
+            if isinstance(module, nn.MultiheadAttention) and module.dropout > 0:
+                return True
     return False
 
 
 def may_use_dropout(model: object) -> bool:
-    """Whether a pass of ``model`` may draw dropout masks: it is not a module, or has active dropout.
+    """Whether a pass of ``model`` may draw dropout masks: it reaches no module, or has active dropout.
 
-    A callable that is not an ``nn.Module`` cannot be inspected, so it counts as random.
+    A callable through which no ``nn.Module`` is reachable cannot be inspected, so it counts as
+    random.
 
     Args:
         model: The backbone.
 
     Returns:
-        False only for a module without active dropout layers.
+        False only for a backbone that reaches modules, none with active dropout layers.
     """
-    model = unwrap_callable(model)
-    return not isinstance(model, nn.Module) or has_active_dropout(model)
+    return not reachable_modules(model) or has_active_dropout(model)
 
 
 def _argument(args: tuple, kwargs: dict, index: int, name: str, default: Any) -> Any:

@@ -50,6 +50,7 @@ __all__ = [
     "FlowMatchingOutput",
     "SolutionConsistencyLoss",
     "consistency_coefficients",
+    "consistency_equivalent_loss",
     "consistency_quotient",
     "flow_matching_loss",
     "flow_matching_loss_from_output",
@@ -411,6 +412,47 @@ def solution_consistency_loss_from_teacher(
         network_output, x_t, x_ell, teacher_output, coefficients, p=weighting.p, eps=weighting.eps, backend=backend
     )
     return _consistency_output(rows)
+
+
+def consistency_equivalent_loss(
+    network_output: Data,
+    x_t: Data,
+    f_ell: Data,
+    t: Time,
+    s: Time,
+    ell: Time,
+    weight: Float[Tensor, " b"],
+    *,
+    param: AbstractParam,
+) -> Float[Tensor, " b"]:
+    r"""The explicit weighted MSE of the solution-consistency loss, per sample, with its gradient.
+
+    $$L_{\text{eq},i} = \frac{w_i}{2\,|b(t_i,s_i)|\,(t_i - \ell_i)}\,
+        \tfrac{1}{n}\lVert f_t - \mathrm{sg}(f_\ell)\rVert^2 ,
+      \qquad f_t = a(t,s)\,x_t + b(t,s)\,F_\theta(x_t,t,s),$$
+
+    with w and f_ℓ held constant. Its gradient equals that of the division-free surrogate
+    (``backprop``), and unlike the surrogate its second derivatives are those of the loss, so
+    Hessian-vector products, MAML inner steps or gradient penalties may differentiate it twice.
+    Computed in plain PyTorch (no fused kernel): one extra elementwise pass over the batch.
+
+    Args:
+        network_output: The student's F_θ(x_t, t, s); the gradient flows through it.
+        x_t: Student input, the state at t.
+        f_ell: The teacher's solution f_θ(x_ℓ, ℓ, s), detached here.
+        t: Student time per sample.
+        s: Target time per sample (s ≤ ℓ).
+        ell: Teacher time per sample (ℓ < t).
+        weight: w_i, the adaptive weight (treated as constant), e.g. ``ConsistencyOutput.weight``.
+        param: The parameterization.
+
+    Returns:
+        L_eq per sample, with gradient through ``network_output``.
+    """
+    f_t = param.combine(x_t, network_output, t, s)
+    scale = weight.detach() / (2.0 * param.b(t, s).abs() * (t - ell))
+    squared = (f_t - f_ell.detach()).square().flatten(1).mean(dim=1)
+    return scale.to(squared.dtype) * squared
 
 
 def teacher_state(x_t: Data, velocity: Data, t: Time, ell: Time, *, backend: Backend = "auto") -> Data:

@@ -29,6 +29,7 @@ SCRIPTS = sorted(
     for p in (ROOT / folder).glob("*.py")
     if not p.name.startswith("_") and p.name != "meanflow.py"
 )
+RECIPES = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "examples" / "recipes").glob("*.py") if p.name[0] != "_")
 
 
 def _load(script: str):
@@ -73,6 +74,20 @@ def test_every_flag_has_help_and_default(script: str, capsys: pytest.CaptureFixt
         words = re.sub(r"^(\s*[A-Z_,.{}\[\]|-]+|\s*\{[^}]*\}|\s*A,B,\.\.\.)", "", text).strip()
         assert len(words.split()) >= 2, f"{script} {flag}: no help ({text!r})"
         assert "default" in text, f"{script} {flag}: no default shown ({text!r})"
+
+
+@pytest.mark.parametrize("script", RECIPES)
+def test_recipe_flags_have_help_and_default(script: str) -> None:
+    import subprocess
+
+    done = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    if done.returncode != 0 and "No module named" in done.stderr:
+        pytest.skip(f"{script} needs a package that is not installed: {done.stderr.strip().splitlines()[-1]}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    for flag, text in _options(done.stdout).items():
+        if flag != "-h":
+            assert "default" in text or "required" in text or flag in ("--out",), f"{script} {flag}: {text!r}"
+            assert len(text.split()) >= 3, f"{script} {flag}: no help ({text!r})"
 
 
 def test_paper_presets_say_their_size(capsys: pytest.CaptureFixture) -> None:
