@@ -111,7 +111,8 @@ _SCRIPT = re.compile(r"(?:^|\s)((?:examples|benchmarks)/[\w/]+\.py)(?=\s|$)")
 
 
 @cache
-def _help_of(script: str) -> str:
+def _help_of(script: str) -> str | None:
+    """The script's ``--help``, or None when it needs an optional package that is not installed."""
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     done = subprocess.run(
         [sys.executable, script, "--help"],
@@ -121,6 +122,8 @@ def _help_of(script: str) -> str:
         timeout=300,
         env=os.environ | {"PYTHONPATH": path},
     )
+    if done.returncode != 0 and "ModuleNotFoundError" in done.stderr:
+        return None
     assert done.returncode == 0, f"{script} --help fails: {done.stderr[-2000:]}"
     return done.stdout
 
@@ -153,6 +156,8 @@ def test_shell_blocks_call_existing_scripts_with_existing_flags(page: str, line:
         script = found.group(1)
         assert (ROOT / script).is_file(), f"{page}:{line}: {script} does not exist"
         listed = _help_of(script)
+        if listed is None:
+            pytest.skip(f"{script} needs an optional package that is not installed here")
         words = shlex.split(part.split(script, 1)[1], comments=True)
         for word in words:
             flag = word.split("=", 1)[0]
