@@ -1,7 +1,7 @@
 """Backbones. The losses never import this package; any callable ``model(x, t, s, cond)`` works."""
 
 from soflow_core.nets.dit import DIT_SIZES, DiT, DiTSize, load_dit_checkpoint, sincos_pos_embed_2d
-from soflow_core.nets.mlp import MLPBackbone, sinusoidal_embedding
+from soflow_core.nets.mlp import MLPBackbone, fourier_features, sinusoidal_embedding
 from soflow_core.nets.unet import SongUNet, positional_embedding
 
 __all__ = [
@@ -10,6 +10,7 @@ __all__ = [
     "DiTSize",
     "MLPBackbone",
     "SongUNet",
+    "fourier_features",
     "load_dit_checkpoint",
     "positional_embedding",
     "sincos_pos_embed_2d",
