@@ -108,16 +108,16 @@ def test_quality_at_equal_budget_tiny(tmp_path):
     config = json.loads((tmp_path / "q-config.json").read_text())
     toys = ["checkerboard", "eight_gaussians", "two_moons"]
     assert config["datasets"] == toys and config["seeds"] == [0] and config["budget_s"] == 2.0
-    expected = {
-        (method, nfe)
-        for method, key in (
-            ("soflow", "soflow_nfe"),
-            ("meanflow", "meanflow_nfe"),
-            ("flow_matching", "flow_matching_nfe"),
-        )
-        for nfe in config[key]
+    nfe = {
+        "soflow": [len(times) for times in config["soflow_times"]],
+        "meanflow": config["meanflow_nfe"],
+        "flow_matching": config["flow_matching_nfe"],
     }
-    assert {("soflow", 1), ("meanflow", 1), ("flow_matching", 8)} <= expected
+    expected = {(method, n) for method, values in nfe.items() for n in values}
+    assert {("soflow", 1), ("soflow", 2), ("meanflow", 1), ("flow_matching", 8)} <= expected
+    # each method's own loss settings: SoFlow's toy recipe, Flow Matching without the adaptive weight
+    assert config["soflow_preset"] == "toy" and config["flow_matching_p"] == 0.0
+    assert config["soflow_times"][1] == [1.0, 0.3]
     metric_keys = ("energy_distance", "mmd", "sliced_wasserstein")
     for dataset in toys:
         for seed in (0, "mean"):
@@ -128,8 +128,9 @@ def test_quality_at_equal_budget_tiny(tmp_path):
             for row in samples:
                 assert row["device"] and row["commit"] and row["torch"] and row["config"]["budget_s"] == 2.0
                 assert row["steps"] > 0
-                # every method trained for the whole budget, and not much more than one step beyond it
+                # every method trained for the whole CPU-time budget, and not much more than one step beyond it
                 assert 2.0 <= row["train_seconds"] < 2.0 + 5.0
+                assert row["train_wall_seconds"] > 0
                 if not row["diverged"]:
                     assert all(row[k] >= 0 for k in metric_keys)
         means = [r for r in rows if r["dataset"] == dataset and r.get("seed") == "mean" and r["kind"] == "sample"]
@@ -167,6 +168,21 @@ def test_quality_at_equal_budget_rejects_bad_arguments(tmp_path):
     assert result.returncode == 2 and "--datasets: unknown" in result.stderr
     result = _run_quality(tmp_path, "--budget-s", "0")
     assert result.returncode == 2 and "--budget-s must be > 0" in result.stderr
+
+
+def test_toy_recipe_ablation_tiny(tmp_path):
+    result = run_benchmark("toy_recipe_ablation.py", "--config", "tiny", "--out-dir", str(tmp_path), "--out", "a")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    rows = json.loads((tmp_path / "a.json").read_text())
+    assert [r["row"] for r in rows] == ["before", "recipe", "p=0"]
+    for row in rows:
+        assert row["device"] and row["commit"] and row["train_cpu_seconds"] > 0
+        assert row["energy_distance_1_step_over_floor"] > 0 and 0 <= row["share_on_squares_1_step"] <= 1
+    assert rows[0]["two_step_time"] == 0.5 and rows[1]["two_step_time"] == 0.3
+    table = (tmp_path / "a.md").read_text()
+    assert "this recipe" in table and "before tuning" in table
+    result = run_benchmark("toy_recipe_ablation.py", "--rows", "recipe,nope", "--out-dir", str(tmp_path))
+    assert result.returncode == 2 and "--rows: unknown or empty ['nope']" in result.stderr
 
 
 def test_dit_throughput_tiny_counts_the_step_flops(tmp_path):
