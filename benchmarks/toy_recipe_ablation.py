@@ -24,7 +24,6 @@ Writes ``<out-dir>/<out>.json`` (rows with device, versions, commit and config) 
 import dataclasses
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,18 +130,22 @@ METRICS = (
 
 def run_row(row: Row, seed: int, config: AblationConfig) -> dict:
     """Train and evaluate one row for one seed."""
-    toy = dataclasses.replace(ToyConfig(), **row.toy, seed=seed)
+    toy = dataclasses.replace(ToyConfig(), **row.toy, seed=seed, progress=False)
     if config.base == "tiny":
         toy = dataclasses.replace(toy, **TINY, fourier_features=min(toy.fourier_features, 4))
-    objective = row.objective(SoFlowObjective.from_preset(toy.preset))
-    start = time.process_time()
-    model, objective, _ = train(toy, objective)
-    cpu = time.process_time() - start
+    objective = row.objective(SoFlowObjective.from_preset(toy.recipe))
+    model, objective, seconds = train(toy, objective)
     metrics, _ = evaluate(model, objective, toy)
     metrics["energy_distance_2_step_over_floor"] = (
         metrics["energy_distance_2_step"] / metrics["energy_distance_real_vs_real_floor"]
     )
-    return {"row": row.name, "seed": seed, "steps": toy.steps, "train_cpu_seconds": cpu, **metrics}
+    return {
+        "row": row.name,
+        "seed": seed,
+        "steps": toy.steps,
+        "train_cpu_seconds": seconds["train_cpu_seconds"],
+        **metrics,
+    }
 
 
 def markdown_table(rows: list[dict], config: AblationConfig) -> str:

@@ -2,7 +2,7 @@
 
     python examples/train_toy_2d.py                       # checkerboard, about a minute on a 2-core CPU
     python examples/train_toy_2d.py --toy eight_gaussians --steps 2000
-    python examples/train_toy_2d.py --preset imagenet     # class-conditional, guidance ω = 3 baked in
+    python examples/train_toy_2d.py --recipe imagenet     # class-conditional, guidance ω = 3 baked in
                                                           # (strong guidance pushes classes apart: by design
                                                           # the samples then differ from the data)
     python examples/train_toy_2d.py --config tiny         # a few seconds (smoke test)
@@ -11,6 +11,12 @@ Writes into ``--out`` (default ``runs/toy_2d``): ``samples.png`` (data | 1-step 
 ``metrics.json`` (energy distances with the real-vs-real floor, each the mean over
 ``--eval-repeats`` independent draws; on the checkerboard also the share of samples on its
 squares; timings) and ``config.json`` (the resolved configuration).
+
+``--recipe`` names the training objective (``SoFlowObjective.from_preset``); the run size is
+``--config`` (``default`` or ``tiny``). ``--threads`` sets torch's CPU threads (default 1: this
+small MLP gains nothing from more, and on cores shared with other work extra threads only wait
+for each other). Training shows a progress line with the step rate and the time left (a tqdm
+bar when tqdm is installed).
 
 The defaults are the library's recipe for low-dimensional data: ``SoFlowObjective.from_preset("toy")``
 with an ``MLPBackbone`` of width 96 and depth 3 that sees 32 random Fourier features of its
@@ -46,10 +52,10 @@ class ToyConfig:
     toy: str = "checkerboard"
     # "toy": SoFlowObjective.from_preset("toy"), the library's recipe for low-dimensional data;
     # "imagenet" (with CFG) and "cifar10": the released recipes
-    preset: str = "toy"
-    p: float | None = None  # overrides the preset's adaptive-weight power when given
-    eps: float | None = None  # overrides the preset's adaptive-weight offset when given
-    fm_fraction: float | None = None  # overrides the preset's Flow Matching share λ when given
+    recipe: str = "toy"
+    p: float | None = None  # overrides the recipe's adaptive-weight power when given
+    eps: float | None = None  # overrides the recipe's adaptive-weight offset when given
+    fm_fraction: float | None = None  # overrides the recipe's Flow Matching share λ when given
     steps: int = 4000
     batch_size: int = 2048
     width: int = 96
@@ -63,6 +69,8 @@ class ToyConfig:
     eval_samples: int = 4000
     eval_repeats: int = 5  # metrics are means over this many independent draws of noise and data
     seed: int = 0
+    threads: int = 1  # torch CPU threads
+    progress: bool = True  # a progress line (tqdm bar when installed) during training
     out: str = "runs/toy_2d"
 
 
@@ -75,16 +83,27 @@ CONFIGS = {
 def parse_config(argv: list[str] | None = None) -> ToyConfig:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=sorted(CONFIGS), default="default", help="base configuration")
+    parser.add_argument("--preset", help=argparse.SUPPRESS)  # the old name of --recipe: refused with a pointer
     for f in dataclasses.fields(ToyConfig):
-        kind = float if f.default is None else type(f.default)
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=None)
+        flag = f"--{f.name.replace('_', '-')}"
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            parser.add_argument(flag, type=float if f.default is None else type(f.default), default=None)
     args = parser.parse_args(argv)
+    if args.preset is not None:
+        parser.error(
+            f"--preset {args.preset}: this script's objective is --recipe (toy, imagenet or cifar10) and its run "
+            "size --config (default or tiny); --preset names a run size in the other trainers"
+        )
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(ToyConfig)}
     config = dataclasses.replace(CONFIGS[args.config], **{k: v for k, v in overrides.items() if v is not None})
     if config.toy not in TOY_DISTRIBUTIONS:
         parser.error(f"--toy must be one of {', '.join(TOY_DISTRIBUTIONS)}; got {config.toy!r}")
-    if config.preset not in ("toy", "imagenet", "cifar10"):
-        parser.error(f"--preset must be toy, imagenet or cifar10; got {config.preset!r}")
+    if config.recipe not in ("toy", "imagenet", "cifar10"):
+        parser.error(f"--recipe must be toy, imagenet or cifar10; got {config.recipe!r}")
+    if config.threads < 1:
+        parser.error(f"--threads must be >= 1; got {config.threads}")
     if config.steps < 1 or config.batch_size < 2:
         parser.error(f"--steps must be >= 1 and --batch-size >= 2; got {config.steps} and {config.batch_size}")
     if not 0.0 < config.two_step_time < 1.0:
@@ -104,7 +123,7 @@ def parse_config(argv: list[str] | None = None) -> ToyConfig:
 
 
 def build_objective(config: ToyConfig) -> SoFlowObjective:
-    objective = SoFlowObjective.from_preset(config.preset)
+    objective = SoFlowObjective.from_preset(config.recipe)
     if objective.guidance is not None:  # the toy's classes replace ImageNet's 1000
         guidance = dataclasses.replace(objective.guidance, null_cond=NUM_CLASSES[config.toy])
         objective = dataclasses.replace(objective, guidance=guidance)
@@ -129,6 +148,50 @@ def build_model(config: ToyConfig, conditional: bool) -> MLPBackbone:
     )
 
 
+class Progress:
+    """Progress through training: a tqdm bar when tqdm is installed, else a plain line every few seconds.
+
+    Both show the steps done, the rate and the time left; ``write`` prints a line without breaking the bar.
+    """
+
+    def __init__(self, total: int, enabled: bool, every_s: float = 5.0) -> None:
+        self.total, self.enabled, self.every_s, self.done = total, enabled, every_s, 0
+        self.start = self.shown = time.perf_counter()
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                pass
+            else:
+                self.bar = tqdm(total=total, unit="step", dynamic_ncols=True, file=sys.stdout)
+
+    def step(self) -> None:
+        self.done += 1
+        if self.bar is not None:
+            self.bar.update(1)
+            return
+        now = time.perf_counter()
+        if self.enabled and (now - self.shown >= self.every_s or self.done == self.total):
+            self.shown = now
+            rate = self.done / max(now - self.start, 1e-9)
+            print(
+                f"{self.done}/{self.total} steps ({100 * self.done / self.total:.0f} %), {rate:.1f} steps/s, "
+                f"{(self.total - self.done) / rate:.0f} s left",
+                flush=True,
+            )
+
+    def write(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stdout)
+        else:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def lr_factor(step: int, config: ToyConfig) -> float:
     decay_steps = max(1, int(config.lr_decay_fraction * config.steps))
     return min(1.0, (config.steps - step) / decay_steps)
@@ -136,8 +199,12 @@ def lr_factor(step: int, config: ToyConfig) -> float:
 
 def train(
     config: ToyConfig, objective: SoFlowObjective | None = None
-) -> tuple[torch.nn.Module, SoFlowObjective, float]:
-    """Train with the config's objective (or ``objective``); return the EMA model, the objective and the seconds."""
+) -> tuple[torch.nn.Module, SoFlowObjective, dict[str, float]]:
+    """Train with the config's objective (or ``objective``).
+
+    Returns the EMA model, the objective and the training time: ``train_seconds`` (wall clock)
+    and ``train_cpu_seconds`` (process CPU time, all threads together).
+    """
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     objective = build_objective(config) if objective is None else objective
@@ -145,7 +212,8 @@ def train(
     model = build_model(config, conditional)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    start = time.perf_counter()
+    progress = Progress(config.steps, config.progress)
+    start, cpu_start = time.perf_counter(), time.process_time()
     for step in range(config.steps):
         data, labels = sample_toy_2d(config.toy, config.batch_size, generator=generator)
         out = objective(
@@ -163,8 +231,11 @@ def train(
             raise FloatingPointError(f"non-finite loss at step {step}: {out.metrics}")
         if step % max(1, config.steps // 10) == 0 or step == config.steps - 1:
             shown = " ".join(f"{k}={v.item():.4g}" for k, v in out.metrics.items() if k != "finite")
-            print(f"step {step:>6}/{config.steps}  {shown}", flush=True)
-    return ema, objective, time.perf_counter() - start
+            progress.write(f"step {step:>6}/{config.steps}  {shown}")
+        progress.step()
+    progress.close()
+    seconds = {"train_seconds": time.perf_counter() - start, "train_cpu_seconds": time.process_time() - cpu_start}
+    return ema, objective, seconds
 
 
 @torch.no_grad()
@@ -245,7 +316,7 @@ def draw(samples: dict, metrics: dict, config: ToyConfig, path: Path) -> None:
         share = metrics.get(f"share_on_squares_{keys[name]}")
         ax.set_title(label + "\n" + detail + ("" if share is None else f", {100 * share:.0f}% on squares"), fontsize=9)
     fig.suptitle(
-        f"{config.steps} steps, batch {config.batch_size}, preset {config.preset}; metrics: means over "
+        f"{config.steps} steps, batch {config.batch_size}, recipe {config.recipe}; metrics: means over "
         f"{config.eval_repeats} draws of {config.eval_samples} points; untrained (= noise) "
         f"{metrics['energy_distance_noise']:.4f}",
         fontsize=10,
@@ -261,11 +332,11 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
+    torch.set_num_threads(config.threads)
     model, objective, seconds = train(config)
     metrics, samples = evaluate(model, objective, config)
     metrics.update(
-        train_seconds=seconds,
+        **seconds,
         steps=config.steps,
         device=f"cpu ({torch.get_num_threads()} threads)",
         torch=torch.__version__,
@@ -277,7 +348,8 @@ def main(argv: list[str] | None = None) -> dict:
         f"one-step energy distance {metrics['energy_distance_1_step']:.5f} "
         f"(untrained {metrics['energy_distance_noise']:.4f}, real-vs-real floor {floor:.5f}, "
         f"{metrics['energy_distance_1_step_over_floor']:.1f}x the floor); two-step "
-        f"{metrics['energy_distance_2_step']:.5f}; trained in {seconds:.0f} s; "
+        f"{metrics['energy_distance_2_step']:.5f}; trained in {seconds['train_seconds']:.0f} s "
+        f"({seconds['train_cpu_seconds']:.0f} CPU s, {config.threads} thread(s)); "
         f"wrote {out / 'samples.png'} and {out / 'metrics.json'}"
     )
     return metrics
