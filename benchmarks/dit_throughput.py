@@ -165,7 +165,8 @@ def trainer_rows(specs: tuple[str, ...], flops: dict[str, dict], device_name: st
     for spec in specs:
         model, _, rest = spec.partition("=")
         path, _, label = rest.partition(":")
-        lines = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+        rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+        lines = [row for row in rows if "event" not in row]  # event rows (resume, stopped, ...) carry no metrics
         steady = lines[1:] or lines  # the first interval holds warm-up and compilation
         images_per_s = sum(r["images_per_s"] for r in steady) / len(steady)
         row = {

@@ -304,6 +304,72 @@ def _plain(attrs: Mapping) -> dict:
     return out
 
 
+def _numpy_rebuilders() -> dict[tuple[str, str], object]:
+    """The functions numpy pickles arrays with (``_reconstruct``, ``_frombuffer``), under numpy 1.x and 2.x names."""
+    reconstruct = np.zeros(1).__reduce__()[0]
+    frombuffer = np.zeros(1).__reduce_ex__(5)[0]
+    found = {}
+    for module in ("numpy.core", "numpy._core"):  # numpy 1.x and 2.x
+        found[(f"{module}.multiarray", "_reconstruct")] = reconstruct
+        found[(f"{module}.numeric", "_frombuffer")] = frombuffer
+    return found
+
+
+def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
+    """``_codecs.encode`` as Python 3 pickles bytes at protocol 2, restricted to that one use."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"_codecs.encode is admitted for latin1 text only; got {encoding!r}")
+    return text.encode("latin1")
+
+
+_CIFAR_ADMITTED: dict[tuple[str, str], object] = {
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): _latin1_encode,
+    **_numpy_rebuilders(),
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Reads a CIFAR-10 python batch without running code from the file.
+
+    Dicts, lists, strings, bytes and numbers come from pickle opcodes; of the importable names a
+    pickle may call, only numpy arrays and dtypes (and ``_codecs.encode`` for bytes written by
+    Python 3 at protocol 2) are admitted. Anything else, such as ``os.system`` or ``builtins.open``
+    in a crafted file, raises before it is called.
+    """
+
+    def find_class(self, module: str, name: str) -> object:
+        try:
+            return _CIFAR_ADMITTED[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(
+                f"{module}.{name} is not allowed in a CIFAR-10 batch (only numpy arrays, lists and strings are read)"
+            ) from None
+
+
+def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 images (N, 3, 32, 32), int64 labels (N,)) of one python batch, read without executing code."""
+    try:
+        with open(path, "rb") as f:
+            batch = _CifarUnpickler(f, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as error:
+        raise ValueError(f"{path} is not a CIFAR-10 python batch: {error}") from error
+    if not isinstance(batch, dict):
+        raise ValueError(f"{path} is not a CIFAR-10 python batch: it holds a {type(batch).__name__}, not a dict")
+    data, labels = batch.get(b"data"), batch.get(b"labels")
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        got = f"{data.shape} {data.dtype}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise ValueError(f"{path} is not a CIFAR-10 python batch: expected b'data' (N, 3072) uint8; got {got}")
+    if not isinstance(labels, list) or len(labels) != data.shape[0]:
+        got = f"{len(labels)} entries" if isinstance(labels, list) else type(labels).__name__
+        expected = f"b'labels', a list of {data.shape[0]}"
+        raise ValueError(f"{path} is not a CIFAR-10 python batch: expected {expected}; got {got}")
+    if not all(type(y) is int and 0 <= y < 10 for y in labels):
+        raise ValueError(f"{path} is not a CIFAR-10 python batch: b'labels' must be class indices 0..9")
+    return data.reshape(-1, 3, 32, 32), np.asarray(labels, dtype=np.int64)
+
+
 def _cifar_folder(folder: Path) -> Path | None:
     for candidate in (folder, folder / "cifar-10-batches-py"):
         if (candidate / "data_batch_1").is_file() or (candidate / "test_batch").is_file():
@@ -313,6 +379,10 @@ def _cifar_folder(folder: Path) -> Path | None:
 
 def read_cifar10(folder: str | os.PathLike, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
     """Read CIFAR-10 from its python batches (``cifar-10-batches-py``).
+
+    The batches are pickles; they are read with a restricted unpickler that admits numpy arrays,
+    lists, strings and numbers only, so a crafted file cannot run code (it is reported as not a
+    CIFAR-10 batch).
 
     Args:
         folder: The ``cifar-10-batches-py`` folder or the folder that holds it.
@@ -338,17 +408,5 @@ def read_cifar10(folder: str | os.PathLike, split: str = "train") -> tuple[np.nd
             f"(e.g. `mkdir -p {folder} && tar -xzf cifar-10-python.tar.gz -C {folder}`), "
             f"which creates {folder / 'cifar-10-batches-py'}/data_batch_1 … test_batch."
         )
-    images, labels = [], []
-    for name in names:
-        with open(root / name, "rb") as f:
-            batch = pickle.load(f, encoding="bytes")
-        data = np.asarray(batch.get(b"data"))
-        ys = np.asarray(batch.get(b"labels"))
-        if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or ys.shape != (data.shape[0],):
-            raise ValueError(
-                f"{root / name} is not a CIFAR-10 python batch: expected b'data' (N, 3072) uint8 and b'labels' (N,); "
-                f"got {data.shape} {data.dtype} and {ys.shape}"
-            )
-        images.append(data.reshape(-1, 3, 32, 32))
-        labels.append(ys.astype(np.int64))
-    return np.concatenate(images), np.concatenate(labels)
+    batches = [_read_cifar_batch(root / name) for name in names]
+    return np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches])

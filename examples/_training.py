@@ -8,21 +8,38 @@ augmentation, times, noise, label drops, dropout) from seeds derived from (seed,
 micro-batch m always holds the same samples whatever the number of ranks. A run is therefore
 reproducible bit for bit, resumes exactly from a checkpoint, and gives the same update on
 N ranks as on one rank with N accumulation steps (up to the order of floating-point sums).
+
+What a run guarantees, whatever happens to it (see docs/examples.md, "What a run guarantees"):
+
+* the run folder is locked by the process that trains in it (``RunFolder``); a second trainer
+  refuses, naming the holder; the lock dies with its process;
+* nothing non-finite is saved: every step folds "was this step finite" into a device-side flag
+  (no host sync), read at log steps and before every save together with a check of the whole
+  state; a non-finite step stops the run with a ``non_finite`` event in metrics.jsonl and the
+  last finite checkpoint untouched;
+* SIGTERM and SIGINT write a checkpoint at the next step boundary and exit with 128 + signal;
+* a resume applies changed settings consistently or refuses them (``APPLIED_ON_RESUME``,
+  ``IGNORED_ON_RESUME``), before anything is written.
 """
 
 import argparse
 import contextlib
 import copy
 import dataclasses
+import datetime
 import json
 import math
 import os
+import shutil
+import signal
+import socket
 import sys
+import threading
 import time
 import types
 import typing
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,14 +51,22 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from soflow_core import SoFlowObjective
-from soflow_core.nets import DIT_SIZES, DiT, SongUNet
+from soflow_core._files import atomic_save, atomic_write
+from soflow_core.nets import DIT_SIZES, DiT, SongUNet, load_weights, read_state_dict
 from soflow_core.nets.dit import DiTSize
+from soflow_core.parameterizations import param_name
+from soflow_core.paths import path_name
 from soflow_core.seeding import derive_seed, micro_batch_index, seeded_generator
 from soflow_core.train import EpochStream
 from soflow_core.train.checkpoint import (
+    CheckpointError,
     capture_rng_state,
-    latest_valid_checkpoint,
+    checkpoint_path,
+    latest_loadable_checkpoint,
+    list_checkpoints,
     load_checkpoint,
+    non_finite_entries,
+    remove_stale_temporaries,
     restore_rng_state,
     save_checkpoint,
 )
@@ -68,6 +93,7 @@ class TrainConfig:
 
     out: str = "runs/run"  # run folder: config.json, metrics.jsonl, checkpoints/, samples/
     data: str | None = None  # dataset path (see the trainer's docstring)
+    init: str | None = None  # fine-tune from: a pretrained folder, an official SoFlow file, a state dict, a run
     synthetic: bool = False  # generated data of the right shape instead of --data
     synthetic_size: int = 4096  # samples in the synthetic dataset
     total_steps: int = 400_000  # K, the planned number of optimizer steps (drives r(k, K))
@@ -126,17 +152,38 @@ def parse_config(
 
 
 def check_common(config: TrainConfig) -> list[str]:
+    """Every problem with the shared fields, found before anything is created or loaded."""
     problems = []
     for name in ("total_steps", "batch_size", "grad_accum", "ckpt_every", "keep", "log_every", "sample_grid"):
         if getattr(config, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be >= 1; got {getattr(config, name)}")
+    for name in ("ema_every", "synthetic_size"):
+        if getattr(config, name) < 1:
+            problems.append(f"--{name.replace('_', '-')} must be >= 1; got {getattr(config, name)}")
+    for name in ("max_steps", "sample_every", "seed"):
+        if getattr(config, name) < 0:
+            problems.append(f"--{name.replace('_', '-')} must be >= 0; got {getattr(config, name)}")
+    if not (math.isfinite(config.lr) and config.lr >= 0):
+        problems.append(f"--lr must be a finite number >= 0; got {config.lr}")
     if config.precision not in ("fp32", "bf16"):
         problems.append(f"--precision must be fp32 or bf16; got {config.precision!r}")
     if config.device not in ("auto", "cpu", "cuda"):
         problems.append(f"--device must be auto, cpu or cuda; got {config.device!r}")
+    elif config.device == "cuda" and not torch.cuda.is_available():
+        problems.append(cuda_missing())
     if not 0.0 <= config.ema_decay < 1.0:
         problems.append(f"--ema-decay must lie in [0, 1); got {config.ema_decay}")
+    if config.init is not None and not Path(config.init).exists():
+        problems.append(f"--init {config.init} does not exist")
+    problems += run_folder_problems(Path(config.out))
     return problems
+
+
+def cuda_missing() -> str:
+    """Why --device cuda cannot run here."""
+    if not torch.backends.cuda.is_built():
+        return f"--device cuda: this PyTorch ({torch.__version__}) is built without CUDA; use --device cpu"
+    return "--device cuda: no CUDA device is visible (check CUDA_VISIBLE_DEVICES and the driver); use --device cpu"
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -144,12 +191,13 @@ def check_common(config: TrainConfig) -> list[str]:
 
 @dataclass(frozen=True)
 class Runtime:
-    """Where this process runs: rank, world size, device."""
+    """Where this process runs: rank, world size, device; ``control`` is a gloo group for host-side agreement."""
 
     rank: int
     world_size: int
     local_rank: int
     device: torch.device
+    control: Any = None  # a gloo process group (CPU tensors, no device sync) when distributed
 
     @property
     def is_main(self) -> bool:
@@ -174,15 +222,20 @@ def init_runtime(device: str) -> Runtime:
     """Join the torchrun process group (NCCL on GPU, gloo on CPU) or run as a single process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(cuda_missing())
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if use_cuda:
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
     else:
         dev = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
-    return Runtime(rank=rank, world_size=world, local_rank=local_rank, device=dev)
+    control = None
+    if world > 1:
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
+        control = dist.new_group(backend="gloo")
+    return Runtime(rank=rank, world_size=world, local_rank=local_rank, device=dev, control=control)
 
 
 def shutdown(runtime: Runtime) -> None:
@@ -285,6 +338,16 @@ class TrainingBackbone(nn.Module):
             out = self.net(x, t, s, augment_labels=cond) if self.augment_labels else self.net(x, t, s, cond)
         return out.to(x.dtype)
 
+    @property
+    def num_classes(self) -> int | None:
+        """The network's class count, so that the objective checks labels against it before any call."""
+        return None if self.augment_labels else getattr(self.net, "num_classes", None)
+
+    @property
+    def null_class(self) -> bool:
+        """Whether the network has the null class (index ``num_classes``)."""
+        return bool(getattr(self.net, "null_class", True))
+
 
 # ----------------------------------------------------------------------------- state dicts
 
@@ -341,7 +404,8 @@ def save_grid(images: Tensor | np.ndarray, path: Path, columns: int | None = Non
         r, col = divmod(i, columns)
         grid[r * h : (r + 1) * h, col * w : (col + 1) * w] = array[i]
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid[..., 0] if c == 1 else grid).save(path)
+    image = Image.fromarray(grid[..., 0] if c == 1 else grid)
+    atomic_save(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def latent_preview(z: Tensor) -> Tensor:
@@ -349,6 +413,268 @@ def latent_preview(z: Tensor) -> Tensor:
     from soflow_core.train.latents import to_uint8_images
 
     return to_uint8_images((z[:, :3].float() / 2.0).clamp(-1, 1))
+
+
+# ----------------------------------------------------------------------------- run checkpoints
+
+RUN_ENTRIES = ("step", "model", "ema", "optimizer", "config", "rng", "data")
+# The files a run writes whole through temporary files (see remove_stale_temporaries), by folder.
+WHOLE_FILES = {".": (r"config\.json", r"metrics\.jsonl"), "samples": (r"step-\d{9,}\.png",)}
+
+
+def check_run_payload(path: Path, payload: dict[str, Any]) -> None:
+    """Raise CheckpointError unless ``payload`` is a complete checkpoint of these trainers with finite state.
+
+    A checkpoint that fails here is reported and skipped like a damaged one: its manifest may
+    match, but it cannot resume a run (another writer's file, a truncated dict, or non-finite
+    weights written by an older version of these trainers).
+    """
+    missing = [key for key in RUN_ENTRIES if key not in payload]
+    if missing:
+        raise CheckpointError(path, f"not a checkpoint of these trainers: no {', '.join(map(repr, missing))} entry")
+    kinds = {"model": Mapping, "ema": Mapping, "optimizer": Mapping, "config": Mapping, "data": Mapping, "rng": list}
+    wrong = [f"{k!r} is a {type(payload[k]).__name__}" for k, kind in kinds.items() if not isinstance(payload[k], kind)]
+    if not isinstance(payload["step"], int) or payload["step"] < 0:
+        wrong.append(f"'step' is {payload['step']!r}")
+    if isinstance(payload["data"], Mapping) and not isinstance(payload["data"].get("position"), int):
+        wrong.append("'data' has no integer 'position'")
+    if isinstance(payload["rng"], list) and not payload["rng"]:
+        wrong.append("'rng' is empty")
+    if wrong:
+        raise CheckpointError(path, f"malformed checkpoint of these trainers: {'; '.join(wrong)}")
+    bad = non_finite_entries({key: payload[key] for key in ("model", "ema", "optimizer")})
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise CheckpointError(path, f"non-finite values in {', '.join(bad[:3])}{more}")
+
+
+def load_run_checkpoint(source: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest usable checkpoint of the run that ``source`` names, with its payload; None if it names no run.
+
+    A run folder gives its newest checkpoint (in ``checkpoints/`` or the folder itself) that
+    verifies against its manifest, loads with ``weights_only`` and passes ``check_run_payload``;
+    every one skipped is reported. A ``step-*.pt`` file with its manifest is loaded and checked
+    as it is. Raises SystemExit when nothing usable is found.
+    """
+    if source.is_file():
+        if not (source.name.startswith("step-") and source.with_suffix(".json").is_file()):
+            return None
+        try:
+            payload = load_checkpoint(source)
+            check_run_payload(source, payload)
+        except CheckpointError as error:
+            raise SystemExit(str(error)) from error
+        return source, payload
+    if not source.is_dir() or not ((source / "checkpoints").is_dir() or list_checkpoints(source)):
+        return None
+    for folder in (source / "checkpoints", source):
+        found = latest_loadable_checkpoint(folder, check=check_run_payload)
+        if found is not None:
+            return found
+    raise SystemExit(f"no usable checkpoint in {source} (looked in {source / 'checkpoints'} and {source})")
+
+
+def initialize_from(net: nn.Module, source: str, objective: SoFlowObjective) -> str:
+    """Load ``--init`` weights into ``net`` (EMA weights when the source has them); returns what was loaded.
+
+    ``source`` is a run of these trainers (its newest usable checkpoint, verified), a pretrained
+    folder, an official SoFlow training file, a state dict or a .safetensors file. Every key and
+    shape is checked first; a mismatch names the network the weights would fit.
+    """
+    run = load_run_checkpoint(Path(source))
+    try:
+        if run is not None:
+            report = load_weights(net, run[1])
+            return f"run checkpoint {run[0]}, entry {report.origin.entry!r}"
+        contents = read_state_dict(source)
+        saved = (contents.pretrained or {}).get("sampling", {})
+        ours = {"path": path_name(objective.path), "param": param_name(objective.param)}
+        if any(k in ours and v != ours[k] for k, v in saved.items()):
+            warnings.warn(f"{source} was saved for sampling with {saved}; this objective trains {ours}", stacklevel=1)
+        return str(load_weights(net, contents).origin)
+    except ValueError as error:
+        raise SystemExit(f"--init {source} cannot start this run: {error}") from error
+
+
+# ----------------------------------------------------------------------------- resuming with other settings
+
+# What a resumed run does with a setting that differs from the checkpoint's. APPLIED: the new
+# value holds from the resumed step on, is written to config.json and to later checkpoints, and
+# reaches the restored state (optimizer hyperparameters such as --lr and --beta2 are written into
+# the restored optimizer). IGNORED: only meaningful for a fresh run; the run keeps its recorded
+# value. Every other setting (the network, the objective, the data, the seed, the global batch,
+# the EMA rule) must match: a resume with another value is refused before anything is written.
+APPLIED_ON_RESUME = frozenset(
+    {
+        "out", "data", "max_steps", "total_steps", "grad_accum", "lr", "beta2", "ckpt_every", "keep", "log_every",
+        "sample_every", "sample_grid", "precision", "tf32", "compile", "tensorboard", "device", "progress", "vae",
+        "gradient_checkpointing", "backend",
+    }
+)  # fmt: skip
+IGNORED_ON_RESUME = frozenset({"init"})
+
+
+@dataclass(frozen=True)
+class ResumePlan:
+    """What rank 0 decided about the start: the checkpoint to resume (or None), the config to record, why not."""
+
+    checkpoint: str | None
+    config: dict[str, Any]  # what config.json and later checkpoints record
+    applied: dict[str, tuple[Any, Any]]  # setting: (the checkpoint's value, the value now used)
+    refusal: str | None = None
+
+
+def plan_resume(task: "Task", saved: Mapping[str, Any], path: Path, payload: Mapping[str, Any]) -> ResumePlan:
+    """Compare the checkpoint's settings with the command line's, per ``APPLIED_ON_RESUME``/``IGNORED_ON_RESUME``."""
+    now = task.config_dict
+    applied, ignored, refused = {}, {}, {}
+    for key in sorted(set(saved) & set(now)):  # a key only one side knows comes from another version
+        if saved[key] == now[key]:
+            continue
+        kind = applied if key in APPLIED_ON_RESUME else ignored if key in IGNORED_ON_RESUME else refused
+        kind[key] = (saved[key], now[key])
+    problems = [f"--{key.replace('_', '-')} {new!r} (the run has {old!r})" for key, (old, new) in refused.items()]
+    data = payload["data"]
+    if data.get("num_samples") not in (None, task.num_samples):
+        problems.append(f"a data set of {task.num_samples} samples (the run has {data.get('num_samples')})")
+    parallel = "fsdp" if task.config.fsdp else "ddp"
+    if payload.get("parallel", "ddp") != parallel:
+        problems.append(f"--{'no-' if parallel == 'ddp' else ''}fsdp (the run was written with {payload['parallel']})")
+    record = {**now, **{key: old for key, (old, _) in ignored.items()}}
+    if ignored:
+        warnings.warn(f"{', '.join(ignored)} only apply to a fresh run; resuming {path} ignores them", stacklevel=2)
+    refusal = None
+    if problems:
+        refusal = (
+            f"cannot resume {path} with {'; '.join(problems)}: these settings must match the run's. Pass the run's "
+            "values, or start a new run in another --out (with --init to start from this run's weights)"
+        )
+    return ResumePlan(checkpoint=str(path), config=record, applied=applied, refusal=refusal)
+
+
+def apply_optimizer_settings(optimizer: torch.optim.Optimizer, wanted: list[dict[str, Any]]) -> None:
+    """Write the command line's hyperparameters (lr, betas, ...) into the param groups of a restored optimizer."""
+    for group, settings in zip(optimizer.param_groups, wanted):
+        group.update(settings)
+
+
+# ----------------------------------------------------------------------------- the run folder
+
+
+class RunFolder:
+    """The run folder: checked, created and locked (an exclusive ``flock`` on ``<out>/.lock``) for one trainer.
+
+    The lock is held for the whole run by rank 0 and released by the kernel when the process
+    dies, so a lock left by a killed trainer is stale by construction: the next trainer takes it
+    over (and says whose it was). ``.lock`` holds the holder's pid, host, start time and command
+    while it runs. A start that fails before training begins removes the folders it created.
+    """
+
+    LOCK = ".lock"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.created: Path | None = None  # the topmost folder this start created
+        self.started = False
+        self._fd: int | None = None
+
+    def open(self) -> None:
+        """Create the folder if needed and lock it; SystemExit naming the holder if another trainer has it."""
+        problems = run_folder_problems(self.path)
+        if problems:
+            raise SystemExit("; ".join(problems))
+        top = self.path
+        while not top.parent.exists():
+            top = top.parent
+        if not self.path.exists():
+            self.created = top
+        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX
+            warnings.warn(f"cannot lock {self.path} on this platform: make sure no other trainer uses it", stacklevel=2)
+            return
+        fd = os.open(self.path / self.LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 1 << 16).decode(errors="replace").strip() or "a process that has not written its name"
+            os.close(fd)
+            raise SystemExit(
+                f"{self.path} is in use by another trainer: {holder}. Wait for it to finish or stop it, or pass "
+                "another --out"
+            ) from None
+        except OSError as error:  # a file system without locks (some network mounts)
+            os.close(fd)
+            warnings.warn(f"cannot lock {self.path} ({error}): make sure no other trainer uses it", stacklevel=2)
+            return
+        previous = os.read(fd, 1 << 16).decode(errors="replace").strip()
+        if previous:
+            print(f"taking over the stale lock of {self.path} (its holder is gone): {previous}", flush=True)
+        holder = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "command": " ".join(sys.argv),
+        }
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(holder).encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        """Empty ``.lock`` (a clean exit leaves no holder behind) and release it."""
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            os.close(self._fd)
+            self._fd = None
+
+    def discard(self) -> None:
+        """Remove what a failed start created (nothing when the folder existed before)."""
+        if self.created is not None and not self.started:
+            shutil.rmtree(self.created, ignore_errors=True)
+
+
+def run_folder_problems(out: Path) -> list[str]:
+    """What keeps ``out`` from holding a run, found before anything is created or loaded."""
+    if out.exists() and not out.is_dir():
+        return [f"--out {out} exists and is not a folder"]
+    problems = []
+    for name, folder in (("checkpoints", True), ("samples", True), ("tb", True), ("metrics.jsonl", False)):
+        path = out / name
+        if path.exists() and path.is_dir() != folder:
+            wanted = "folder" if folder else "file"
+            problems.append(f"{path} exists and is {'not ' if folder else ''}a folder; the run needs a {wanted} there")
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    for path in (existing, out / "checkpoints"):
+        if path.is_dir() and not os.access(path, os.W_OK | os.X_OK):
+            problems.append(f"--out {out}: {path} is not writable")
+    return problems
+
+
+@contextlib.contextmanager
+def run_folder(runtime: Runtime, out: Path) -> Iterator[RunFolder]:
+    """The locked run folder for the duration of a run (rank 0 locks; every rank learns whether it may go on)."""
+    folder = RunFolder(out)
+    refusal = None
+    if runtime.is_main:
+        try:
+            folder.open()
+        except SystemExit as error:
+            refusal = str(error.code)
+    refusal = broadcast_object(runtime, refusal)
+    if refusal is not None:
+        raise SystemExit(refusal)
+    try:
+        yield folder
+    except BaseException:
+        if runtime.is_main:
+            folder.release()
+            folder.discard()
+        raise
+    if runtime.is_main:
+        folder.release()
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -372,15 +698,8 @@ class Task:
     augment_labels: bool = False
 
 
-def run_dir_setup(runtime: Runtime, config_dict: dict[str, Any], out: Path) -> None:
-    if runtime.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
-    barrier(runtime)
-
-
 class MetricsWriter:
-    """metrics.jsonl (and TensorBoard) on rank 0."""
+    """metrics.jsonl (and TensorBoard) on rank 0: metric rows, and event rows that carry an ``event`` key."""
 
     def __init__(self, out: Path, tensorboard: bool) -> None:
         self.file = open(out / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115 (closed in close())
@@ -397,10 +716,38 @@ class MetricsWriter:
             for key, value in values.items():
                 self.tb.add_scalar(key, value, step)
 
+    def event(self, step: int, event: str, **details: Any) -> None:
+        """An event row (``resume``, ``non_finite``, ``stopped``), flushed and fsynced at once."""
+        self.file.write(json.dumps({"step": step, "event": event, **details}) + "\n")
+        self.file.flush()
+        os.fsync(self.file.fileno())
+
     def close(self) -> None:
         self.file.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def truncate_metrics(path: Path, step: int) -> int:
+    """Drop the metric rows after ``step`` (an interrupted run logged them; the resumed run logs them again).
+
+    Event rows stay, and so does nothing unreadable (the torn last line of a killed writer).
+    Returns the number of lines dropped.
+    """
+    if not path.is_file():
+        return 0
+    lines = path.read_text().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and ("event" in row or int(row.get("step", 0)) <= step):
+            kept.append(line)
+    if len(kept) != len(lines):
+        atomic_write(path, lambda f: f.write("".join(line + "\n" for line in kept).encode()))
+    return len(lines) - len(kept)
 
 
 def _prefetching(read: Callable[[np.ndarray], Any], index_lists: Iterator[np.ndarray]) -> Iterator[Any]:
@@ -416,10 +763,88 @@ def _prefetching(read: Callable[[np.ndarray], Any], index_lists: Iterator[np.nda
             yield pending.result()
 
 
-def train(task: Task, runtime: Runtime) -> dict[str, Any]:
-    """Run (or resume) the loop; returns a summary on rank 0."""
+class StopRequest:
+    """SIGTERM/SIGINT handlers that ask the loop to stop at the next step boundary.
+
+    The first signal is recorded (``signum``); a second one stops at once, without saving
+    (KeyboardInterrupt for SIGINT, exit status 128 + signal for SIGTERM). Handlers are only
+    installed from the main thread and are restored on exit.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.signum:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            raise SystemExit(128 + signum)
+        self.signum = signum
+        name = signal.Signals(signum).name
+        print(
+            f"{name}: saving a checkpoint at the next step boundary, then exiting (send {name} again to stop "
+            "at once, without saving)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+class StopAgreement:
+    """The signal every rank stops on at a step boundary, agreed over a gloo group without a device sync.
+
+    A rank's request made at boundary k is all-reduced (MAX) asynchronously and read at boundary
+    k + 1, so every rank sees the same value at the same boundary. With one process the request
+    is read directly.
+    """
+
+    def __init__(self, runtime: Runtime, request: StopRequest) -> None:
+        self.runtime, self.request = runtime, request
+        self._pending: Any = None
+        self._value = torch.zeros(1, dtype=torch.int64)
+
+    def poll(self) -> int:
+        if not self.runtime.distributed:
+            return self.request.signum
+        agreed = 0
+        if self._pending is not None:
+            self._pending.wait()
+            agreed = int(self._value.item())
+        self._value = torch.tensor([self.request.signum], dtype=torch.int64)
+        self._pending = dist.all_reduce(self._value, op=dist.ReduceOp.MAX, group=self.runtime.control, async_op=True)
+        return agreed
+
+    def close(self) -> None:
+        if self._pending is not None:
+            self._pending.wait()
+            self._pending = None
+
+
+def _finite_or_none(values: dict[str, float]) -> dict[str, float | None]:
+    return {k: (v if math.isfinite(v) else None) for k, v in values.items()}
+
+
+def train(task: Task, runtime: Runtime, folder: RunFolder) -> dict[str, Any]:
+    """Run (or resume) the loop in a locked run folder; returns a summary on rank 0.
+
+    Raises SystemExit when a resume is refused (before anything is written), when a step is
+    non-finite (after a ``non_finite`` event row; the last finite checkpoint is untouched), and
+    with status 128 + signal after SIGTERM or SIGINT (after saving a checkpoint).
+    """
     config = task.config
-    out = Path(config.out)
+    out = folder.path
     ckpt_dir = out / "checkpoints"
     device = runtime.device
     world, accum = runtime.world_size, config.grad_accum
@@ -433,6 +858,29 @@ def train(task: Task, runtime: Runtime) -> dict[str, Any]:
         torch.backends.cudnn.allow_tf32 = config.tf32
 
     net = task.net
+    # Rank 0 picks the newest usable checkpoint (verified, loadable, complete and finite; the others are
+    # reported and skipped) and decides whether this command line may resume it; every rank learns the plan.
+    payload: dict[str, Any] | None = None
+    plan = None
+    if runtime.is_main:
+        removed = remove_stale_temporaries(ckpt_dir)
+        for where, names in WHOLE_FILES.items():
+            removed += remove_stale_temporaries(out / where, names)
+        if removed:
+            print(f"removed {len(removed)} temporary file(s) of interrupted checkpoint writes", flush=True)
+        found = latest_loadable_checkpoint(ckpt_dir, check=check_run_payload)
+        if found is None:
+            plan = ResumePlan(checkpoint=None, config=task.config_dict, applied={})
+        else:
+            path, payload = found
+            plan = plan_resume(task, payload["config"], path, payload)
+    plan = broadcast_object(runtime, plan)
+    if plan.refusal is not None:
+        raise SystemExit(plan.refusal)
+    if plan.checkpoint is None and config.init:
+        loaded = initialize_from(net, config.init, task.objective)
+        if runtime.is_main:
+            print(f"initialised from {loaded}", flush=True)
     if config.fsdp:
         from torch.distributed.fsdp import fully_shard
 
@@ -451,39 +899,49 @@ def train(task: Task, runtime: Runtime) -> dict[str, Any]:
     if config.compile:
         backbone = torch.compile(backbone)
     optimizer = task.make_optimizer(list(net.parameters()))
+    wanted = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     ema = EMA(net, decay=config.ema_decay, every=config.ema_every, dtype=torch.float64 if config.ema_float64 else None)
     stream = EpochStream(num_samples=task.num_samples, seed=config.seed)
 
-    # Resume from the newest valid checkpoint (rank 0 verifies and picks; every rank loads it).
-    start_step, position = 0, 0
-    chosen = latest_valid_checkpoint(ckpt_dir) if runtime.is_main else None
-    chosen = broadcast_object(runtime, str(chosen) if chosen else None)
-    if chosen is not None:
-        payload = load_checkpoint(chosen, map_location="cpu", verify=False)
-        if payload.get("parallel", "ddp") != ("fsdp" if config.fsdp else "ddp"):
-            raise SystemExit(f"{chosen} was written with parallel={payload.get('parallel')}; pass the same --fsdp")
-        load_states(net, optimizer, payload, config.fsdp, device)
-        ema.load_state_dict(payload["ema"])
+    start_step, position, window = 0, 0, None
+    if plan.checkpoint is not None:  # every rank loads it (rank 0 already has)
+        if payload is None:
+            payload = load_checkpoint(plan.checkpoint, map_location="cpu", verify=False)
+        try:
+            load_states(net, optimizer, payload, config.fsdp, device)
+            ema.load_state_dict(payload["ema"])
+        except (RuntimeError, ValueError, KeyError) as error:
+            message = f"{plan.checkpoint} does not fit the network this run's settings build: {error}"
+            raise SystemExit(message) from error
+        apply_optimizer_settings(optimizer, wanted)  # --lr, --beta2, ... of this command line, as recorded
         start_step, position = int(payload["step"]), int(payload["data"]["position"])
         rng = payload["rng"]
         restore_rng_state(rng[runtime.rank] if len(rng) == world else rng[0])
-        changed = {
-            k: (v, task.config_dict.get(k))
-            for k, v in payload["config"].items()
-            if task.config_dict.get(k) != v and k not in ("max_steps", "out", "progress")
-        }
+        windows = payload.get("log_window")
+        if isinstance(windows, list) and len(windows) == world:  # the averaging window goes on where it stopped
+            window = windows[runtime.rank]
         if runtime.is_main:
-            print(f"resuming from {chosen} at step {start_step}", flush=True)
-            if changed:
-                warnings.warn(f"config differs from the checkpoint's (saved, now): {changed}", stacklevel=1)
+            print(f"resuming from {plan.checkpoint} at step {start_step}", flush=True)
+            for key, (old, new) in plan.applied.items():
+                flag = f"--{key.replace('_', '-')}"
+                print(f"  {flag}: {old!r} -> {new!r} (applied from step {start_step} on)", flush=True)
         del payload
 
     eval_net = None
+    writer = None
     if runtime.is_main:
         eval_net = build_net(task.config_dict).to(device) if config.fsdp else copy.deepcopy(net)
         eval_net.eval().requires_grad_(False)
+        text = json.dumps(plan.config, indent=2, sort_keys=True) + "\n"
+        atomic_write(out / "config.json", lambda f: f.write(text.encode()))
+        dropped = truncate_metrics(out / "metrics.jsonl", start_step)
+        writer = MetricsWriter(out, config.tensorboard)
+        if plan.checkpoint is not None:
+            applied = {key: list(values) for key, values in plan.applied.items()}
+            writer.event(start_step, "resume", checkpoint=Path(plan.checkpoint).name, applied=applied, dropped=dropped)
+        folder.started = True
+    barrier(runtime)
 
-    writer = MetricsWriter(out, config.tensorboard) if runtime.is_main else None
     end_step = config.total_steps if not config.max_steps else min(config.total_steps, start_step + config.max_steps)
     bar = None
     if runtime.is_main and config.progress:
@@ -491,19 +949,75 @@ def train(task: Task, runtime: Runtime) -> dict[str, Any]:
 
         bar = tqdm(total=config.total_steps, initial=start_step, dynamic_ncols=True, file=sys.stdout)
 
+    sums: dict[str, Tensor] = {}
+    logged_steps = 0
+    if window is not None:
+        sums = {key: value.to(device) for key, value in window["sums"].items()}
+        logged_steps = int(window["steps"])
+    # 0 while every step was finite, else the first non-finite step; updated on the device every step and
+    # read only at log steps and before saves.
+    first_bad = torch.zeros((), dtype=torch.int64, device=device)
+    none = torch.iinfo(torch.int64).max
+
+    def window_values() -> dict[str, float]:
+        """The objective's metrics averaged over the steps since the last log row (and over ranks)."""
+        keys = sorted(sums)
+        if not keys:
+            return {}
+        stacked = torch.stack([sums[k] for k in keys]) / max(logged_steps, 1)
+        if runtime.distributed:
+            dist.all_reduce(stacked)
+            stacked /= world
+        return dict(zip(keys, stacked.cpu().tolist()))
+
+    def first_non_finite_step() -> int:
+        value = torch.where(first_bad == 0, none, first_bad)
+        if runtime.distributed:
+            dist.all_reduce(value, op=dist.ReduceOp.MIN)
+        found = int(value)
+        return 0 if found == none else found
+
+    def stop_non_finite(done: int, first: int, entries: list[str], values: dict[str, float]) -> typing.NoReturn:
+        saved = list_checkpoints(ckpt_dir)
+        last = str(saved[0][1]) if saved else None
+        if writer is not None:
+            writer.event(
+                done,
+                "non_finite",
+                first_non_finite_step=first or None,
+                non_finite_state=entries[:8],
+                non_finite_entries=len(entries),
+                window=_finite_or_none(values),
+                last_checkpoint=None if last is None else Path(last).name,
+            )
+        what = f"a non-finite loss at step {first}" if first else f"non-finite state after step {done}: {entries[:3]}"
+        keep = f"{last} holds the last finite state" if last else "no checkpoint was written"
+        raise SystemExit(
+            f"{what}; stopped at step {done} without saving ({keep}). Run again to resume it with other settings "
+            "(a lower --lr is applied on resume)"
+        )
+
     def save(step: int) -> None:
+        first = first_non_finite_step()
         state = {
             "step": step,
             "model": model_state(net, config.fsdp),
             "ema": ema.state_dict(full=True),
             "optimizer": optimizer_state(net, optimizer, config.fsdp),
-            "config": task.config_dict,
+            "config": plan.config,
             "rng": all_gather_object(runtime, capture_rng_state()),
             "data": {"position": position, "seed": config.seed, "num_samples": task.num_samples},
+            "log_window": all_gather_object(
+                runtime, {"sums": {k: v.detach().cpu() for k, v in sums.items()}, "steps": logged_steps}
+            ),
             "parallel": "fsdp" if config.fsdp else "ddp",
             "world_size": world,
             "torch": str(torch.__version__),
         }
+        entries = non_finite_entries({k: state[k] for k in ("model", "ema", "optimizer")}) if runtime.is_main else []
+        entries = broadcast_object(runtime, entries)
+        if first or entries:
+            stop_non_finite(step, first, entries, window_values())
         if runtime.is_main:
             save_checkpoint(ckpt_dir, step, state, keep=config.keep)
         barrier(runtime)
@@ -532,72 +1046,85 @@ def train(task: Task, runtime: Runtime) -> dict[str, Any]:
 
     reads = _prefetching(task.read_indices, index_lists(position)) if task.read_indices else None
 
-    tic, images_seen, last, logged_steps = time.perf_counter(), 0, {}, 0
-    sums: dict[str, Tensor] = {}
-    for step in range(start_step, end_step):
-        optimizer.zero_grad(set_to_none=True)
-        for j in range(accum):
-            m = micro_batch_index(j, runtime.rank, world)
-            indices = stream.micro_batch(
-                position=position, micro_batch_size=micro, micro_step=j, rank=runtime.rank, world_size=world
-            )
-            generator = seeded_generator(config.seed, step, m, 0, device=device)
-            torch.manual_seed(derive_seed(config.seed, step, m, 1))  # dropout masks
-            raw = next(reads) if reads is not None else indices
-            data, cond = task.load_batch(raw, generator, device)
-            final = j == accum - 1
-            if ddp is not None and not final:
-                sync = ddp.no_sync()
-            else:
-                sync = contextlib.nullcontext()
-                if config.fsdp:
-                    net.set_requires_gradient_sync(final)
-            with sync:
-                result = task.objective(
-                    backbone, data, cond, step=step, total_steps=config.total_steps, generator=generator
-                )
-                (result.backprop / accum).backward()
-            for key, value in result.metrics.items():
-                sums[key] = sums.get(key, 0.0) + value.detach().float() / accum
-        optimizer.step()
-        ema.update(net, step=step)
-        position += config.batch_size
-        done = step + 1
-        images_seen += config.batch_size
-        logged_steps += 1
+    tic, images_seen, last = time.perf_counter(), 0, {}
+    with StopRequest() as request:
+        stops = StopAgreement(runtime, request)
+        try:
+            for step in range(start_step, end_step):
+                optimizer.zero_grad(set_to_none=True)
+                finite = torch.ones((), dtype=torch.bool, device=device)
+                for j in range(accum):
+                    m = micro_batch_index(j, runtime.rank, world)
+                    indices = stream.micro_batch(
+                        position=position, micro_batch_size=micro, micro_step=j, rank=runtime.rank, world_size=world
+                    )
+                    generator = seeded_generator(config.seed, step, m, 0, device=device)
+                    torch.manual_seed(derive_seed(config.seed, step, m, 1))  # dropout masks
+                    raw = next(reads) if reads is not None else indices
+                    data, cond = task.load_batch(raw, generator, device)
+                    final = j == accum - 1
+                    if ddp is not None and not final:
+                        sync = ddp.no_sync()
+                    else:
+                        sync = contextlib.nullcontext()
+                        if config.fsdp:
+                            net.set_requires_gradient_sync(final)
+                    with sync:
+                        result = task.objective(
+                            backbone, data, cond, step=step, total_steps=config.total_steps, generator=generator
+                        )
+                        (result.backprop / accum).backward()
+                    for key, value in result.metrics.items():
+                        sums[key] = sums.get(key, 0.0) + value.detach().float() / accum
+                    finite = finite & (result.metrics["finite"] > 0)
+                optimizer.step()
+                ema.update(net, step=step)
+                position += config.batch_size
+                done = step + 1
+                first_bad = torch.where((first_bad == 0) & ~finite, done, first_bad)  # no host sync
+                images_seen += config.batch_size
+                logged_steps += 1
 
-        if done % config.log_every == 0 or done == end_step:
-            keys = sorted(sums)
-            stacked = torch.stack([sums[k] for k in keys]) / logged_steps
-            if runtime.distributed:
-                dist.all_reduce(stacked)
-                stacked /= world
-            values = {k: float(v) for k, v in zip(keys, stacked.cpu().tolist())}
-            if not values.get("finite", 1.0) == 1.0:
-                raise FloatingPointError(f"non-finite loss at step {done}: {values}")
-            elapsed = time.perf_counter() - tic
-            values["images_per_s"] = images_seen / max(elapsed, 1e-9)
-            values["lr"] = optimizer.param_groups[0]["lr"]
-            if device.type == "cuda":
-                values["max_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-            if writer is not None:
-                writer.write(done, values)
+                if done % config.log_every == 0 or done == end_step:
+                    values = window_values()
+                    first = first_non_finite_step()
+                    if first or not all(math.isfinite(v) for v in values.values()):
+                        stop_non_finite(done, first, [], values)
+                    elapsed = time.perf_counter() - tic
+                    values["images_per_s"] = images_seen / max(elapsed, 1e-9)
+                    values["lr"] = optimizer.param_groups[0]["lr"]
+                    if device.type == "cuda":
+                        values["max_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+                    if writer is not None:
+                        writer.write(done, values)
+                    if bar is not None:
+                        shown = ("fm_loss", "consistency_loss", "images_per_s")
+                        bar.set_postfix({k: f"{values[k]:.4g}" for k in shown if k in values})
+                    last = values
+                    tic, images_seen, logged_steps, sums = time.perf_counter(), 0, 0, {}
+                if bar is not None:
+                    bar.update(1)
+                saved = done % config.ckpt_every == 0 or done == end_step
+                if saved:
+                    save(done)
+                if (config.sample_every and done % config.sample_every == 0) or done == end_step:
+                    grid(done)
+                agreed = stops.poll()
+                if agreed:
+                    if not saved:
+                        save(done)
+                    name = signal.Signals(agreed).name
+                    if writer is not None:
+                        writer.event(done, "stopped", signal=name, checkpoint=checkpoint_path(ckpt_dir, done).name)
+                    if runtime.is_main:
+                        print(f"{name}: stopped at step {done}; run the same command again to resume", flush=True)
+                    raise SystemExit(128 + agreed)
+        finally:
+            stops.close()
             if bar is not None:
-                bar.set_postfix(
-                    {k: f"{values[k]:.4g}" for k in ("fm_loss", "consistency_loss", "images_per_s") if k in values}
-                )
-            last = values
-            tic, images_seen, logged_steps, sums = time.perf_counter(), 0, 0, {}
-        if bar is not None:
-            bar.update(1)
-        if done % config.ckpt_every == 0 or done == end_step:
-            save(done)
-        if (config.sample_every and done % config.sample_every == 0) or done == end_step:
-            grid(done)
-    if bar is not None:
-        bar.close()
-    if writer is not None:
-        writer.close()
+                bar.close()
+            if writer is not None:
+                writer.close()
     return {"steps_done": end_step, "last": last}
 
 

@@ -105,13 +105,12 @@ def main(argv: list[str] | None = None) -> dict:
     if not config.synthetic and (config.data is None or not Path(config.data).is_dir()):
         where = "" if config.data is None else f"\n(--data {config.data} is not a folder)"
         T.missing_data(NEEDS_DATA + where)
-    with T.distributed_runtime(config.device) as runtime:
-        return run(config, runtime)
+    with T.distributed_runtime(config.device) as runtime, T.run_folder(runtime, Path(config.out)) as folder:
+        return run(config, runtime, folder)
 
 
-def run(config: CifarConfig, runtime: T.Runtime) -> dict:
+def run(config: CifarConfig, runtime: T.Runtime, folder: T.RunFolder) -> dict:
     config_dict = resolve(config)
-    T.run_dir_setup(runtime, config_dict, Path(config.out))
     if config.synthetic:
         images, _ = synthetic_cifar(config.synthetic_size)
     else:
@@ -148,7 +147,7 @@ def run(config: CifarConfig, runtime: T.Runtime) -> dict:
         sample_images=sample_images,
         augment_labels=augment is not None,
     )
-    summary = T.train(task, runtime)
+    summary = T.train(task, runtime, folder)
     if runtime.is_main:
         print(f"done: {summary['steps_done']} steps; last metrics {summary['last']}; run folder {config.out}")
     return summary

@@ -116,13 +116,12 @@ def main(argv: list[str] | None = None) -> dict:
     if not config.synthetic and (config.data is None or not Path(config.data).exists()):
         where = "" if config.data is None else f"\n(--data {config.data} does not exist)"
         T.missing_data(NEEDS_DATA + where)
-    with T.distributed_runtime(config.device) as runtime:
-        return run(config, runtime)
+    with T.distributed_runtime(config.device) as runtime, T.run_folder(runtime, Path(config.out)) as folder:
+        return run(config, runtime, folder)
 
 
-def run(config: ImageNetConfig, runtime: T.Runtime) -> dict:
+def run(config: ImageNetConfig, runtime: T.Runtime, folder: T.RunFolder) -> dict:
     config_dict = resolve(config)
-    T.run_dir_setup(runtime, config_dict, Path(config.out))
     if config.synthetic:
         dataset = SyntheticLatents(config.synthetic_size, config.num_classes)
     else:
@@ -171,7 +170,7 @@ def run(config: ImageNetConfig, runtime: T.Runtime) -> dict:
         sample_images=sample_images,
         read_indices=dataset.read,
     )
-    summary = T.train(task, runtime)
+    summary = T.train(task, runtime, folder)
     if runtime.is_main:
         print(f"done: {summary['steps_done']} steps; last metrics {summary['last']}; run folder {config.out}")
     return summary

@@ -1,12 +1,14 @@
 """Input checks shared by the public API.
 
 Every check raises `ValueError` or `TypeError` naming the argument and showing the
-offending value. Checks that read tensor values (finiteness, time ranges) force a
-device synchronisation, so callers skip them while `torch.compile` traces.
+offending value. Checks that read tensor values (finiteness, time ranges, label ranges)
+force a device synchronisation, so callers skip them while `torch.compile` traces; checks
+of types, shapes, dtypes and devices read metadata only and cost nothing.
 """
 
 import math
 import numbers
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -31,17 +33,146 @@ def check_tensor(name: str, x: object, *, min_ndim: int = 1, floating: bool = Tr
         raise ValueError(f"{name} must have at least {min_ndim} dimension(s) (batch first); got {_describe(x)}")
     if x.ndim >= 1 and x.shape[0] == 0:
         raise ValueError(f"{name} must hold at least one sample; got {_describe(x)}")
+    if x.is_meta:
+        raise ValueError(f"{name} is a meta tensor (a shape without values); got {_describe(x)} on device 'meta'")
     return x
+
+
+def check_instance(name: str, value: object, cls: type, example: str) -> None:
+    """Raise a TypeError unless ``value`` is a ``cls`` (``example`` shows how to make one)."""
+    if not isinstance(value, cls):
+        raise TypeError(f"{name} must be a {cls.__name__} such as {example}; got {type(value).__name__}: {value!r}")
+
+
+def check_generator(name: str, generator: object) -> None:
+    """Check that ``generator`` is a ``torch.Generator`` or None."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"{name} must be a torch.Generator or None; got {type(generator).__name__}: {generator!r} "
+            "(make one with torch.Generator(device).manual_seed(seed))"
+        )
+
+
+def check_same_dtype(name: str, x: Tensor, ref_name: str, ref: Tensor) -> None:
+    """Raise unless ``x`` and ``ref`` have the same dtype."""
+    if x.dtype != ref.dtype:
+        raise TypeError(f"{name} must have the dtype of {ref_name} ({ref.dtype}); got {x.dtype}")
+
+
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast computes in on ``device``, or None when autocast is off there."""
+    if not torch.is_autocast_enabled(device.type):
+        return None
+    return torch.get_autocast_dtype(device.type)
+
+
+def check_backbone_output(output: object, x: Tensor) -> Tensor:
+    """Check what a backbone returned for input ``x``: a tensor of x's shape, dtype and device.
+
+    Under autocast the autocast dtype is accepted too. Reads metadata only (no device
+    synchronisation), so it runs on every call.
+    """
+    expected = f"a tensor shaped like its input x ({_describe(x)} on {x.device})"
+    if not isinstance(output, Tensor):
+        raise TypeError(f"the backbone must return {expected}; it returned {type(output).__name__}: {output!r}")
+    if output.shape != x.shape:
+        raise ValueError(
+            f"the backbone must return {expected}; it returned shape {tuple(output.shape)}, which would only "
+            "broadcast against x"
+        )
+    if output.dtype != x.dtype and output.dtype != _autocast_dtype(x.device):
+        raise TypeError(f"the backbone must return {expected}; it returned dtype {output.dtype}")
+    if output.device != x.device:
+        raise ValueError(f"the backbone must return {expected}; it returned a tensor on {output.device}")
+    return output
 
 
 def check_finite(name: str, x: Tensor) -> None:
     """Raise if ``x`` holds NaN or Inf (skipped while compiling)."""
-    if is_tracing():
+    if not is_tracing():
+        check_values([finite_check(name, x)])
+
+
+ValueCheck = tuple[Tensor, Callable[[int], Exception]]
+"""An on-device count of bad values and the error to raise for a positive count."""
+
+
+def check_values(checks: Sequence[ValueCheck]) -> None:
+    """Read every count with one device synchronisation; raise the first failure (skipped while compiling)."""
+    if is_tracing() or not checks:
         return
-    finite = torch.isfinite(x)
-    if not bool(finite.all()):
-        bad = int((~finite).sum())
-        raise ValueError(f"{name} holds {bad} non-finite value(s) (NaN or Inf) in a {_describe(x)}")
+    device = checks[0][0].device
+    counts = torch.stack([count.reshape(()).to(device=device, dtype=torch.int64) for count, _ in checks]).tolist()
+    for bad, (_, error) in zip(counts, checks):
+        if bad:
+            raise error(int(bad))
+
+
+def finite_check(name: str, x: Tensor) -> ValueCheck:
+    """A value check: ``x`` holds no NaN or Inf."""
+
+    def error(bad: int) -> Exception:
+        return ValueError(f"{name} holds {bad} non-finite value(s) (NaN or Inf) in a {_describe(x)}")
+
+    return (~torch.isfinite(x)).sum(), error
+
+
+def label_checks(
+    name: str, labels: Tensor, num_classes: int, *, null_allowed: bool | Tensor = False
+) -> list[ValueCheck]:
+    """Check class labels against a class count: metadata now, the value range as a deferred check.
+
+    Args:
+        name: The argument's name.
+        labels: The labels, one integer per sample.
+        num_classes: N; labels must lie in [0, N).
+        null_allowed: Where the null index N is also allowed: False, True, or a boolean mask
+            (the label-drop mask: only dropped samples may carry it).
+
+    Returns:
+        The value check to pass to ``check_values`` (empty while compiling).
+    """
+    if labels.ndim != 1 or labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(
+            f"{name} must be integer class labels of shape (b,) for a model of {num_classes} classes; "
+            f"got {_describe(labels)}"
+        )
+    if is_tracing():
+        return []
+    bad = (labels < 0) | (labels > num_classes)
+    if isinstance(null_allowed, Tensor):
+        bad = bad | ((labels == num_classes) & ~null_allowed.to(labels.device))
+    elif not null_allowed:
+        bad = bad | (labels == num_classes)
+    allowed = f"[0, {num_classes})" + (f" or the null class {num_classes}" if null_allowed is not False else "")
+
+    def error(count: int) -> Exception:
+        first = int(bad.nonzero()[0, 0])
+        return ValueError(
+            f"{name} must hold class labels in {allowed}; {count} do not, the first is "
+            f"{name}[{first}] = {int(labels[first])}"
+        )
+
+    return [(bad.sum(), error)]
+
+
+def class_count(backbone: object) -> tuple[int, bool] | None:
+    """The class count a backbone declares, and whether it has a null class, or None when it declares none.
+
+    A backbone declares it with an integer ``num_classes`` attribute (the null class, index
+    ``num_classes``, exists unless ``null_class`` is False). DDP/FSDP (``.module``) and
+    ``torch.compile`` (``._orig_mod``) wrappers are looked through.
+    """
+    seen = 0
+    while seen < 8:
+        count = getattr(backbone, "num_classes", None)
+        if isinstance(count, int) and not isinstance(count, bool) and count > 0:
+            return count, bool(getattr(backbone, "null_class", True))
+        inner = getattr(backbone, "_orig_mod", None) or getattr(backbone, "module", None)
+        if inner is None:
+            return None
+        backbone, seen = inner, seen + 1
+    return None
 
 
 def check_same_shape(name: str, x: Tensor, ref_name: str, ref: Tensor) -> None:
@@ -127,3 +258,33 @@ def check_choice(name: str, value: object, choices: "dict[str, object] | tuple[s
     if not isinstance(value, str) or value.lower() not in known:
         raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(repr(k) for k in known)}")
     return value.lower()
+
+
+def registered_name(name: str, value: object, registry: "dict[str, type]") -> str:
+    """The registry name whose class ``value`` is exactly (the inverse of building from a name)."""
+    for key, cls in registry.items():
+        if type(value) is cls:
+            return key
+    raise ValueError(f"{name} {value!r} is not one of the named ones: {', '.join(repr(k) for k in registry)}")
+
+
+def checked_backbone(backbone: Callable[..., object], context: str | None = None) -> Callable[..., Tensor]:
+    """``backbone`` with every output checked against its input (``check_backbone_output``).
+
+    With ``context``, an exception raised inside the backbone gets a note saying which call
+    raised it (for shapes the caller built, such as an objective's concatenated sub-batches).
+    While ``torch.compile`` traces, the backbone is returned as it is.
+    """
+    if is_tracing():
+        return backbone  # type: ignore[return-value]
+
+    def call(x: Tensor, t: Tensor, s: Tensor, cond: object = None) -> Tensor:
+        try:
+            output = backbone(x, t, s, cond)
+        except Exception as error:
+            if context is not None and hasattr(error, "add_note"):  # Python 3.11+
+                error.add_note(f"raised by the backbone called on x of shape {tuple(x.shape)} in {context}")
+            raise
+        return check_backbone_output(output, x)
+
+    return call

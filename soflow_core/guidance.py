@@ -14,7 +14,7 @@ from torch import Tensor
 
 from soflow_core._rng import rand
 from soflow_core._tensor import bcast_right
-from soflow_core._validation import check_cond, check_int, check_real
+from soflow_core._validation import check_cond, check_generator, check_int, check_real
 from soflow_core.typing import Cond, Data, DropMask, Time
 
 __all__ = [
@@ -52,6 +52,7 @@ def sample_drop_mask(
     """
     check_int("batch_size", batch_size, low=1)
     check_real("drop_rate", drop_rate, low=0.0, high=1.0)
+    check_generator("generator", generator)
     u = rand((batch_size,), device=torch.device(device), dtype=torch.float32, generator=generator)
     return u < drop_rate
 
@@ -72,6 +73,7 @@ def drop_cond(cond: Cond, mask: DropMask, null_cond: int | float | Tensor) -> Co
 
     Raises:
         ValueError: If the mask does not have one entry per sample.
+        TypeError: If ``null_cond`` is not an integer for integer labels (2.7 would become class 2).
 
     Examples:
         >>> import torch
@@ -79,8 +81,28 @@ def drop_cond(cond: Cond, mask: DropMask, null_cond: int | float | Tensor) -> Co
         [3, 1000, 7]
     """
     check_cond("cond", cond, mask.shape[0])
+    _check_null_cond(null_cond)
+    integer_labels = not (cond.is_floating_point() or cond.is_complex())
+    integer_null = isinstance(null_cond, int) or (
+        isinstance(null_cond, Tensor) and not (null_cond.is_floating_point() or null_cond.is_complex())
+    )
+    if integer_labels and not integer_null:
+        raise TypeError(
+            f"null_cond must be an integer (the null class index) for integer labels of dtype {cond.dtype}; "
+            f"got {type(null_cond).__name__}: {null_cond!r}"
+        )
     null = torch.as_tensor(null_cond, dtype=cond.dtype, device=cond.device)
     return torch.where(bcast_right(mask, cond), null, cond)
+
+
+def _check_null_cond(null_cond: object) -> None:
+    if isinstance(null_cond, bool) or not isinstance(null_cond, (int, float, Tensor)):
+        raise TypeError(
+            "null_cond must be an int (the null class index), a float or a tensor (a null embedding); "
+            f"got {type(null_cond).__name__}: {null_cond!r}"
+        )
+    if isinstance(null_cond, float) and not math.isfinite(null_cond):
+        raise ValueError(f"null_cond must be finite; got {null_cond!r}")
 
 
 def cfg_decay(t: Time, decay_time: float, *, rate: float = CFG_DECAY_RATE) -> Time:
@@ -160,7 +182,9 @@ class ClassifierFreeGuidance:
         mix: m ∈ [0, 1]; share of the guided target in the mixed target.
         drop_rate: Probability that a sample's condition is dropped.
         decay_time: t_d; guidance fades out above it (≥ 1 disables the fade).
-        null_cond: The null condition (the null class index, ``num_classes``, for labels).
+        null_cond: The null condition: for class labels an int, the null class index, which is
+            also the class count (the reference's ``num_classes``); for embeddings a float or a
+            tensor.
     """
 
     scale: float = 3.0
@@ -174,9 +198,17 @@ class ClassifierFreeGuidance:
         check_real("mix", self.mix, low=0.0, high=1.0)
         check_real("drop_rate", self.drop_rate, low=0.0, high=1.0)
         check_real("decay_time", self.decay_time, low=0.0)
+        _check_null_cond(self.null_cond)
+        if isinstance(self.null_cond, int) and self.null_cond < 1:
+            raise ValueError(f"null_cond, the null class index (= the class count), must be >= 1; got {self.null_cond}")
         if self.scale > 1.0 and self.drop_rate == 0.0:
             # ω > 1 needs v(·|∅) to be learned; without dropped labels it never is.
             raise ValueError(f"drop_rate must be > 0 when scale > 1 (got scale={self.scale!r}, drop_rate=0.0)")
+
+    @property
+    def num_classes(self) -> int | None:
+        """The class count an integer ``null_cond`` implies (null class = ``num_classes``), else None."""
+        return self.null_cond if isinstance(self.null_cond, int) else None
 
     @property
     def active(self) -> bool:

@@ -26,10 +26,16 @@ from soflow_core._validation import (
     check_choice,
     check_cond,
     check_finite,
+    check_instance,
+    check_same_dtype,
     check_same_shape,
     check_tensor,
     check_time,
     check_time_order,
+    check_values,
+    checked_backbone,
+    class_count,
+    label_checks,
 )
 from soflow_core.guidance import ClassifierFreeGuidance, drop_cond, guidance_coefficients
 from soflow_core.ops._dispatch import BACKENDS, Backend
@@ -112,6 +118,34 @@ class ConsistencyOutput:
 # ---------------------------------------------------------------------------- pure functions
 
 
+def _check_options(param: object, weighting: object) -> None:
+    check_instance("param", param, AbstractParam, "EulerParam()")
+    check_instance("weighting", weighting, AdaptiveWeighting, "AdaptiveWeighting(p=1.0, eps=0.01)")
+
+
+def _check_like(reference_name: str, reference: object, outputs: dict[str, object], **others: object) -> Tensor:
+    """``reference`` is a batch-first float tensor; the others have its shape (metadata only).
+
+    Network ``outputs`` may have another floating dtype (autocast); the other tensors must have
+    the reference's dtype.
+    """
+    reference = check_tensor(reference_name, reference, min_ndim=2)
+    for name, value in {**outputs, **others}.items():
+        check_tensor(name, value, min_ndim=2)
+        check_same_shape(name, value, reference_name, reference)  # type: ignore[arg-type]
+        if name in others:
+            check_same_dtype(name, value, reference_name, reference)  # type: ignore[arg-type]
+    return reference
+
+
+def _check_times(batch: int, **times: object) -> None:
+    """Per-sample time tensors of shape (batch,) (metadata only)."""
+    for name, value in times.items():
+        value = check_tensor(name, value, min_ndim=1)
+        if value.shape != (batch,):
+            raise ValueError(f"{name} must have shape ({batch},), one time per sample; got {tuple(value.shape)}")
+
+
 def _flow_matching_output(rows: tuple[Tensor, Tensor, Tensor]) -> FlowMatchingOutput:
     per_sample, mse, weight = rows
     return FlowMatchingOutput(backprop=per_sample.mean(), per_sample=per_sample, mse=mse, weight=weight)
@@ -145,7 +179,17 @@ def flow_matching_loss(
 
     Returns:
         The [`FlowMatchingOutput`][soflow_core.FlowMatchingOutput].
+
+    Raises:
+        ValueError: If ``target`` is not shaped like ``v_pred``, ``t`` is not one time per sample
+            in [0, 1], or an input is not finite.
+        TypeError: On a non-tensor input, mismatched dtypes, or ``param``/``weighting`` of the
+            wrong type.
     """
+    _check_options(param, weighting)
+    target = _check_like("target", target, {"v_pred": v_pred})
+    check_time("t", t, target.shape[0])
+    check_finite("target", target)
     d_s_b = param.d_s_b(t, t).detach()
     coefficients = torch.stack([torch.zeros_like(d_s_b), torch.ones_like(d_s_b), d_s_b.abs().reciprocal()], dim=1)
     rows = flow_matching_rows(v_pred, None, target, coefficients, p=weighting.p, eps=weighting.eps, backend=backend)
@@ -178,7 +222,16 @@ def flow_matching_loss_from_output(
 
     Returns:
         The [`FlowMatchingOutput`][soflow_core.FlowMatchingOutput].
+
+    Raises:
+        ValueError: If the tensors are not shaped alike or ``t`` is not one time per sample
+            (shapes only: this is the objective's hot path, its callers check values).
+        TypeError: On a non-tensor input, mismatched dtypes, or ``param``/``weighting`` of the
+            wrong type.
     """
+    _check_options(param, weighting)
+    x_t = _check_like("x_t", x_t, {"network_output": network_output}, target=target)
+    _check_times(x_t.shape[0], t=t)
     d_s_a, d_s_b = param.d_s_a(t, t).detach(), param.d_s_b(t, t).detach()
     coefficients = torch.stack([d_s_a, d_s_b, d_s_b.abs().reciprocal()], dim=1)
     state = x_t if param.velocity_uses_state else None
@@ -288,7 +341,21 @@ def solution_consistency_loss(
 
     Returns:
         The [`ConsistencyOutput`][soflow_core.ConsistencyOutput].
+
+    Raises:
+        ValueError: If the tensors are not shaped alike, the times are not one per sample in
+            [0, 1] with s ≤ ℓ < t, or an input is not finite.
+        TypeError: On a non-tensor input, mismatched dtypes, or ``param``/``weighting`` of the
+            wrong type.
     """
+    _check_options(param, weighting)
+    x_t = _check_like("x_t", x_t, {"network_output": network_output}, f_ell=f_ell)
+    for name, value in (("t", t), ("s", s), ("ell", ell)):
+        check_time(name, value, x_t.shape[0])
+    check_time_order("s", s, "ell", ell, strict=False)
+    check_time_order("ell", ell, "t", t, strict=True)
+    check_finite("x_t", x_t)
+    check_finite("f_ell", f_ell)
     coefficients = consistency_coefficients(param, t, s, ell, teacher_is_solution=True)
     rows = consistency_rows(
         network_output, x_t, f_ell, None, coefficients, p=weighting.p, eps=weighting.eps, backend=backend
@@ -328,7 +395,17 @@ def solution_consistency_loss_from_teacher(
 
     Returns:
         The [`ConsistencyOutput`][soflow_core.ConsistencyOutput].
+
+    Raises:
+        ValueError: If the tensors are not shaped alike or the times are not one per sample
+            (shapes only: this is the objective's hot path, its callers check values).
+        TypeError: On a non-tensor input, mismatched dtypes, or ``param``/``weighting`` of the
+            wrong type.
     """
+    _check_options(param, weighting)
+    outputs = {"network_output": network_output, "teacher_output": teacher_output}
+    x_t = _check_like("x_t", x_t, outputs, x_ell=x_ell)
+    _check_times(x_t.shape[0], t=t, s=s, ell=ell)
     coefficients = consistency_coefficients(param, t, s, ell, teacher_is_solution=False)
     rows = consistency_rows(
         network_output, x_t, x_ell, teacher_output, coefficients, p=weighting.p, eps=weighting.eps, backend=backend
@@ -468,13 +545,24 @@ def guided_teacher_state(
 
 
 def _check_batch(x_t: object, v: object, v_name: str, cond: object) -> Tensor:
-    x_t = check_tensor("x_t", x_t, min_ndim=2)
-    check_tensor(v_name, v, min_ndim=2)
-    check_same_shape(v_name, v, "x_t", x_t)
+    x_t = _check_like("x_t", x_t, {}, **{v_name: v})
     check_finite("x_t", x_t)
-    check_finite(v_name, v)
+    check_finite(v_name, v)  # type: ignore[arg-type]
     check_cond("cond", cond, x_t.shape[0])
     return x_t
+
+
+def _checked_labels(backbone: Backbone, cond: object) -> Backbone:
+    """Check class labels against the backbone's declared class count (null class allowed); wrap its outputs.
+
+    The conditions reach these losses after any label drop, so the null class is a valid label
+    when the backbone has one.
+    """
+    declared = class_count(backbone)
+    if declared is not None and isinstance(cond, Tensor):
+        num_classes, has_null = declared
+        check_values(label_checks("cond", cond, num_classes, null_allowed=has_null))
+    return checked_backbone(backbone)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -493,6 +581,7 @@ class FlowMatchingLoss:
     backend: Backend = "auto"
 
     def __post_init__(self) -> None:
+        _check_options(self.param, self.weighting)
         check_choice("backend", self.backend, BACKENDS)
 
     def __call__(
@@ -535,6 +624,8 @@ class FlowMatchingLoss:
         """
         x_t = _check_batch(x_t, v_t, "v_t", cond)
         check_time("t", t, x_t.shape[0])
+        if guidance is not None:
+            check_instance("guidance", guidance, ClassifierFreeGuidance, "ClassifierFreeGuidance(scale=3.0)")
         if drop_mask is not None:
             if guidance is None or cond is None:
                 raise ValueError(
@@ -542,6 +633,7 @@ class FlowMatchingLoss:
                     f"cond={'None' if cond is None else 'a tensor'}, guidance={guidance!r}"
                 )
             cond = drop_cond(cond, drop_mask, guidance.null_cond)
+        backbone = _checked_labels(backbone, cond)
         options = {"param": self.param, "weighting": self.weighting, "backend": self.backend}
         if guidance is None or not guidance.active:
             return flow_matching_loss_from_output(backbone(x_t, t, t, cond), x_t, v_t, t, **options)
@@ -581,6 +673,7 @@ class SolutionConsistencyLoss:
     backend: Backend = "auto"
 
     def __post_init__(self) -> None:
+        _check_options(self.param, self.weighting)
         check_choice("backend", self.backend, BACKENDS)
 
     def __call__(
@@ -619,6 +712,7 @@ class SolutionConsistencyLoss:
             check_time(name, value, n)
         check_time_order("s", s, "ell", ell, strict=False)
         check_time_order("ell", ell, "t", t, strict=True)
+        backbone = _checked_labels(backbone, cond)
         snapshot = snapshot_rng(x_t.device)
         network_output = backbone(x_t, t, s, cond)
         with torch.no_grad(), replay_rng(snapshot):

@@ -26,11 +26,17 @@ from soflow_core._rng import randn, replay_rng, snapshot_rng
 from soflow_core._validation import (
     check_choice,
     check_cond,
-    check_finite,
+    check_generator,
     check_int,
     check_real,
+    check_same_dtype,
     check_same_shape,
     check_tensor,
+    check_values,
+    checked_backbone,
+    class_count,
+    finite_check,
+    label_checks,
 )
 from soflow_core.guidance import ClassifierFreeGuidance, drop_cond, sample_drop_mask
 from soflow_core.losses import (
@@ -234,8 +240,17 @@ class SoFlowObjective:
             ``"split"`` uses separate calls (needed to share dropout masks); ``"auto"`` picks
             ``"split"`` when the backbone is an ``nn.Module`` with active dropout, else ``"joint"``.
             Functional dropout inside ``forward`` is not detected: choose ``"split"`` then.
-        check_inputs: Check data, cond and noise for shape and finiteness before any model
-            call (one device sync per step; skipped automatically under ``torch.compile``).
+            Both evaluate the same formulas; they agree up to the rounding of the backbone's
+            batched matmuls, and bit for bit only for a batch-invariant backbone (see
+            [Network calls per training step](../method.md#network-calls-per-training-step)).
+        check_inputs: Check data, cond and noise before any model call: shapes and dtypes, data
+            and noise finite, class labels in range (one device sync in ``sample_batch``, one more
+            in ``loss`` for a backbone that declares ``num_classes``; the value checks are skipped
+            automatically under ``torch.compile``), and every backbone output against its input's
+            shape, dtype and device (metadata only). Class labels are recognised by an integer
+            ``guidance.null_cond`` (the class count) or a ``num_classes`` attribute of the
+            backbone (see [Conventions](../conventions.md#class-labels)); other conditions
+            (embeddings, augmentation labels) are passed through unchecked.
         backend: Where the fused loss-path ops (path build, guided target, teacher state, both
             loss rows) run: ``"auto"`` uses the Triton kernels for CUDA tensors when
             ``soflow_kernels`` is installed and PyTorch otherwise; ``"torch"`` always runs the
@@ -384,14 +399,9 @@ class SoFlowObjective:
         """
         check_int("step", step, low=0)
         check_int("total_steps", total_steps, low=1)
+        check_generator("generator", generator)
         if self.check_inputs:
-            check_tensor("data", data, min_ndim=2)
-            check_finite("data", data)
-            check_cond("cond", cond, data.shape[0])
-            if noise is not None:
-                check_tensor("noise", noise, min_ndim=2)
-                check_same_shape("noise", noise, "data", data)
-                check_finite("noise", noise)
+            self._check_draw_inputs(data, cond, noise)
         guidance = self.guidance
         if guidance is not None and cond is None and (guidance.active or guidance.drop_rate > 0):
             raise ValueError(
@@ -435,6 +445,49 @@ class SoFlowObjective:
             )
         return TrainingBatch(flow_matching=fm_batch, consistency=sc_batch)
 
+    def _check_draw_inputs(self, data: object, cond: object, noise: object) -> None:
+        """Types, shapes and dtypes, then finiteness and label ranges with one device sync."""
+        data = check_tensor("data", data, min_ndim=2)
+        check_cond("cond", cond, data.shape[0])
+        checks = [finite_check("data", data)]
+        if noise is not None:
+            noise = check_tensor("noise", noise, min_ndim=2)
+            check_same_shape("noise", noise, "data", data)
+            check_same_dtype("noise", noise, "data", data)
+            checks.append(finite_check("noise", noise))
+        num_classes = self.guidance.num_classes if self.guidance is not None else None
+        if num_classes is not None and cond is not None:
+            checks += label_checks("cond", cond, num_classes)  # type: ignore[arg-type]
+        check_values(checks)
+
+    def _check_backbone(self, model: Backbone, batch: TrainingBatch) -> Backbone:
+        """Check the batch's labels against the backbone's class count; wrap it to check every output."""
+        declared = class_count(model)
+        if declared is not None:
+            num_classes, has_null = declared
+            guidance = self.guidance
+            if guidance is not None and guidance.num_classes not in (None, num_classes):
+                raise ValueError(
+                    f"guidance.null_cond = {guidance.num_classes} says the model has {guidance.num_classes} classes; "
+                    f"the backbone declares num_classes = {num_classes}"
+                )
+            if guidance is not None and guidance.drop_rate > 0 and not has_null:
+                raise ValueError(
+                    f"guidance drops labels to the null class {num_classes} (drop_rate={guidance.drop_rate}), "
+                    "but the backbone has no null class (null_class=False)"
+                )
+            checks = []
+            for name, part in (("flow_matching.cond", batch.flow_matching), ("consistency.cond", batch.consistency)):
+                if part is not None and part.cond is not None:
+                    dropped = part.drop_mask if part.drop_mask is not None else False
+                    checks += label_checks(name, part.cond, num_classes, null_allowed=dropped)
+            check_values(checks)
+        return checked_backbone(
+            model,
+            f"the objective's step over {batch.batch_size} samples (its backbone calls concatenate sub-batches: "
+            "guidance, Flow Matching and consistency samples; forward_batching='split' calls them one by one)",
+        )
+
     def use_joint_forward(self, model: Backbone) -> bool:
         """Whether the grad calls of the two sub-batches are concatenated into one call for ``model``.
 
@@ -457,11 +510,19 @@ class SoFlowObjective:
 
         Returns:
             The [`ObjectiveOutput`][soflow_core.ObjectiveOutput].
+
+        Raises:
+            ValueError: With ``check_inputs``, on labels outside the backbone's class count or a
+                backbone output of the wrong shape or device.
+            TypeError: With ``check_inputs``, on non-integer labels or a backbone output that is
+                not a tensor of the input's dtype.
         """
         fm, sc = batch.flow_matching, batch.consistency
         guidance = self.guidance if self.guidance is not None and self.guidance.active else None
         joint = self.use_joint_forward(model)
         param = self.param
+        if self.check_inputs:
+            model = self._check_backbone(model, batch)
 
         # 1. Guidance outputs, all without gradient, in one call when joint.
         uncond_fm = uncond_sc = model_sc = None

@@ -15,15 +15,17 @@ from torch import Tensor
 
 from soflow_core._tensor import bcast_right
 from soflow_core._validation import (
+    check_backbone_output,
     check_choice,
     check_cond,
     check_tensor,
     check_time,
     check_time_order,
+    registered_name,
 )
 from soflow_core.typing import Backbone, Cond, Data, Time
 
-__all__ = ["AbstractParam", "EulerParam", "ParamName", "TrigParam", "make_param"]
+__all__ = ["AbstractParam", "EulerParam", "ParamName", "TrigParam", "make_param", "param_name"]
 
 ParamName = Literal["euler", "trig"]
 """Names accepted by [`make_param`][soflow_core.parameterizations.make_param] (case-insensitive)."""
@@ -110,7 +112,8 @@ class AbstractParam(ABC):
             f_θ(x_t, t, s).
 
         Raises:
-            ValueError: On bad shapes, times outside [0, 1] or s > t.
+            ValueError: On bad shapes, times outside [0, 1], s > t, or a backbone output not
+                shaped like ``x_t``.
 
         Examples:
             >>> import torch
@@ -120,7 +123,7 @@ class AbstractParam(ABC):
             True
         """
         _check_call(x_t, t, s, cond)
-        return self.combine(x_t, backbone(x_t, t, s, cond), t, s)
+        return self.combine(x_t, check_backbone_output(backbone(x_t, t, s, cond), x_t), t, s)
 
     def velocity(self, backbone: Backbone, x_t: Data, t: Time, cond: Cond | None = None) -> Data:
         """Evaluate the model velocity v_θ(x_t, t): the backbone at s = t (spec §3).
@@ -135,10 +138,11 @@ class AbstractParam(ABC):
             v_θ(x_t, t).
 
         Raises:
-            ValueError: On bad shapes or times outside [0, 1].
+            ValueError: On bad shapes, times outside [0, 1], or a backbone output not shaped
+                like ``x_t``.
         """
         _check_call(x_t, t, t, cond)
-        return self.velocity_from_output(x_t, backbone(x_t, t, t, cond), t)
+        return self.velocity_from_output(x_t, check_backbone_output(backbone(x_t, t, t, cond), x_t), t)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -213,3 +217,22 @@ def make_param(name: str) -> AbstractParam:
         EulerParam()
     """
     return _PARAMS[check_choice("parameterization", name, tuple(_PARAMS))]()
+
+
+def param_name(param: AbstractParam) -> ParamName:
+    """The name [`make_param`][soflow_core.parameterizations.make_param] builds ``param`` from: its inverse.
+
+    Args:
+        param: A parameterization object of a registered class.
+
+    Returns:
+        The lower-case name.
+
+    Raises:
+        ValueError: If the class of ``param`` is not registered (a custom parameterization has no name).
+
+    Examples:
+        >>> param_name(EulerParam())
+        'euler'
+    """
+    return registered_name("parameterization", param, _PARAMS)  # type: ignore[return-value]

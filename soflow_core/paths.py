@@ -14,11 +14,18 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from soflow_core._validation import check_choice, check_same_shape, check_tensor, check_time
+from soflow_core._validation import (
+    check_choice,
+    check_same_dtype,
+    check_same_shape,
+    check_tensor,
+    check_time,
+    registered_name,
+)
 from soflow_core.ops.fused import linear_combination
 from soflow_core.typing import Data, Time
 
-__all__ = ["AbstractPath", "LinearPath", "PathName", "PathSample", "TrigPath", "make_path"]
+__all__ = ["AbstractPath", "LinearPath", "PathName", "PathSample", "TrigPath", "make_path", "path_name"]
 
 PathName = Literal["linear", "trig"]
 """Names accepted by [`make_path`][soflow_core.paths.make_path] (case-insensitive)."""
@@ -94,6 +101,7 @@ class AbstractPath(ABC):
 
         Raises:
             ValueError: On mismatched shapes or t outside [0, 1].
+            TypeError: If ``noise`` has another dtype than ``data``.
 
         Examples:
             >>> import torch
@@ -104,6 +112,7 @@ class AbstractPath(ABC):
         check_tensor("data", data, min_ndim=2)
         check_tensor("noise", noise, min_ndim=2)
         check_same_shape("noise", noise, "data", data)
+        check_same_dtype("noise", noise, "data", data)
         check_time("t", t, data.shape[0])
         return self.interpolate(data, noise, t, backend=backend)
 
@@ -189,3 +198,22 @@ def make_path(name: str) -> AbstractPath:
         LinearPath()
     """
     return _PATHS[check_choice("path", name, tuple(_PATHS))]()
+
+
+def path_name(path: AbstractPath) -> PathName:
+    """The name [`make_path`][soflow_core.paths.make_path] builds ``path`` from: its inverse.
+
+    Args:
+        path: A path object of a registered class.
+
+    Returns:
+        The lower-case name.
+
+    Raises:
+        ValueError: If the class of ``path`` is not registered (a custom path has no name).
+
+    Examples:
+        >>> path_name(LinearPath())
+        'linear'
+    """
+    return registered_name("path", path, _PATHS)  # type: ignore[return-value]

@@ -10,7 +10,19 @@ from collections.abc import Sequence
 import torch
 
 from soflow_core._rng import randn
-from soflow_core._validation import check_cond, check_finite, check_int, check_tensor, check_time_order
+from soflow_core._validation import (
+    check_cond,
+    check_generator,
+    check_instance,
+    check_int,
+    check_tensor,
+    check_time_order,
+    check_values,
+    checked_backbone,
+    class_count,
+    finite_check,
+    label_checks,
+)
 from soflow_core.parameterizations import AbstractParam
 from soflow_core.paths import AbstractPath
 from soflow_core.typing import Backbone, Cond, Data
@@ -36,11 +48,21 @@ def uniform_time_grid(num_steps: int, *, dtype: torch.dtype = torch.float64) -> 
     return 1.0 - torch.arange(n + 1, dtype=dtype) / n
 
 
-def _check_noise(noise: object, cond: object) -> torch.Tensor:
+def _check_inputs(backbone: Backbone, noise: object, cond: object, param: object) -> tuple[Backbone, torch.Tensor]:
+    """Check the sampler's inputs (one device sync for noise and labels); return the output-checking backbone.
+
+    Class labels are checked against a backbone that declares ``num_classes``; the null class
+    (index ``num_classes``) is a valid label when the backbone has one.
+    """
+    check_instance("param", param, AbstractParam, "EulerParam()")
     noise = check_tensor("noise", noise, min_ndim=2)
-    check_finite("noise", noise)
     check_cond("cond", cond, noise.shape[0])
-    return noise
+    checks = [finite_check("noise", noise)]
+    declared = class_count(backbone)
+    if declared is not None and isinstance(cond, torch.Tensor):
+        checks += label_checks("cond", cond, declared[0], null_allowed=declared[1])
+    check_values(checks)
+    return checked_backbone(backbone), noise
 
 
 def _full(x: torch.Tensor, value: float) -> torch.Tensor:
@@ -70,7 +92,9 @@ def sample_one_step(backbone: Backbone, noise: Data, *, param: AbstractParam, co
         Samples shaped like ``noise``.
 
     Raises:
-        ValueError: On bad shapes or non-finite noise.
+        ValueError: On bad shapes, non-finite noise, labels outside the backbone's class count,
+            or a backbone output not shaped like its input.
+        TypeError: On a ``param`` that is not a parameterization object, or non-integer labels.
 
     Examples:
         >>> import torch
@@ -80,7 +104,7 @@ def sample_one_step(backbone: Backbone, noise: Data, *, param: AbstractParam, co
         >>> x.shape
         torch.Size([5, 2])
     """
-    noise = _check_noise(noise, cond)
+    backbone, noise = _check_inputs(backbone, noise, cond, param)
     return _solve(backbone, param, noise, 1.0, 0.0, cond)
 
 
@@ -160,7 +184,9 @@ def sample_few_step(
         Samples shaped like ``noise``.
 
     Raises:
-        ValueError: On bad shapes, non-finite noise, N < 1, or bad ``times``.
+        ValueError: On bad shapes, non-finite noise, N < 1, bad ``times``, labels outside the
+            backbone's class count, or a backbone output not shaped like its input.
+        TypeError: On a ``param``, ``path`` or ``generator`` of the wrong type.
 
     Examples:
         >>> import torch
@@ -172,8 +198,10 @@ def sample_few_step(
         >>> x.shape, y.shape
         (torch.Size([5, 2]), torch.Size([5, 2]))
     """
+    backbone, noise = _check_inputs(backbone, noise, cond, param)
+    check_instance("path", path, AbstractPath, "LinearPath()")
+    check_generator("generator", generator)
     grid = renoise_times(num_steps, times)
-    noise = _check_noise(noise, cond)
     x = noise
     for tau, tau_next in itertools.pairwise(grid):
         eps = randn(tuple(x.shape), device=x.device, dtype=x.dtype, generator=generator)
@@ -206,7 +234,8 @@ def sample_chain(
         The state at ``times[-1]``.
 
     Raises:
-        ValueError: If ``times`` has fewer than two entries, leaves [0, 1] or increases.
+        ValueError: If ``times`` has fewer than two entries, is not finite, leaves [0, 1] or
+            increases; as the other samplers on bad noise, labels or backbone outputs.
 
     Examples:
         >>> import torch
@@ -216,12 +245,12 @@ def sample_chain(
         >>> x.shape
         torch.Size([5, 2])
     """
-    noise = _check_noise(noise, cond)
+    backbone, noise = _check_inputs(backbone, noise, cond, param)
     grid = torch.as_tensor(times, dtype=torch.float64).flatten()
     if grid.numel() < 2:
         raise ValueError(f"times must hold at least two times; got {grid.tolist()}")
-    if bool((grid < 0).any() or (grid > 1).any()):
-        raise ValueError(f"times must lie in [0, 1]; got {grid.tolist()}")
+    if not bool(torch.isfinite(grid).all()) or bool((grid < 0).any() or (grid > 1).any()):
+        raise ValueError(f"times must be finite and lie in [0, 1]; got {grid.tolist()}")
     check_time_order("times[i+1]", grid[1:], "times[i]", grid[:-1], strict=False)
     x = noise
     for t_value, s_value in itertools.pairwise(grid.tolist()):

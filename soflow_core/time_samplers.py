@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 
 from soflow_core._rng import rand, randn
-from soflow_core._validation import check_choice, check_int, check_real
+from soflow_core._validation import check_choice, check_generator, check_instance, check_int, check_real
 from soflow_core.typing import Time
 
 __all__ = [
@@ -73,6 +73,7 @@ class AbstractTimeDistribution(ABC):
             (torch.Size([4]), True)
         """
         n = check_int("batch_size", batch_size, low=1)
+        check_generator("generator", generator)
         return self.transform(n, torch.device(device), dtype, generator)
 
 
@@ -302,6 +303,11 @@ class ConsistencyTimeSampler:
     t_distribution: AbstractTimeDistribution = field(default_factory=lambda: LogitNormal(mean=0.2, std=0.8))
     s_distribution: AbstractTimeDistribution = field(default_factory=lambda: LogitNormal(mean=-1.0, std=0.8))
     schedule: AbstractRSchedule = field(default_factory=lambda: ExponentSchedule(r_init=0.1, r_end=0.002))
+
+    def __post_init__(self) -> None:
+        for name in ("t_distribution", "s_distribution"):
+            check_instance(name, getattr(self, name), AbstractTimeDistribution, "LogitNormal(mean=0.2, std=0.8)")
+        check_instance("schedule", self.schedule, AbstractRSchedule, "ExponentSchedule(r_init=0.1, r_end=0.002)")
 
     def sample(
         self,

@@ -14,7 +14,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "soflow_core"
 
-FOUNDATIONS = {"soflow_core.typing", "soflow_core._validation", "soflow_core._tensor", "soflow_core._rng"}
+FOUNDATIONS = {
+    "soflow_core.typing",
+    "soflow_core._validation",
+    "soflow_core._tensor",
+    "soflow_core._rng",
+    "soflow_core._files",
+}
 METHOD = {
     "soflow_core",
     "soflow_core.paths",
@@ -152,6 +158,6 @@ def test_import_pulls_in_no_optional_dependency_or_sub_package():
 
 @pytest.mark.parametrize("package", SUBPACKAGES)
 def test_sub_packages_import_without_optional_dependencies(package):
-    optional = ("triton", "h5py", "matplotlib")
+    optional = ("triton", "h5py", "matplotlib", "safetensors")
     code = f"import sys, {package}\nbad = [m for m in {optional!r} if m in sys.modules]\nassert not bad, bad\n"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

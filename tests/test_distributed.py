@@ -1,12 +1,8 @@
 """The objective works unchanged on DDP- and FSDP2-wrapped models (2 CPU processes, gloo)."""
 
-import os
-import socket
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from _helpers import spawn_gloo_ranks
 
 from soflow_core import ClassifierFreeGuidance, SoFlowObjective
 from soflow_core.nets import MLPBackbone
@@ -43,40 +39,27 @@ def local_gradients(rank: int, dropout: float) -> list[torch.Tensor]:
     return [p.grad.detach().clone() for p in model.parameters()]
 
 
-def worker(rank: int, world: int, port: int, wrapper: str, dropout: float, result_file: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        model = make_model(dropout)
-        if wrapper == "ddp":
-            wrapped = torch.nn.parallel.DistributedDataParallel(model)
-        else:
-            from torch.distributed.fsdp import fully_shard
+def worker(rank: int, world: int, wrapper: str, dropout: float, result_file: str) -> None:
+    model = make_model(dropout)
+    if wrapper == "ddp":
+        wrapped = torch.nn.parallel.DistributedDataParallel(model)
+    else:
+        from torch.distributed.fsdp import fully_shard
 
-            for block in model.blocks:
-                fully_shard(block)
-            wrapped = fully_shard(model)
-        backward_one_step(wrapped, rank)
-        grads = [p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad for p in model.parameters()]
-        if rank == 0:
-            torch.save([g.detach().clone() for g in grads], result_file)
-        dist.barrier()  # both ranks are done before either tears gloo down
-    finally:
-        dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        for block in model.blocks:
+            fully_shard(block)
+        wrapped = fully_shard(model)
+    backward_one_step(wrapped, rank)
+    grads = [p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad for p in model.parameters()]
+    if rank == 0:
+        torch.save([g.detach().clone() for g in grads], result_file)
 
 
 @pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])
 @pytest.mark.parametrize("dropout", [0.0, 0.2], ids=["joint-call", "split-calls"])
 def test_wrapped_model_gradients_are_the_rank_average(wrapper, dropout, tmp_path):
     result_file = str(tmp_path / "grads.pt")
-    mp.spawn(worker, args=(2, free_port(), wrapper, dropout, result_file), nprocs=2, join=True)
+    spawn_gloo_ranks(worker, wrapper, dropout, result_file, world=2, tmp_path=tmp_path)
     got = torch.load(result_file)
     expected = [(a + b) / 2 for a, b in zip(local_gradients(0, dropout), local_gradients(1, dropout))]
     for g, e in zip(got, expected):

@@ -1,4 +1,5 @@
 import pickle
+import struct
 import sys
 from pathlib import Path
 
@@ -134,3 +135,53 @@ def test_read_cifar10_errors(tmp_path):
         pickle.dump({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}, f)
     with pytest.raises(ValueError, match="not a CIFAR-10 python batch"):
         read_cifar10(tmp_path)
+
+
+def _python2_batch(data: bytes, labels: list[int]) -> bytes:
+    """A batch exactly as the CIFAR-10 release pickles it (Python 2, protocol 2, numpy.core names, str opcodes)."""
+    rows = len(data) // 3072
+    label_ops = b"".join(b"K" + bytes([y]) for y in labels)
+    return (
+        b"\x80\x02}q\x01(U\x04dataq\x02cnumpy.core.multiarray\n_reconstruct\nq\x03cnumpy\nndarray\nq\x04"
+        b"K\x00\x85U\x01b\x87Rq\x05(K\x01K" + bytes([rows]) + b"M\x00\x0c\x86cnumpy\ndtype\nq\x06U\x02u1K\x00K\x01"
+        b"\x87Rq\x07(K\x03U\x01|NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb\x89T"
+        + struct.pack("<I", len(data))
+        + data
+        + b"tbU\x06labelsq\x08]q\t(" + label_ops + b"eu."
+    )  # fmt: skip
+
+
+def test_read_cifar10_reads_the_release_format_and_every_pickle_protocol(tmp_path):
+    folder, _ = _fake_cifar(tmp_path)
+    data = bytes(range(256)) * 24  # two images
+    (folder / "test_batch").write_bytes(_python2_batch(data, [3, 9]))
+    images, labels = read_cifar10(folder, split="test")
+    assert images.tobytes() == data and labels.tolist() == [3, 9]
+    for protocol in range(2, pickle.HIGHEST_PROTOCOL + 1):
+        batch = {b"data": np.full((2, 3072), protocol, np.uint8), b"labels": [1, 2], b"batch_label": b"x"}
+        (folder / "test_batch").write_bytes(pickle.dumps(batch, protocol=protocol))
+        images, labels = read_cifar10(folder, split="test")
+        assert (images == protocol).all() and labels.tolist() == [1, 2]
+
+
+class _CreatesAFile:
+    def __init__(self, target: Path) -> None:
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (str(self.target), "w"))
+
+
+def test_read_cifar10_runs_no_code_from_a_crafted_batch(tmp_path):
+    folder, _ = _fake_cifar(tmp_path)
+    target = tmp_path / "created-by-the-pickle"
+    batch = {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 1], b"payload": _CreatesAFile(target)}
+    (folder / "data_batch_1").write_bytes(pickle.dumps(batch, protocol=2))
+    with pytest.raises(ValueError, match=r"data_batch_1 is not a CIFAR-10 python batch: io\.open is not allowed"):
+        read_cifar10(folder)
+    assert not target.exists()
+    # Out-of-range labels and non-list labels are malformed batches too.
+    for labels in ([0, 10], np.array([0, 1])):
+        (folder / "data_batch_1").write_bytes(pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": labels}))
+        with pytest.raises(ValueError, match="not a CIFAR-10 python batch"):
+            read_cifar10(folder)

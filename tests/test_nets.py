@@ -1,91 +1,17 @@
+import copy
 import math
 
 import numpy as np
 import pytest
 import torch
 from _helpers import grads, zero_grads
+from _nets import NUM_CLASSES, TINY, TINY_LAYOUT, TINY_UNET, image_batch, labels, tiny_dit, tiny_unet
 from torch import nn
 
 from soflow_core import ClassifierFreeGuidance, SoFlowObjective
-from soflow_core.nets import DIT_SIZES, DiT, SongUNet, load_dit_checkpoint
+from soflow_core.nets import DIT_SIZES, DiT, SongUNet
 from soflow_core.nets.unet import positional_embedding
 from soflow_core.objective import has_active_dropout
-
-NUM_CLASSES = 10
-TINY = {"input_size": 8, "in_channels": 4, "patch_size": 2, "hidden_size": 32, "depth": 2, "num_heads": 2}
-
-# The reference DiT layout (facebookresearch/DiT with timm's PatchEmbed, Attention and Mlp) plus
-# SoFlow's s_embedder, for TINY with 10 classes and a null row. LayerNorms have no affine
-# parameters (norm1, norm2, norm_final hold nothing), and the adaLN linears sit at index 1
-# after a SiLU. Token count T = (8 / 2)² = 16; final linear 2·2·4 = 16 outputs.
-TINY_LAYOUT = {
-    "pos_embed": (1, 16, 32),
-    "x_embedder.proj.weight": (32, 4, 2, 2),
-    "x_embedder.proj.bias": (32,),
-    "t_embedder.mlp.0.weight": (32, 256),
-    "t_embedder.mlp.0.bias": (32,),
-    "t_embedder.mlp.2.weight": (32, 32),
-    "t_embedder.mlp.2.bias": (32,),
-    "s_embedder.mlp.0.weight": (32, 256),
-    "s_embedder.mlp.0.bias": (32,),
-    "s_embedder.mlp.2.weight": (32, 32),
-    "s_embedder.mlp.2.bias": (32,),
-    "y_embedder.embedding_table.weight": (11, 32),
-    **{
-        f"blocks.{i}.{name}": shape
-        for i in range(2)
-        for name, shape in {
-            "attn.qkv.weight": (96, 32),
-            "attn.qkv.bias": (96,),
-            "attn.proj.weight": (32, 32),
-            "attn.proj.bias": (32,),
-            "mlp.fc1.weight": (128, 32),
-            "mlp.fc1.bias": (128,),
-            "mlp.fc2.weight": (32, 128),
-            "mlp.fc2.bias": (32,),
-            "adaLN_modulation.1.weight": (192, 32),
-            "adaLN_modulation.1.bias": (192,),
-        }.items()
-    },
-    "final_layer.linear.weight": (16, 32),
-    "final_layer.linear.bias": (16,),
-    "final_layer.adaLN_modulation.1.weight": (64, 32),
-    "final_layer.adaLN_modulation.1.bias": (64,),
-}
-
-TINY_UNET = {
-    "img_resolution": 8,
-    "model_channels": 16,
-    "channel_mult": [1, 2],
-    "num_blocks": 1,
-    "attn_resolutions": [4],
-}
-
-
-def tiny_dit(seed=0, *, randomise=True, **overrides):
-    """A tiny DiT; with ``randomise`` its zero-initialised layers are redrawn so F_θ is not ≡ 0."""
-    torch.manual_seed(seed)
-    net = DiT(**{**TINY, "num_classes": NUM_CLASSES, **overrides})
-    if randomise:
-        zero_init = [block.adaLN_modulation[-1] for block in net.blocks]
-        zero_init += [net.final_layer.adaLN_modulation[-1], net.final_layer.linear]
-        for layer in zero_init:
-            nn.init.normal_(layer.weight, std=0.1)
-            nn.init.normal_(layer.bias, std=0.1)
-    return net
-
-
-def image_batch(seed=0, b=3, c=4, size=8):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(b, c, size, size, generator=g)
-    t = torch.rand(b, generator=g) * 0.9 + 0.1
-    s = t * torch.rand(b, generator=g)
-    return x, t, s
-
-
-def labels(b=3, seed=0):
-    return torch.randint(0, NUM_CLASSES, (b,), generator=torch.Generator().manual_seed(seed))
-
 
 # ---------------------------------------------------------------------------- DiT
 
@@ -221,108 +147,8 @@ def test_dit_null_class():
     assert unconditional.y_embedder is None and unconditional(x, t, s, None).shape == x.shape
     with pytest.raises(ValueError, match="unconditional"):
         unconditional(x, t, s, labels())
-    with pytest.raises(ValueError, match="x must have shape"):
+    with pytest.raises(ValueError, match=r"x must be a batch of images of shape \(4, 8, 8\)"):
         net(torch.randn(3, 4, 16, 16), t, s, None)
-
-
-# ---------------------------------------------------------------------------- DiT checkpoints
-
-
-def reference_state(seed=0, layout=TINY_LAYOUT):
-    """A state dict in the reference layout, built from the names alone, with random values."""
-    g = torch.Generator().manual_seed(seed)
-    return {name: torch.randn(shape, generator=g) * 0.1 for name, shape in layout.items()}
-
-
-def test_loader_round_trips_reference_layout(tmp_path):
-    state = reference_state()
-    net = tiny_dit(randomise=False)
-    assert load_dit_checkpoint(net, state) == []
-    for name, value in net.state_dict().items():
-        assert torch.equal(value, state[name]), name
-    x, t, s = image_batch(3)
-    expected = net(x, t, s, labels())
-    assert expected.abs().max() > 0
-
-    # Wrapped and prefixed, in memory and from a file: the same weights, the same outputs.
-    path = tmp_path / "checkpoint.pt"
-    torch.save(
-        {"model": reference_state(seed=1), "ema": {f"module.{k}": v for k, v in state.items()}, "steps": 7}, path
-    )
-    prefixed = {f"_orig_mod.{k}": v for k, v in state.items()}
-    for source in ({"ema": state}, {"state_dict": prefixed}, path, str(path)):
-        fresh = tiny_dit(seed=5)
-        load_dit_checkpoint(fresh, source)
-        torch.testing.assert_close(fresh(x, t, s, labels()), expected, rtol=0, atol=0)
-    # An explicit entry picks the non-EMA weights.
-    other = tiny_dit(seed=5)
-    load_dit_checkpoint(other, path, entry="model")
-    assert torch.equal(other.pos_embed, reference_state(seed=1)["pos_embed"])
-
-
-class _Wrapper(nn.Module):
-    """Stands in for DDP: the real model is ``.module``."""
-
-    def __init__(self, module):
-        super().__init__()
-        self.module = module
-
-
-def test_loader_accepts_wrapped_models():
-    net = tiny_dit(randomise=False)
-    load_dit_checkpoint(_Wrapper(net), reference_state())
-    assert torch.equal(net.pos_embed, reference_state()["pos_embed"])
-    with pytest.raises(TypeError, match="must be a DiT"):
-        load_dit_checkpoint(nn.Linear(2, 2), reference_state())
-
-
-def test_loader_rejects_mismatches_before_loading():
-    net = tiny_dit(randomise=False)
-    before = {k: v.clone() for k, v in net.state_dict().items()}
-
-    missing = reference_state()
-    del missing["s_embedder.mlp.0.weight"]
-    with pytest.raises(ValueError, match=r"1 missing key\(s\): s_embedder\.mlp\.0\.weight"):
-        load_dit_checkpoint(net, missing)
-
-    wrong = reference_state()
-    wrong["blocks.1.mlp.fc1.weight"] = torch.zeros(64, 32)
-    with pytest.raises(ValueError, match=r"1 shape mismatch\(es\): blocks\.1\.mlp\.fc1\.weight \(64, 32\) vs model"):
-        load_dit_checkpoint(net, wrong, strict=False)
-
-    extra = {**reference_state(), "blocks.2.attn.qkv.weight": torch.zeros(96, 32)}
-    with pytest.raises(ValueError, match=r"1 unexpected key\(s\): blocks\.2\.attn\.qkv\.weight"):
-        load_dit_checkpoint(net, extra)
-
-    # A real size: its shapes only (meta tensors), into the tiny model.
-    with torch.device("meta"):
-        big = DiT.from_name("DiT-B/4", input_size=32, in_channels=4, num_classes=1000).state_dict()
-    with pytest.raises(ValueError) as info:
-        load_dit_checkpoint(net, big)
-    message = str(info.value)
-    assert "looks like: DiT-B/4" in message and "input_size=32" in message and "1001 label rows" in message
-    assert "missing key(s)" not in message and "unexpected key(s): blocks.2." in message
-    assert "(95 more)" in message  # long listings are cut to the first few, with a count
-
-    # A learned-sigma DiT checkpoint (no s_embedder, 8 output channels) is recognised as such.
-    original = {k: v for k, v in reference_state().items() if not k.startswith("s_embedder")}
-    original["final_layer.linear.weight"] = torch.zeros(32, 32)
-    with pytest.raises(ValueError, match=r"(?s)out_channels=8 \(a learned-sigma checkpoint\).*no s_embedder"):
-        load_dit_checkpoint(net, original)
-
-    for name, value in net.state_dict().items():
-        assert torch.equal(value, before[name]), f"{name} changed by a failed load"
-
-
-def test_loader_non_strict_reports_missing_keys_and_requires_pos_embed():
-    net = tiny_dit(randomise=False)
-    partial = {k: v for k, v in reference_state().items() if k != "pos_embed"}
-    with pytest.raises(ValueError, match=r"missing key.*pos_embed"):
-        load_dit_checkpoint(net, partial)
-    assert load_dit_checkpoint(net, partial, strict=False) == ["pos_embed"]
-    assert torch.equal(net.x_embedder.proj.weight, partial["x_embedder.proj.weight"])
-    with pytest.raises(ValueError, match="neither a state dict nor a container"):
-        load_dit_checkpoint(net, {"weights": {"a": 1}})
 
 
 # ---------------------------------------------------------------------------- DiT training
@@ -354,17 +180,6 @@ def test_objective_step_with_tiny_dit_and_guidance():
 
 
 # ---------------------------------------------------------------------------- SongUNet
-
-
-def tiny_unet(seed=0, *, randomise=True, **overrides):
-    """A tiny SongUNet; with ``randomise`` the layers EDM starts at 1e-5 × xavier are redrawn."""
-    torch.manual_seed(seed)
-    net = SongUNet(**{**TINY_UNET, **overrides})
-    if randomise:
-        for name, param in net.named_parameters():
-            if name.endswith(("conv1.weight", "proj.weight", "aux_conv.weight")):
-                nn.init.normal_(param, std=0.05)
-    return net
 
 
 def test_unet_shape_and_conditioning_inputs():
@@ -401,6 +216,39 @@ def test_unet_dropout_active_in_train_mode_only():
     net.eval()
     assert not has_active_dropout(net)
     assert torch.equal(net(x, t, s), net(x, t, s))
+
+
+class _ContiguousDropout(nn.Module):
+    """Dropout as the official network applies it: the mask is drawn over the contiguous (NCHW) tensor."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        return nn.functional.dropout(x.contiguous(), self.p, self.training)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_unet_dropout_masks_follow_the_reference_layout(memory_format):
+    """Same seed, train mode: the same output as a network that makes each dropout input contiguous first.
+
+    nn.Dropout draws its mask in memory order, so a channels-last input (such as the view a
+    reshape of the attention output leaves) would get other masks than the reference network's.
+    """
+    net = tiny_unet(seed=10, dropout=0.3).train()
+    reference = copy.deepcopy(net)
+    for block in reference.modules():
+        if isinstance(getattr(block, "drop", None), nn.Dropout):
+            block.drop = _ContiguousDropout(block.drop.p)
+    x, t, s = image_batch(10, c=3)
+    x = x.contiguous(memory_format=memory_format)
+    torch.manual_seed(123)
+    out = net(x, t, s)
+    torch.manual_seed(123)
+    torch.testing.assert_close(out, reference(x, t, s), rtol=0, atol=0)
+    torch.manual_seed(124)
+    assert not torch.allclose(net(x, t, s), out, rtol=0, atol=1e-4)  # the masks do change the output
 
 
 def test_unet_reference_defaults():

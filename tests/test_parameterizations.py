@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from soflow_core import EulerParam, TrigParam
-from soflow_core.parameterizations import make_param
+from soflow_core.parameterizations import make_param, param_name
 
 PARAMS = [EulerParam(), TrigParam()]
 times = st.floats(0.0, 1.0)
@@ -68,3 +68,10 @@ def test_make_param_names():
     assert isinstance(make_param("TRIG"), TrigParam)
     with pytest.raises(ValueError, match="parameterization 'heun'"):
         make_param("heun")
+
+
+def test_param_name_inverts_make_param():
+    for name in ("euler", "trig"):
+        assert param_name(make_param(name)) == name
+    with pytest.raises(ValueError, match=r"parameterization .* is not one of the named ones: 'euler', 'trig'"):
+        param_name(type("CustomParam", (EulerParam,), {})())

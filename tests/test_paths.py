@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from soflow_core import LinearPath, TrigPath
-from soflow_core.paths import make_path
+from soflow_core.paths import make_path, path_name
 
 PATHS = [LinearPath(), TrigPath()]
 
@@ -63,3 +63,10 @@ def test_make_path_names():
     assert isinstance(make_path("trig"), TrigPath)
     with pytest.raises(ValueError, match="path 'Triangular'"):
         make_path("Triangular")
+
+
+def test_path_name_inverts_make_path():
+    for name in ("linear", "trig"):
+        assert path_name(make_path(name)) == name
+    with pytest.raises(ValueError, match=r"path .* is not one of the named ones: 'linear', 'trig'"):
+        path_name(type("CustomPath", (LinearPath,), {})())

@@ -4,7 +4,7 @@ import json
 import os
 import pickle
 import signal
-import socket
+import stat
 import subprocess
 import sys
 import time
@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _helpers import write_with_manifest
 
 from soflow_core.train.checkpoint import checkpoint_path, latest_valid_checkpoint, list_checkpoints, load_checkpoint
 
@@ -37,20 +38,31 @@ def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     return result
 
 
+def rows(run_dir: Path) -> list[dict]:
+    """The rows of metrics.jsonl; a torn last line (a writer killed mid-line) is left out."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    parsed = []
+    for i, line in enumerate(lines):
+        try:
+            parsed.append(json.loads(line))
+        except json.JSONDecodeError:
+            assert i == len(lines) - 1, f"line {i + 1} of {len(lines)} is not JSON: {line!r}"
+    return parsed
+
+
+def events(run_dir: Path) -> list[dict]:
+    return [row for row in rows(run_dir) if "event" in row]
+
+
 def losses(run_dir: Path) -> dict[int, tuple[float, float]]:
-    """(fm_loss, consistency_loss) per step; a step logged twice (before a kill and after resume) must agree."""
+    """(fm_loss, consistency_loss) per logged step; each step is logged once."""
     out: dict[int, tuple[float, float]] = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        value = (row.get("fm_loss", 0.0), row["consistency_loss"])
-        assert out.setdefault(row["step"], value) == value, f"step {row['step']} logged twice with different losses"
+    for row in rows(run_dir):
+        if "event" in row:
+            continue
+        assert row["step"] not in out, f"step {row['step']} logged twice"
+        out[row["step"]] = (row.get("fm_loss", 0.0), row["consistency_loss"])
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -72,10 +84,12 @@ def test_imagenet_example_trains_checkpoints_and_logs(imagenet_run):
     sys.path.insert(0, str(ROOT / "examples"))
     import _training
 
-    from soflow_core.nets import load_dit_checkpoint
+    from soflow_core.nets import load_weights
 
     net = _training.build_net(config)
-    assert load_dit_checkpoint(net, checkpoint_path(imagenet_run / "checkpoints", 4), entry="ema") == []
+    report = load_weights(net, checkpoint_path(imagenet_run / "checkpoints", 4))
+    assert (report.origin.entry, report.missing) == ("ema", ())
+    assert all(torch.equal(v, payload["ema"][k].to(v.dtype)) for k, v in net.state_dict().items())
     assert (imagenet_run / "samples" / "step-000000004.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -139,8 +153,10 @@ def test_two_ranks_match_one_rank_with_accumulation(tmp_path):
     reference = load_checkpoint(checkpoint_path(single / "checkpoints", 3))
     for mode in ("ddp", "fsdp"):
         out = tmp_path / mode
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                   str(free_port()), "examples/train_dit_imagenet.py", *common, "--out", str(out)]  # fmt: skip
+        # --standalone: the rendezvous store binds port 0 itself and holds it, where a port picked
+        # beforehand as free could be taken by another process before torchrun binds it
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                   "examples/train_dit_imagenet.py", *common, "--out", str(out)]  # fmt: skip
         if mode == "fsdp":
             command.append("--fsdp")
         ok(subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240))
@@ -187,9 +203,10 @@ def test_sigkill_and_corrupt_checkpoint_resume_exactly(tmp_path):
     assert f"skipping checkpoint {newest}" in result.stderr
     assert f"resuming from {checkpoint_path(out / 'checkpoints', saved[0] - 4)}" in result.stdout
 
-    resumed = losses(out)  # also asserts that re-run steps repeat their losses bit for bit
+    resumed = losses(out)  # also asserts that no step is logged twice
     assert sorted(resumed) == list(range(1, 41))
-    assert resumed == expected
+    assert resumed == expected  # re-run steps repeat their losses bit for bit
+    assert [e["event"] for e in events(out)] == ["resume"] and events(out)[0]["step"] == saved[0] - 4
 
 
 @pytest.mark.parametrize("script", ["train_dit_imagenet.py", "train_dit_cifar10.py"])
@@ -222,3 +239,246 @@ def test_trainers_read_the_real_data_formats(tmp_path):
             pickle.dump({b"data": data, b"labels": list(range(4)), b"batch_label": name.encode()}, f)
     ok(run("train_dit_cifar10.py", *common, "--data", str(folder), "--out", str(tmp_path / "b")))
     assert sorted(losses(tmp_path / "b")) == [1, 2]
+
+
+# ----------------------------------------------------------------------------- what a run guarantees
+
+
+def start(script: str, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, f"examples/{script}", *args],
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_for_rows(process: subprocess.Popen, run_dir: Path, count: int) -> None:
+    """Wait until the run has logged ``count`` metric rows (and is still running)."""
+    deadline = time.monotonic() + 200
+    while time.monotonic() < deadline and process.poll() is None:
+        if (run_dir / "metrics.jsonl").exists() and len(losses(run_dir)) >= count:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"the run ended or stalled before logging {count} rows: {process.poll()}")
+
+
+def test_damaged_checkpoints_of_higher_steps_are_never_counted_by_pruning(tmp_path):
+    """Junk step-*.pt files with higher steps (left by another run) must not make --keep delete the new ones."""
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    checkpoint_path(out / "checkpoints", 900).write_bytes(b"torn write, no manifest")
+    write_with_manifest(out / "checkpoints", 800, {"model": {"w": torch.zeros(64)}})
+    flipped = bytearray(checkpoint_path(out / "checkpoints", 800).read_bytes())
+    flipped[-100] ^= 0xFF  # its bytes no longer match its manifest
+    checkpoint_path(out / "checkpoints", 800).write_bytes(bytes(flipped))
+    result = ok(run("train_dit_imagenet.py", *TINY, "--total-steps", "4", "--keep", "1", "--out", str(out)))
+    assert "skipping checkpoint" in result.stderr
+    assert [s for s, _ in list_checkpoints(out / "checkpoints")] == [4]
+    assert load_checkpoint(checkpoint_path(out / "checkpoints", 4))["step"] == 4
+    resumed = ok(run("train_dit_imagenet.py", *TINY, "--total-steps", "6", "--keep", "1", "--out", str(out)))
+    assert f"resuming from {checkpoint_path(out / 'checkpoints', 4)} at step 4" in resumed.stdout
+
+
+def test_a_non_finite_step_stops_the_run_and_is_never_saved(tmp_path):
+    """lr = 1e30 makes step 2 non-finite; with a log row only every 5 steps and --keep 1, step 1 must survive."""
+    out = tmp_path / "run"
+    common = [*TINY, "--total-steps", "6", "--log-every", "5", "--ckpt-every", "1", "--keep", "1", "--out", str(out)]
+    for _ in range(2):  # a restart resumes the last finite state (here already doomed) and stops again
+        result = run("train_dit_imagenet.py", *common, "--lr", "1e30")
+        assert result.returncode == 1, result.stderr
+        assert "a non-finite loss at step 2; stopped at step 2 without saving" in result.stderr
+        assert [s for s, _ in list_checkpoints(out / "checkpoints")] == [1]
+        event = events(out)[-1]
+        assert event["event"] == "non_finite" and event["step"] == 2 and event["first_non_finite_step"] == 2
+        assert event["last_checkpoint"] == "step-000000001.pt" and event["non_finite_entries"] > 0
+    assert [e["event"] for e in events(out)] == ["non_finite", "resume", "non_finite"]
+    payload = load_checkpoint(checkpoint_path(out / "checkpoints", 1))
+    assert all(bool(torch.isfinite(v).all()) for v in payload["model"].values())
+
+    # From a sane checkpoint: a learning rate that blows up (applied on resume) stops the run between log
+    # rows, keeps the sane checkpoint, and a resume with a sane learning rate goes on from it.
+    out = tmp_path / "recover"
+    common = [*TINY, "--total-steps", "6", "--log-every", "5", "--ckpt-every", "2", "--keep", "1", "--out", str(out)]
+    ok(run("train_dit_imagenet.py", *common, "--max-steps", "2"))
+    result = run("train_dit_imagenet.py", *common, "--lr", "1e30")
+    assert result.returncode == 1 and "a non-finite loss at step 4; stopped at step 4" in result.stderr
+    assert [s for s, _ in list_checkpoints(out / "checkpoints")] == [2]
+    resumed = ok(run("train_dit_imagenet.py", *common))  # the checkpoint holds the sane lr: nothing to apply
+    assert f"resuming from {checkpoint_path(out / 'checkpoints', 2)} at step 2" in resumed.stdout
+    assert json.loads((out / "config.json").read_text())["lr"] == 1e-4
+    assert sorted(losses(out)) == [2, 5, 6] and [e["event"] for e in events(out)] == ["resume", "non_finite", "resume"]
+
+
+def test_a_second_trainer_on_the_same_folder_is_refused_and_a_stale_lock_is_taken_over(tmp_path):
+    out = tmp_path / "run"
+    first = start("train_dit_imagenet.py", *TINY, "--total-steps", "2000", "--ckpt-every", "1000", "--out", str(out))
+    try:
+        wait_for_rows(first, out, 1)
+        second = run("train_dit_imagenet.py", *TINY, "--total-steps", "2", "--out", str(out))
+        assert second.returncode != 0 and "is in use by another trainer" in second.stderr
+        assert f'"pid": {first.pid}' in second.stderr and "train_dit_imagenet.py" in second.stderr
+        rows_before = len(rows(out))
+    finally:
+        first.kill()  # SIGKILL: no handler runs, the lock file keeps the dead holder's name
+    first.wait(timeout=30)
+    assert rows_before > 0 and not list_checkpoints(out / "checkpoints")
+    third = ok(run("train_dit_imagenet.py", *TINY, "--total-steps", "2", "--out", str(out)))
+    assert f"taking over the stale lock of {out}" in third.stdout and f'"pid": {first.pid}' in third.stdout
+    assert sorted(losses(out)) == [1, 2]  # the killed run's rows were dropped: it left no checkpoint
+
+
+def test_sigterm_saves_at_the_next_step_and_the_resumed_run_equals_an_uninterrupted_one(tmp_path):
+    # log rows every 3 steps and checkpoints every 10: the averaging window straddles the stop
+    common = [*TINY, "--total-steps", "30", "--log-every", "3", "--ckpt-every", "10", "--keep", "2"]
+    reference = tmp_path / "reference"
+    ok(run("train_dit_imagenet.py", *common, "--out", str(reference)))
+    out = tmp_path / "stopped"
+    process = start("train_dit_imagenet.py", *common, "--out", str(out))
+    wait_for_rows(process, out, 3)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    assert "SIGTERM: saving a checkpoint at the next step boundary" in stderr
+    [stopped] = events(out)
+    assert stopped["event"] == "stopped" and stopped["signal"] == "SIGTERM" and 9 <= stopped["step"] < 30
+    assert list_checkpoints(out / "checkpoints")[0][0] == stopped["step"]
+    resumed = ok(run("train_dit_imagenet.py", *common, "--out", str(out)))
+    assert f"at step {stopped['step']}" in resumed.stdout
+    assert losses(out) == losses(reference)  # every logged window, bit for bit, none twice
+    final = (load_checkpoint(checkpoint_path(d / "checkpoints", 30)) for d in (out, reference))
+    got, expected = final
+    assert all(torch.equal(got["model"][k], v) for k, v in expected["model"].items())
+
+
+def test_resume_applies_lr_and_refuses_what_must_match(tmp_path):
+    out = tmp_path / "run"
+    ok(run("train_dit_imagenet.py", *TINY, "--total-steps", "2", "--out", str(out)))
+    config = (out / "config.json").read_text()
+    for flags, named in (
+        (["--model", "DiT-tiny/2"], "--model 'DiT-tiny/2' (the run has 'DiT-tiny/4')"),
+        (["--seed", "7"], "--seed 7 (the run has 42)"),
+        (["--batch-size", "16"], "--batch-size 16 (the run has 8)"),
+    ):
+        refused = run("train_dit_imagenet.py", *TINY, "--total-steps", "4", *flags, "--out", str(out))
+        assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr
+        assert f"cannot resume {checkpoint_path(out / 'checkpoints', 2)} with {named}" in refused.stderr
+        assert (out / "config.json").read_text() == config and len(list_checkpoints(out / "checkpoints")) == 1
+    resumed = ok(run("train_dit_imagenet.py", *TINY, "--total-steps", "4", "--lr", "3e-4", "--out", str(out)))
+    assert "--lr: 0.0001 -> 0.0003 (applied from step 2 on)" in resumed.stdout
+    assert json.loads((out / "config.json").read_text())["lr"] == 3e-4
+    payload = load_checkpoint(checkpoint_path(out / "checkpoints", 4))
+    assert payload["config"]["lr"] == 3e-4 and {g["lr"] for g in payload["optimizer"]["param_groups"]} == {3e-4}
+    assert [row["lr"] for row in rows(out) if row["step"] > 2] == [3e-4, 3e-4]
+    assert events(out)[0]["applied"] == {"lr": [1e-4, 3e-4], "total_steps": [2, 4]}
+
+
+def test_unusable_checkpoints_with_valid_manifests_are_reported_and_skipped(tmp_path):
+    out = tmp_path / "run"
+    ok(run("train_dit_imagenet.py", *TINY, "--total-steps", "4", "--out", str(out)))
+    folder = out / "checkpoints"
+    write_with_manifest(folder, 5, {"model": np.zeros(3)})  # weights_only refuses it
+    write_with_manifest(folder, 6, [1, 2, 3])  # not a dict
+    write_with_manifest(folder, 7, {"config": {}, "step": 7})  # no model
+    sampled = ok(run("sample.py", "--ckpt", str(out), "--num-samples", "2", "--out", str(tmp_path / "s.npz")))
+    for step, reason in ((7, "no 'model'"), (6, "not a dict"), (5, "torch.load failed")):
+        assert f"skipping checkpoint {checkpoint_path(folder, step)}: " in sampled.stderr and reason in sampled.stderr
+    assert f"run checkpoint {checkpoint_path(folder, 4)} (step 4)" in sampled.stderr
+    named = run("sample.py", "--ckpt", str(checkpoint_path(folder, 6)), "--out", str(tmp_path / "t.npz"))
+    assert named.returncode == 1 and "not a dict" in named.stderr and "Traceback" not in named.stderr
+    resumed = ok(run("train_dit_imagenet.py", *TINY, "--total-steps", "8", "--out", str(out)))
+    assert f"resuming from {checkpoint_path(folder, 4)} at step 4" in resumed.stdout
+    assert list_checkpoints(folder)[0][0] == 8 and load_checkpoint(checkpoint_path(folder, 6))["step"] == 6
+
+
+def test_start_problems_are_found_before_anything_is_written(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoints").write_text("a file where the run wants a folder")
+    result = run("train_dit_imagenet.py", *TINY, "--out", str(out))
+    assert result.returncode == 2 and "checkpoints exists and is not a folder" in result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints"]
+    for flags, message in (
+        (["--max-steps", "-1"], "--max-steps must be >= 0; got -1"),
+        (["--lr", "nan"], "--lr must be a finite number >= 0"),
+    ):
+        result = run("train_dit_imagenet.py", *TINY, *flags, "--out", str(tmp_path / "new"))
+        assert result.returncode == 2 and message in result.stderr and not (tmp_path / "new").exists()
+    if not torch.cuda.is_available():
+        result = run("train_dit_imagenet.py", *TINY, "--device", "cuda", "--out", str(tmp_path / "new"))
+        assert result.returncode == 2 and "--device cuda:" in result.stderr and "Traceback" not in result.stderr
+        result = run("sample.py", "--ckpt", str(out), "--device", "cuda", "--out", str(tmp_path / "s.npz"))
+        assert "--device cuda:" in result.stderr and "Traceback" not in result.stderr
+    # A start that fails after creating its folder (here: --init with a file of another network) removes it.
+    torch.save({"weight": torch.zeros(2)}, tmp_path / "other.pt")
+    nested = tmp_path / "new" / "deeper" / "run"
+    result = run("train_dit_imagenet.py", *TINY, "--init", str(tmp_path / "other.pt"), "--out", str(nested))
+    assert result.returncode == 1 and "cannot start this run" in result.stderr
+    assert not (tmp_path / "new").exists()
+
+
+def test_interrupted_writes_leave_nothing_behind_and_files_get_the_ordinary_mode(tmp_path):
+    out = tmp_path / "run"
+    ok(run("train_dit_imagenet.py", *TINY, "--total-steps", "2", "--out", str(out)))
+    stale = [
+        out / "checkpoints" / ".step-000000004.pt.x8b_2q.tmp",  # what writes killed before their rename leave
+        out / ".config.json.u2jd8k.tmp",
+        out / "samples" / ".step-000000004.png.0_a9zz.tmp",
+    ]
+    for path in stale:
+        path.write_bytes(b"\0" * 1000)
+    (out / "notes.tmp").write_text("not a temporary file of the run")
+    result = ok(run("train_dit_imagenet.py", *TINY, "--total-steps", "4", "--out", str(out)))
+    assert "removed 3 temporary file(s)" in result.stdout and not any(p.exists() for p in stale)
+    assert (out / "notes.tmp").exists()
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (checkpoint_path(out / "checkpoints", 4), out / "config.json", out / "metrics.jsonl"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path
+
+
+def _children_by_rank(parent: int) -> dict[int, int]:
+    """{RANK: pid} of the worker processes torchrun ``parent`` started (read from /proc)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        ranks = [v[5:] for v in environ if v.startswith(b"RANK=")]
+        if ppid == parent and ranks:
+            found[int(ranks[0])] = int(entry.name)
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds torchrun's workers through /proc")
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    """The ranks agree on the stop over a gloo group; the resumed run ends where one rank with accumulation does."""
+    common = [*TINY, "--total-steps", "40", "--log-every", "2", "--ckpt-every", "50"]
+    reference = tmp_path / "reference"
+    ok(run("train_dit_imagenet.py", *common, "--grad-accum", "2", "--out", str(reference)))
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "examples/train_dit_imagenet.py", *common, "--out", str(out)]  # fmt: skip
+    launcher = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_rows(launcher, out, 3)
+    workers = _children_by_rank(launcher.pid)
+    assert sorted(workers) == [0, 1], workers
+    os.kill(workers[1], signal.SIGTERM)  # rank 1 only
+    launcher.communicate(timeout=120)
+    [stopped] = events(out)
+    assert stopped["event"] == "stopped" and stopped["step"] < 40
+    assert [s for s, _ in list_checkpoints(out / "checkpoints")] == [stopped["step"]]
+    ok(subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240))
+    # Parameters agree bit for bit (see test_two_ranks_match_one_rank_with_accumulation); the logged means
+    # only up to the order of their sums.
+    got, expected = (load_checkpoint(checkpoint_path(d / "checkpoints", 40)) for d in (out, reference))
+    assert all(torch.equal(got["model"][k], v) for k, v in expected["model"].items())
+    logged, wanted = losses(out), losses(reference)
+    assert sorted(logged) == sorted(wanted) == list(range(2, 41, 2))
+    assert all(logged[k] == pytest.approx(wanted[k], rel=1e-5) for k in wanted)

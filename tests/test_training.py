@@ -3,13 +3,12 @@
 import json
 import os
 import random
-import socket
+import stat
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from _helpers import spawn_gloo_ranks, write_with_manifest
 from torch import nn
 
 from soflow_core.seeding import derive_seed, micro_batch_index, seeded_generator
@@ -18,9 +17,12 @@ from soflow_core.train.checkpoint import (
     CheckpointError,
     capture_rng_state,
     checkpoint_path,
+    latest_loadable_checkpoint,
     latest_valid_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    non_finite_entries,
+    remove_stale_temporaries,
     restore_rng_state,
     save_checkpoint,
 )
@@ -117,41 +119,31 @@ def test_ema_coefficient_state_dict_and_errors():
         ema.update(nn.Linear(3, 4), step=0)
 
 
-def _fsdp_ema_worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        from torch.distributed.fsdp import fully_shard
+def _fsdp_ema_worker(rank: int, world: int, out: str) -> None:
+    from torch.distributed.fsdp import fully_shard
 
-        net = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 4))
-        torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 4))
+    torch.manual_seed(0)
+    for p in net.parameters():
+        nn.init.normal_(p)
+    fully_shard(net)
+    ema = EMA(net, decay=0.5, every=1, dtype=torch.float64)
+    assert hasattr(ema.params["0.weight"], "device_mesh")  # a sharded shadow
+    with torch.no_grad():
         for p in net.parameters():
-            nn.init.normal_(p)
-        fully_shard(net)
-        ema = EMA(net, decay=0.5, every=1, dtype=torch.float64)
-        assert hasattr(ema.params["0.weight"], "device_mesh")  # a sharded shadow
-        with torch.no_grad():
-            for p in net.parameters():
-                p.mul_(3.0)
-        ema.update(net, step=0)
-        full = ema.state_dict()  # collective gather
-        again = EMA(net, decay=0.5, every=1, dtype=torch.float64)
-        again.load_state_dict(full)  # re-shards whole tensors
-        assert torch.equal(again.state_dict()["0.weight"], full["0.weight"])
-        if rank == 0:
-            torch.save(full, out)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+            p.mul_(3.0)
+    ema.update(net, step=0)
+    full = ema.state_dict()  # collective gather
+    again = EMA(net, decay=0.5, every=1, dtype=torch.float64)
+    again.load_state_dict(full)  # re-shards whole tensors
+    assert torch.equal(again.state_dict()["0.weight"], full["0.weight"])
+    if rank == 0:
+        torch.save(full, out)
 
 
 def test_ema_on_fsdp2_shards_equals_the_unsharded_ema(tmp_path):
     out = str(tmp_path / "ema.pt")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_fsdp_ema_worker, args=(2, port, out), nprocs=2, join=True)
+    spawn_gloo_ranks(_fsdp_ema_worker, out, world=2, tmp_path=tmp_path)
     net = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 4))
     torch.manual_seed(0)
     for p in net.parameters():
@@ -235,6 +227,72 @@ def test_damaged_checkpoint_is_detected_and_skipped(tmp_path, damage):
         assert latest_valid_checkpoint(tmp_path) == checkpoint_path(tmp_path, 5)
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "step-000000099.pt")
+
+
+def test_pruning_counts_valid_checkpoints_only_and_keeps_the_newest_valid(tmp_path):
+    # Damaged checkpoints of higher steps, as an earlier run may leave them: a torn payload without a
+    # manifest, a payload whose bytes no longer match its manifest, and a stray manifest-less file.
+    save_checkpoint(tmp_path, 900, payload(900))
+    data = bytearray(checkpoint_path(tmp_path, 900).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    checkpoint_path(tmp_path, 900).write_bytes(bytes(data))
+    checkpoint_path(tmp_path, 800).write_bytes(b"torn")
+    for step in (1, 2, 3):
+        written = save_checkpoint(tmp_path, step, payload(step), keep=2)
+        assert written.exists() and latest_valid_checkpoint(tmp_path) == written
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [3, 2]  # the damaged ones are gone, two valid kept
+
+    # The newest valid checkpoint survives even when the one written has a lower step.
+    save_checkpoint(tmp_path, 50, payload(50))
+    save_checkpoint(tmp_path, 4, payload(4), keep=1)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [50, 4]
+
+
+def test_save_refuses_a_payload_that_would_not_load(tmp_path):
+    save_checkpoint(tmp_path, 1, payload(1))
+    with pytest.raises(ValueError, match=r"weights_only.*numpy.*payload\['data'\]\['order'\] \(numpy.ndarray\)"):
+        save_checkpoint(tmp_path, 2, {"data": {"order": np.arange(3)}})
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [1] and list(tmp_path.glob(".*")) == []
+    assert latest_valid_checkpoint(tmp_path) == checkpoint_path(tmp_path, 1)
+
+
+def test_manifest_valid_but_unusable_checkpoints_are_reported_and_skipped(tmp_path):
+    save_checkpoint(tmp_path, 1, payload(1))
+    write_with_manifest(tmp_path, 2, {"model": np.zeros(2)})  # weights_only refuses it
+    write_with_manifest(tmp_path, 3, [1, 2])  # not a dict
+    write_with_manifest(tmp_path, 4, {"config": {}})  # a dict the caller cannot use
+
+    def check(path, loaded):
+        if "model" not in loaded:
+            raise CheckpointError(path, "no 'model' entry")
+
+    with pytest.warns(UserWarning) as caught:
+        path, loaded = latest_loadable_checkpoint(tmp_path, check=check)
+    assert path == checkpoint_path(tmp_path, 1) and loaded["step"] == 1
+    reasons = [str(w.message) for w in caught]
+    assert "no 'model' entry" in reasons[0] and "not a dict" in reasons[1] and "torch.load failed" in reasons[2]
+    assert latest_loadable_checkpoint(tmp_path / "nothing") is None
+
+
+def test_checkpoint_files_get_the_ordinary_mode_and_stale_temporaries_are_removed(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = save_checkpoint(tmp_path, 1, payload(1))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644 == stat.S_IMODE(path.with_suffix(".json").stat().st_mode)
+    stale = [tmp_path / ".step-000000002.pt.k2x_9a.tmp", tmp_path / ".step-000000002.json.abc123.tmp"]
+    for file in stale:
+        file.write_bytes(b"partial")
+    (tmp_path / "notes.tmp").write_text("not ours")
+    assert remove_stale_temporaries(tmp_path) == sorted(stale)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.tmp", "step-000000001.json", "step-000000001.pt"]
+
+
+def test_non_finite_entries_name_where_they_sit():
+    tree = {"model": {"w": torch.tensor([1.0, float("inf")])}, "opt": [torch.zeros(2), torch.full((3,), float("nan"))]}
+    assert non_finite_entries(tree) == ["payload['model']['w'] (1 of 2 values)", "payload['opt'][1] (3 of 3 values)"]
+    assert non_finite_entries({"ids": torch.arange(3), "rng": torch.zeros(4, dtype=torch.uint8), "x": 1.0}) == []
 
 
 def test_rng_capture_and_restore_replays_every_stream():

@@ -1,18 +1,38 @@
-"""Backbones. The losses never import this package; any callable ``model(x, t, s, cond)`` works."""
+"""Backbones and their checkpoint I/O.
 
-from soflow_core.nets.dit import DIT_SIZES, DiT, DiTSize, load_dit_checkpoint, sincos_pos_embed_2d
+The losses never import this package; any callable ``model(x, t, s, cond)`` works.
+"""
+
+from soflow_core.nets.checkpoints import (
+    AbstractBackbone,
+    CheckpointContents,
+    CheckpointOrigin,
+    LoadedBackbone,
+    LoadReport,
+    load_backbone,
+    load_weights,
+    read_state_dict,
+)
+from soflow_core.nets.dit import DIT_SIZES, DiT, DiTSize, sincos_pos_embed_2d
 from soflow_core.nets.mlp import MLPBackbone, fourier_features, sinusoidal_embedding
 from soflow_core.nets.unet import SongUNet, positional_embedding
 
 __all__ = [
     "DIT_SIZES",
+    "AbstractBackbone",
+    "CheckpointContents",
+    "CheckpointOrigin",
     "DiT",
     "DiTSize",
+    "LoadReport",
+    "LoadedBackbone",
     "MLPBackbone",
     "SongUNet",
     "fourier_features",
-    "load_dit_checkpoint",
+    "load_backbone",
+    "load_weights",
     "positional_embedding",
+    "read_state_dict",
     "sincos_pos_embed_2d",
     "sinusoidal_embedding",
 ]

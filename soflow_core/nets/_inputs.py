@@ -20,10 +20,19 @@ def check_image_inputs(x: Tensor, t: Tensor, s: Tensor, *, channels: int, resolu
         ValueError: On a wrong shape, naming the argument.
     """
     expected = (channels, resolution, resolution)
-    if x.ndim != 4 or tuple(x.shape[1:]) != expected:
-        raise ValueError(f"x must have shape (b, {', '.join(map(str, expected))}); got {tuple(x.shape)}")
+    if x.ndim != 4:
+        raise ValueError(f"x must be a batch of images of shape {expected} (channels, height, width); got {x.ndim}-d x")
+    if tuple(x.shape[1:]) != expected:
+        # Per-sample shapes only: callers such as the objective concatenate sub-batches, so the batch
+        # size of x need not be the user's.
+        raise ValueError(
+            f"x must be a batch of images of shape {expected} (channels, height, width); got images of "
+            f"shape {tuple(x.shape[1:])}"
+        )
     batch = x.shape[0]
     for name, value in (("t", t), ("s", s)):
         if value.shape != (batch,):
-            raise ValueError(f"{name} must have shape ({batch},), one time per sample; got {tuple(value.shape)}")
+            raise ValueError(
+                f"{name} must hold one time per image of x ({batch} images); got shape {tuple(value.shape)}"
+            )
     return batch

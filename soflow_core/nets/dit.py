@@ -7,15 +7,16 @@ conditioning vector is
 $$c = \mathrm{emb}_t(t) + \mathrm{emb}_{t-s}(t - s) + \mathrm{emb}_y(y),$$
 
 with both times fed unscaled in [0, 1]. Parameter names and shapes follow the reference DiT
-checkpoint layout, so [`load_dit_checkpoint`][soflow_core.nets.dit.load_dit_checkpoint] reads
-SoFlow checkpoints and checks them against the model before loading.
+checkpoint layout, so the official SoFlow checkpoints load through
+[`load_weights`][soflow_core.nets.checkpoints.load_weights] and
+[`load_backbone`][soflow_core.nets.checkpoints.load_backbone], which read the size from the shapes.
 """
 
 import math
-import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -24,10 +25,11 @@ from torch.utils.checkpoint import checkpoint
 
 from soflow_core._validation import check_int, check_real
 from soflow_core.nets._inputs import check_image_inputs
+from soflow_core.nets.checkpoints import AbstractBackbone, resolve_config, state_shape
 from soflow_core.nets.mlp import sinusoidal_embedding
 from soflow_core.typing import Cond, Data, Time
 
-__all__ = ["DIT_SIZES", "DiT", "DiTSize", "load_dit_checkpoint", "sincos_pos_embed_2d"]
+__all__ = ["DIT_SIZES", "DiT", "DiTSize", "sincos_pos_embed_2d"]
 
 _TIME_FEATURES = 256  # sinusoidal features per time input, f_i = exp(−ln(1e4)·i/128)
 _LAYER_NORM_EPS = 1e-6
@@ -188,7 +190,7 @@ class _FinalLayer(nn.Module):
         return self.linear(_modulate(self.norm_final(x), shift, scale))
 
 
-class DiT(nn.Module):
+class DiT(AbstractBackbone):
     r"""F_θ(x, t, s, cond): a Diffusion Transformer with adaLN-Zero on images of shape (b, C, H, W).
 
     The input is cut into p×p patches, embedded as tokens with a fixed 2-D sin-cos positional
@@ -206,7 +208,9 @@ class DiT(nn.Module):
     labels itself. ``num_classes=None`` (or 0) builds an unconditional DiT without a label table.
 
     Named sizes come from [`DIT_SIZES`][soflow_core.nets.dit.DIT_SIZES] through
-    [`from_name`][soflow_core.nets.dit.DiT.from_name].
+    [`from_name`][soflow_core.nets.dit.DiT.from_name]. ``save_pretrained`` and
+    ``from_pretrained`` write and read shareable folders (see
+    [`AbstractBackbone`][soflow_core.nets.checkpoints.AbstractBackbone]).
 
     Args:
         input_size: Side of the (square) input images; a multiple of ``patch_size``.
@@ -250,7 +254,7 @@ class DiT(nn.Module):
         self.hidden_size = check_int("hidden_size", hidden_size, low=4)
         self.depth = check_int("depth", depth, low=1)
         self.num_heads = check_int("num_heads", num_heads, low=1)
-        check_real("mlp_ratio", mlp_ratio, low=0.0, low_open=True)
+        self.mlp_ratio = check_real("mlp_ratio", mlp_ratio, low=0.0, low_open=True)
         if input_size % patch_size:
             raise ValueError(f"input_size must be a multiple of patch_size; got {input_size} and {patch_size}")
         if hidden_size % num_heads:
@@ -310,6 +314,157 @@ class DiT(nn.Module):
             **kwargs,  # type: ignore[arg-type]
         )
 
+    signature_keys = frozenset({"x_embedder.proj.weight", "t_embedder.mlp.0.weight"})
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The constructor arguments that rebuild this DiT (``gradient_checkpointing``, a runtime switch, left out)."""
+        return {
+            "input_size": self.input_size,
+            "in_channels": self.in_channels,
+            "patch_size": self.patch_size,
+            "hidden_size": self.hidden_size,
+            "depth": self.depth,
+            "num_heads": self.num_heads,
+            "mlp_ratio": self.mlp_ratio,
+            "num_classes": self.num_classes,
+            "null_class": self.null_class,
+        }
+
+    @classmethod
+    def config_from_state(
+        cls,
+        state: Mapping[str, Tensor],
+        *,
+        num_classes: int | None = None,
+        num_heads: int | None = None,
+        **hints: Any,
+    ) -> dict[str, Any]:
+        """The DiT a state dict belongs to: its size from the shapes, its label table from ``num_classes``.
+
+        The patch size, width, input size, channels and MLP ratio are read from the shapes, the
+        depth from the block count. The number of heads leaves no trace in the weights: it
+        comes from ``num_heads`` or, for a size in [`DIT_SIZES`][soflow_core.nets.dit.DIT_SIZES],
+        from there. A label table of R rows is ``num_classes`` classes plus the null row when
+        R = num_classes + 1 (a model trained with label dropout, the official
+        ``cfg_drop_rate > 0``) and without one when R = num_classes, so ``num_classes`` is
+        needed whenever there is a table.
+
+        Args:
+            state: The state dict (prefixes stripped).
+            num_classes: The number of classes (required when the state has a label table).
+            num_heads: Attention heads (required for a size not in ``DIT_SIZES``).
+            **hints: Other constructor arguments, which must agree with the shapes.
+
+        Returns:
+            Keyword arguments for ``DiT``.
+
+        Raises:
+            ValueError: If the shapes are not a SoFlow DiT's, or ``num_classes``/``num_heads``
+                are needed or do not fit (naming the values that would).
+
+        Examples:
+            >>> net = DiT(input_size=8, in_channels=4, patch_size=2, hidden_size=32, depth=1, num_heads=2,
+            ...           num_classes=10)
+            >>> config = DiT.config_from_state(net.state_dict(), num_classes=10, num_heads=2)
+            >>> config["null_class"], config["input_size"]
+            (True, 8)
+        """
+        hidden, in_channels, patch, patch_w = state_shape(state, "x_embedder.proj.weight", 4)
+        if patch != patch_w:
+            raise ValueError(f"x_embedder.proj.weight must have square patches; got {patch}x{patch_w}")
+        depth = len({m.group(1) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))})
+        if depth == 0:
+            raise ValueError("the state dict has no blocks.<i>.* keys")
+        tokens = state_shape(state, "pos_embed", 3)[1]
+        grid = math.isqrt(tokens)
+        if grid * grid != tokens:
+            raise ValueError(f"pos_embed has {tokens} tokens, not a square grid")
+        fc1 = state_shape(state, "blocks.0.mlp.fc1.weight", 2)[0]
+        mlp_ratio = fc1 / hidden if int(hidden * (fc1 / hidden)) == fc1 else (fc1 + 0.5) / hidden
+        out_features = state_shape(state, "final_layer.linear.weight", 2)[0]
+        if out_features != patch * patch * in_channels:
+            raise ValueError(
+                f"final_layer.linear.weight has {out_features} outputs, {out_features / (patch * patch):g} channels "
+                f"per pixel for {in_channels} input channels (a learned-sigma DiT?); SoFlow's DiT returns as many "
+                "channels as it receives"
+            )
+        if "s_embedder.mlp.0.weight" not in state:
+            raise ValueError("the state dict has no s_embedder: a DiT without SoFlow's second time embedder (t − s)")
+        table = state.get("y_embedder.embedding_table.weight")
+        if table is None:
+            if num_classes:
+                raise ValueError(f"num_classes={num_classes} was given, but the state dict has no label table")
+            classes, null = None, False
+        else:
+            rows = int(table.shape[0])
+            fitting = f"num_classes={rows - 1} if the last row is the null class, num_classes={rows} if there is none"
+            if num_classes is None:
+                raise ValueError(f"y_embedder.embedding_table.weight has {rows} rows: pass {fitting}")
+            if rows not in (num_classes, num_classes + 1):
+                raise ValueError(
+                    f"num_classes={num_classes} needs {num_classes} or {num_classes + 1} label rows, but "
+                    f"y_embedder.embedding_table.weight has {rows}: pass {fitting}"
+                )
+            classes, null = num_classes, rows == num_classes + 1
+        if num_heads is None:
+            named = [z for z in DIT_SIZES.values() if (z.patch_size, z.hidden_size, z.depth) == (patch, hidden, depth)]
+            if not named:
+                raise ValueError(
+                    f"num_heads is not stored in the weights of this unregistered size (patch_size={patch}, "
+                    f"hidden_size={hidden}, depth={depth}): pass it"
+                )
+            num_heads = named[0].num_heads
+        inferred = {
+            "input_size": grid * patch,
+            "in_channels": in_channels,
+            "patch_size": patch,
+            "hidden_size": hidden,
+            "depth": depth,
+            "num_heads": num_heads,
+            "mlp_ratio": mlp_ratio,
+            "num_classes": classes,
+            "null_class": null,
+        }
+        return resolve_config(cls, inferred, hints)
+
+    @classmethod
+    def describe_state(cls, state: Mapping[str, Tensor]) -> str:
+        """The DiT a state dict would fit (size name, input size, channels, label rows), for error messages."""
+        proj = state.get("x_embedder.proj.weight")
+        if proj is None or proj.ndim != 4:
+            return "a DiT state dict without a usable x_embedder.proj.weight"
+        hidden, in_channels, patch = int(proj.shape[0]), int(proj.shape[1]), int(proj.shape[2])
+        depth = len({m.group(1) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))})
+        name = next(
+            (n for n, z in DIT_SIZES.items() if (z.patch_size, z.hidden_size, z.depth) == (patch, hidden, depth)),
+            None,
+        )
+        parts = [
+            name or "a DiT of an unregistered size",
+            f"patch_size={patch}",
+            f"hidden_size={hidden}",
+            f"depth={depth}",
+        ]
+        pos = state.get("pos_embed")
+        if pos is not None and pos.ndim == 3:
+            parts.append(f"input_size={math.isqrt(int(pos.shape[1])) * patch}")
+        parts.append(f"in_channels={in_channels}")
+        final = state.get("final_layer.linear.weight")
+        if final is not None and final.ndim == 2 and final.shape[0] % (patch * patch) == 0:
+            out_channels = int(final.shape[0]) // (patch * patch)
+            note = " (a learned-sigma checkpoint)" if out_channels == 2 * in_channels else ""
+            parts.append(f"out_channels={out_channels}{note}")
+        table = state.get("y_embedder.embedding_table.weight")
+        if table is None:
+            parts.append("no label table")
+        else:
+            rows = int(table.shape[0])
+            parts.append(f"{rows} label rows (num_classes={rows - 1} with a null row, or {rows} without)")
+        if "s_embedder.mlp.0.weight" not in state:
+            parts.append("no s_embedder (not a SoFlow checkpoint)")
+        return ", ".join(parts)
+
     def initialize_weights(self) -> None:
         """(Re)initialise every parameter as DiT does, with the s-embedder left at xavier_uniform.
 
@@ -347,7 +502,8 @@ class DiT(nn.Module):
             return torch.full((batch,), self.num_classes, dtype=torch.long, device=device)  # type: ignore[arg-type]
         if cond.shape != (batch,) or cond.is_floating_point() or cond.is_complex():
             raise ValueError(
-                f"cond must be integer class labels of shape ({batch},); got {tuple(cond.shape)} {cond.dtype}"
+                f"cond must hold one integer class label per image of x ({batch} images); got shape "
+                f"{tuple(cond.shape)} and dtype {cond.dtype}"
             )
         return cond.long()
 
@@ -388,160 +544,3 @@ class DiT(nn.Module):
             else:
                 h = block(h, c)
         return self._unpatchify(self.final_layer(h, c))
-
-
-# ---------------------------------------------------------------------------- checkpoints
-
-_CONTAINER_KEYS = ("ema", "model", "state_dict")
-_KEY_PREFIXES = ("module.", "_orig_mod.")
-_SHOWN = 5
-
-
-def _unwrap_container(obj: object, entry: str | None) -> Mapping[str, object]:
-    """The state dict inside a checkpoint: ``obj[entry]``, or the first of ema / model / state_dict."""
-    if not isinstance(obj, Mapping):
-        raise TypeError(f"a checkpoint must be a state dict (a mapping); got {type(obj).__name__}")
-    if entry is not None:
-        if entry not in obj:
-            raise ValueError(f"entry {entry!r} is not in the checkpoint; its keys are {sorted(map(str, obj))[:10]}")
-        obj = obj[entry]
-        if not isinstance(obj, Mapping):
-            raise TypeError(f"checkpoint[{entry!r}] must be a state dict; got {type(obj).__name__}")
-        return _unwrap_container(obj, None)
-    while not all(isinstance(v, Tensor) for v in obj.values()):
-        found = next((k for k in _CONTAINER_KEYS if isinstance(obj.get(k), Mapping)), None)
-        if found is None:
-            odd = [k for k, v in obj.items() if not isinstance(v, Tensor)][:_SHOWN]
-            raise ValueError(
-                f"checkpoint is neither a state dict nor a container with one of {_CONTAINER_KEYS}; "
-                f"non-tensor entries: {odd}"
-            )
-        obj = obj[found]
-    return obj
-
-
-def _strip_prefixes(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Drop "module." (DDP) and "_orig_mod." (torch.compile) prefixes shared by every key."""
-    out = dict(state)
-    changed = True
-    while changed and out:
-        changed = False
-        for prefix in _KEY_PREFIXES:
-            if all(k.startswith(prefix) for k in out):
-                out = {k[len(prefix) :]: v for k, v in out.items()}
-                changed = True
-    return out
-
-
-def _describe_dit_state(state: Mapping[str, Tensor]) -> str | None:
-    """Which DiT a state dict would fit (size name, input size, channels, label rows), if it can tell."""
-    proj = state.get("x_embedder.proj.weight")
-    if proj is None or proj.ndim != 4:
-        return None
-    hidden, in_channels, patch = int(proj.shape[0]), int(proj.shape[1]), int(proj.shape[2])
-    depth = len({m.group(1) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))})
-    name = next(
-        (n for n, z in DIT_SIZES.items() if (z.patch_size, z.hidden_size, z.depth) == (patch, hidden, depth)),
-        None,
-    )
-    parts = [name or "an unregistered size", f"patch_size={patch}", f"hidden_size={hidden}", f"depth={depth}"]
-    pos = state.get("pos_embed")
-    if pos is not None and pos.ndim == 3:
-        side = math.isqrt(int(pos.shape[1]))
-        parts.append(f"input_size={side * patch}")
-    parts.append(f"in_channels={in_channels}")
-    final = state.get("final_layer.linear.weight")
-    if final is not None and final.ndim == 2 and final.shape[0] % (patch * patch) == 0:
-        out_channels = int(final.shape[0]) // (patch * patch)
-        note = " (a learned-sigma checkpoint)" if out_channels == 2 * in_channels else ""
-        parts.append(f"out_channels={out_channels}{note}")
-    table = state.get("y_embedder.embedding_table.weight")
-    parts.append("no label table" if table is None else f"{int(table.shape[0])} label rows")
-    if "s_embedder.mlp.0.weight" not in state:
-        parts.append("no s_embedder (not a SoFlow checkpoint)")
-    return ", ".join(parts)
-
-
-def _listing(title: str, items: list[str]) -> str:
-    more = f", ... ({len(items) - _SHOWN} more)" if len(items) > _SHOWN else ""
-    return f"{len(items)} {title}: {', '.join(items[:_SHOWN])}{more}"
-
-
-def load_dit_checkpoint(
-    model: nn.Module,
-    source: Mapping[str, object] | str | os.PathLike,
-    *,
-    strict: bool = True,
-    entry: str | None = None,
-) -> list[str]:
-    """Load reference-layout DiT weights into ``model``, after checking every key and shape.
-
-    ``source`` is a state dict or the path of a ``.pt``/``.pth`` file (read with
-    ``torch.load(weights_only=True)`` onto the CPU). Training checkpoints are unwrapped:
-    ``source[entry]`` when ``entry`` is given, otherwise the first of ``"ema"``, ``"model"``
-    and ``"state_dict"`` that holds a dict (so EMA weights win). Key prefixes ``"module."``
-    (DDP) and ``"_orig_mod."`` (torch.compile) are stripped. ``pos_embed`` is required, as
-    the reference checkpoints store it.
-
-    Nothing is loaded unless the check passes: otherwise a ``ValueError`` lists the missing
-    keys, unexpected keys and shape mismatches (the first few of each, with counts) and the
-    size the checkpoint would fit.
-
-    Args:
-        model: The DiT to load into (a DDP or compiled wrapper is unwrapped).
-        source: A state dict, a checkpoint dict, or a path to one.
-        strict: Require exactly the model's keys; when False, missing and unexpected keys are
-            allowed (and returned) but shapes must still match.
-        entry: The key of the state dict inside a checkpoint container, or None to guess.
-
-    Returns:
-        The model keys that the checkpoint did not provide (empty when ``strict``).
-
-    Raises:
-        ValueError: If keys or shapes do not match the model.
-        TypeError: If the checkpoint is not a mapping of tensors.
-
-    Examples:
-        >>> src = DiT(input_size=8, in_channels=4, patch_size=2, hidden_size=32, depth=1, num_heads=2)
-        >>> dst = DiT(input_size=8, in_channels=4, patch_size=2, hidden_size=32, depth=1, num_heads=2)
-        >>> load_dit_checkpoint(dst, {"ema": src.state_dict()})
-        []
-    """
-    for _ in range(4):  # DDP(...).module, torch.compile(...)._orig_mod, possibly nested
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if isinstance(model, DiT) or not isinstance(inner, nn.Module):
-            break
-        model = inner
-    if not isinstance(model, DiT):
-        raise TypeError(f"model must be a DiT; got {type(model).__name__}")
-    if isinstance(source, (str, os.PathLike)):
-        source = torch.load(source, map_location="cpu", weights_only=True)
-    state = _strip_prefixes(_unwrap_container(source, entry))
-
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    mismatched = [
-        f"{k} {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and tuple(state[k].shape) != tuple(v.shape)
-    ]
-    if mismatched or (strict and (missing or unexpected)):
-        problems = [
-            _listing(title, items)
-            for title, items in (
-                ("missing key(s)", missing),
-                ("unexpected key(s)", unexpected),
-                ("shape mismatch(es)", mismatched),
-            )
-            if items
-        ]
-        described = _describe_dit_state(state)
-        fits = f"\nthe checkpoint looks like: {described}" if described else ""
-        ours = (
-            f"patch_size={model.patch_size}, hidden_size={model.hidden_size}, depth={model.depth}, "
-            f"input_size={model.input_size}, in_channels={model.in_channels}"
-        )
-        raise ValueError(f"checkpoint does not fit this DiT ({ours}):\n" + "\n".join(problems) + fits)
-    model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=not missing)
-    return missing

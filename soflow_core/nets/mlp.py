@@ -1,12 +1,16 @@
 """A small residual MLP backbone for low-dimensional data (toy distributions, tests, quick start)."""
 
 import math
+import re
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
 from soflow_core._validation import check_int, check_real
+from soflow_core.nets.checkpoints import AbstractBackbone, resolve_config, state_shape
 from soflow_core.typing import Cond, Data, Time
 
 __all__ = ["MLPBackbone", "fourier_features", "sinusoidal_embedding"]
@@ -67,7 +71,7 @@ class _ResidualBlock(nn.Module):
         return h + self.fc2(self.dropout(nn.functional.silu(self.fc1(nn.functional.silu(self.norm(h) + emb)))))
 
 
-class MLPBackbone(nn.Module):
+class MLPBackbone(AbstractBackbone):
     """F_θ(x, t, s, cond) for flat data of shape (b, dim): a residual MLP conditioned on t and t − s.
 
     Times are embedded as the SoFlow networks do (sinusoids of t and of t − s, unscaled), mapped
@@ -76,8 +80,10 @@ class MLPBackbone(nn.Module):
     classifier-free guidance. With ``fourier_features`` = k > 0 the input layer sees
     [`fourier_features`][soflow_core.nets.mlp.fourier_features] of x, with B drawn once from
     N(0, ``fourier_scale``²) by a generator seeded with ``fourier_seed`` and kept as the buffer
-    ``input_frequencies`` (saved in the state dict; None without features). The output layer starts at zero, so
-    F_θ ≡ 0 at initialisation.
+    ``input_frequencies`` (saved in the state dict, so a loaded MLP uses the saved B whatever its
+    scale and seed; None without features). The output layer starts at zero, so F_θ ≡ 0 at
+    initialisation. ``save_pretrained`` and ``from_pretrained`` write and read shareable folders
+    (see [`AbstractBackbone`][soflow_core.nets.checkpoints.AbstractBackbone]).
 
     Args:
         dim: Data dimension.
@@ -112,16 +118,17 @@ class MLPBackbone(nn.Module):
     ) -> None:
         super().__init__()
         self.dim = check_int("dim", dim, low=1)
-        check_int("width", width, low=1)
-        check_int("depth", depth, low=1)
+        self.width = check_int("width", width, low=1)
+        self.depth = check_int("depth", depth, low=1)
         self.time_features = check_int("time_features", time_features, low=2)
         if self.time_features % 2:
             raise ValueError(f"time_features must be even; got {time_features!r}")
-        check_real("dropout", dropout, low=0.0, high=1.0, high_open=True)
+        self.dropout = check_real("dropout", dropout, low=0.0, high=1.0, high_open=True)
         self.num_classes = None if num_classes is None else check_int("num_classes", num_classes, low=1)
+        self.null_class = self.num_classes is not None  # the label table always has the null row
         self.fourier_features = check_int("fourier_features", fourier_features, low=0)
-        check_real("fourier_scale", fourier_scale, low=0.0, low_open=True)
-        check_int("fourier_seed", fourier_seed, low=0)
+        self.fourier_scale = check_real("fourier_scale", fourier_scale, low=0.0, low_open=True)
+        self.fourier_seed = check_int("fourier_seed", fourier_seed, low=0)
         frequencies = None
         if self.fourier_features:
             generator = torch.Generator().manual_seed(fourier_seed)
@@ -135,6 +142,54 @@ class MLPBackbone(nn.Module):
         self.output = nn.Linear(width, dim)
         nn.init.zeros_(self.output.weight)
         nn.init.zeros_(self.output.bias)
+
+    signature_keys = frozenset({"input.weight", "time_mlp.0.weight", "output.weight"})
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The constructor arguments that rebuild this MLP."""
+        return {
+            "dim": self.dim,
+            "width": self.width,
+            "depth": self.depth,
+            "time_features": self.time_features,
+            "num_classes": self.num_classes,
+            "dropout": self.dropout,
+            "fourier_features": self.fourier_features,
+            "fourier_scale": self.fourier_scale,
+            "fourier_seed": self.fourier_seed,
+        }
+
+    @classmethod
+    def config_from_state(cls, state: Mapping[str, Tensor], **hints: Any) -> dict[str, Any]:
+        """The MLP a state dict belongs to; ``dropout`` leaves no trace in the weights (0 unless given).
+
+        The Fourier frequencies are a buffer of the state dict, so ``fourier_features`` is read from
+        its shape; ``fourier_scale`` and ``fourier_seed`` only draw them and are taken as given.
+
+        Args:
+            state: The state dict (prefixes stripped).
+            **hints: Constructor arguments; ``dropout``, ``fourier_scale`` and ``fourier_seed`` are
+                taken as given, the others must agree.
+
+        Returns:
+            Keyword arguments for ``MLPBackbone``.
+
+        Raises:
+            ValueError: If the keys or shapes are not an MLPBackbone's, or a hint contradicts them.
+        """
+        width, inputs = state_shape(state, "input.weight", 2)
+        frequencies = state_shape(state, "input_frequencies", 2) if "input_frequencies" in state else (inputs, 0)
+        table = state.get("label_embedding.weight")
+        inferred = {
+            "dim": frequencies[0],
+            "fourier_features": frequencies[1],
+            "width": width,
+            "depth": len({m.group(1) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))}),
+            "time_features": state_shape(state, "time_mlp.0.weight", 2)[1] // 2,
+            "num_classes": None if table is None else int(table.shape[0]) - 1,
+        }
+        return resolve_config(cls, inferred, hints)
 
     def forward(self, x: Data, t: Time, s: Time, cond: Cond | None = None) -> Data:
         """Evaluate F_θ(x, t, s, cond).

@@ -11,7 +11,9 @@ follow EDM's (``map_layer0``, ``enc["32x32_block0"]``, ...).
 """
 
 import math
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +21,7 @@ from torch import Tensor, nn
 
 from soflow_core._validation import check_int, check_real
 from soflow_core.nets._inputs import check_image_inputs
+from soflow_core.nets.checkpoints import AbstractBackbone, resolve_config, state_shape
 from soflow_core.typing import Cond, Data, Time
 
 __all__ = ["SongUNet", "positional_embedding"]
@@ -184,19 +187,21 @@ class _UNetBlock(nn.Module):
             x = F.silu(self.norm1(x) * (scale + 1) + shift)
         else:
             x = F.silu(self.norm1(x + params))
-        x = self.conv1(self.drop(x))
+        # Dropout draws its mask in memory order; a contiguous (NCHW) input gives the reference network's masks.
+        x = self.conv1(self.drop(x.contiguous()))
         x = (x + (self.skip(residual) if self.skip is not None else residual)) * self.skip_scale
         if self.attention:
             b, c, h, w = x.shape
             # qkv channels are interleaved (channel, 3) as EDM's, so EDM weights line up.
             qkv = self.qkv(self.norm2(x)).reshape(b, 1, c, 3, h * w)
             q, k, v = (qkv[:, :, :, i].transpose(-1, -2) for i in range(3))  # (b, 1, h·w, c)
-            out = F.scaled_dot_product_attention(q, k, v).transpose(-1, -2).reshape(b, c, h, w)
+            # The reshape of the transposed output would be a channels-last view; keep NCHW as the reference does.
+            out = F.scaled_dot_product_attention(q, k, v).transpose(-1, -2).reshape(b, c, h, w).contiguous()
             x = (self.proj(out) + x) * self.skip_scale
         return x
 
 
-class SongUNet(nn.Module):
+class SongUNet(AbstractBackbone):
     r"""F_θ(x, t, s): EDM's SongUNet (DDPM++ "standard" encoder/decoder) for unconditional images.
 
     Defaults are the SoFlow CIFAR-10 network: 32×32×3, 128 channels × [2, 2, 2], 4 blocks per
@@ -210,9 +215,13 @@ class SongUNet(nn.Module):
 
     The dropout layers are ``nn.Dropout`` modules, so
     [`has_active_dropout`][soflow_core.objective.has_active_dropout] sees them and the objective replays
-    the student's masks in the teacher pass. ``SoFlowObjective`` calls ``model(x, t, s, cond)``;
-    to train with augmentation labels, pass them as ``cond`` (they are split with the batch)
-    through an adapter such as ``lambda x, t, s, cond: net(x, t, s, augment_labels=cond)``.
+    the student's masks in the teacher pass. They act on contiguous (NCHW) tensors, so with the
+    same seed a train-mode forward draws the same masks, in the same order, as the official network.
+    ``SoFlowObjective`` calls ``model(x, t, s, cond)``; to train with augmentation labels, pass
+    them as ``cond`` (they are split with the batch) through an adapter such as
+    ``lambda x, t, s, cond: net(x, t, s, augment_labels=cond)``.
+    ``save_pretrained`` and ``from_pretrained`` write and read shareable folders (see
+    [`AbstractBackbone`][soflow_core.nets.checkpoints.AbstractBackbone]).
 
     Args:
         img_resolution: Side of the square images.
@@ -263,8 +272,8 @@ class SongUNet(nn.Module):
         self.in_channels = check_int("in_channels", in_channels, low=1)
         self.out_channels = in_channels if out_channels is None else check_int("out_channels", out_channels, low=1)
         self.augment_dim = check_int("augment_dim", augment_dim, low=0)
-        check_int("model_channels", model_channels, low=1)
-        check_int("num_blocks", num_blocks, low=1)
+        self.model_channels = check_int("model_channels", model_channels, low=1)
+        self.num_blocks = check_int("num_blocks", num_blocks, low=1)
         self.dropout = check_real("dropout", dropout, low=0.0, high=1.0, high_open=True)
         self.max_positions = check_real("max_positions", max_positions, low=1.0, low_open=True)
         if not channel_mult:
@@ -276,8 +285,14 @@ class SongUNet(nn.Module):
                 f"img_resolution must be divisible by 2^(len(channel_mult) - 1) = {1 << (len(channel_mult) - 1)}; "
                 f"got {img_resolution}"
             )
-        emb_channels = model_channels * check_int("channel_mult_emb", channel_mult_emb, low=1)
-        self.noise_channels = model_channels * check_int("channel_mult_noise", channel_mult_noise, low=1)
+        self.channel_mult = [int(m) for m in channel_mult]
+        self.attn_resolutions = [int(r) for r in attn_resolutions]
+        self.resample_filter = list(resample_filter)
+        self.adaptive_scale = bool(adaptive_scale)
+        self.channel_mult_emb = check_int("channel_mult_emb", channel_mult_emb, low=1)
+        self.channel_mult_noise = check_int("channel_mult_noise", channel_mult_noise, low=1)
+        emb_channels = model_channels * self.channel_mult_emb
+        self.noise_channels = model_channels * self.channel_mult_noise
         if self.noise_channels % 2 or self.noise_channels < 4:
             raise ValueError(f"model_channels * channel_mult_noise must be even and >= 4; got {self.noise_channels}")
         block = {
@@ -323,6 +338,96 @@ class SongUNet(nn.Module):
                 self.dec[f"{res}x{res}_block{idx}"] = _UNetBlock(cin, cout, attention=attention, **block)
         self.dec[f"{img_resolution}x{img_resolution}_aux_norm"] = _GroupNorm(cout)
         self.dec[f"{img_resolution}x{img_resolution}_aux_conv"] = _Conv2d(cout, self.out_channels, 3, init_weight=1e-5)
+
+    signature_keys = frozenset({"map_layer0.weight", "map_layer1.weight"})
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The constructor arguments that rebuild this SongUNet."""
+        return {
+            "img_resolution": self.img_resolution,
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "augment_dim": self.augment_dim,
+            "model_channels": self.model_channels,
+            "channel_mult": list(self.channel_mult),
+            "channel_mult_emb": self.channel_mult_emb,
+            "channel_mult_noise": self.channel_mult_noise,
+            "num_blocks": self.num_blocks,
+            "attn_resolutions": list(self.attn_resolutions),
+            "dropout": self.dropout,
+            "resample_filter": list(self.resample_filter),
+            "max_positions": self.max_positions,
+            "adaptive_scale": self.adaptive_scale,
+        }
+
+    @classmethod
+    def config_from_state(cls, state: Mapping[str, Tensor], **hints: Any) -> dict[str, Any]:
+        """The SongUNet a state dict belongs to, read from its keys and shapes.
+
+        Resolution and channels come from ``enc.<R>x<R>_conv``, the multipliers from the first
+        block of each level, the block count and attention resolutions from the encoder keys,
+        the embedding widths from ``map_layer0``, the augmentation size from ``map_augment``
+        and the FIR taps from a resampling buffer (normalised to a first tap of 1). ``dropout``
+        and ``max_positions`` leave no trace in the weights: they keep the reference values
+        (0.3 and 10⁴) unless given.
+
+        Args:
+            state: The state dict (prefixes stripped).
+            **hints: Constructor arguments; ``dropout`` and ``max_positions`` are taken as given,
+                the others must agree with the shapes.
+
+        Returns:
+            Keyword arguments for ``SongUNet``.
+
+        Raises:
+            ValueError: If the keys or shapes are not a SongUNet's, or a hint contradicts them.
+        """
+        convs = [m for k in state if (m := re.fullmatch(r"enc\.(\d+)x(\d+)_conv\.weight", k))]
+        if len(convs) != 1 or convs[0].group(1) != convs[0].group(2):
+            raise ValueError(
+                "a SongUNet state dict has one enc.<R>x<R>_conv.weight; found " + str([m.group(0) for m in convs])
+            )
+        resolution = int(convs[0].group(1))
+        model_channels, in_channels = state_shape(state, convs[0].group(0), 4)[:2]
+        levels = sorted({int(m.group(1)) for k in state if (m := re.match(r"enc\.(\d+)x\1_", k))}, reverse=True)
+        if levels != [resolution >> i for i in range(len(levels))]:
+            raise ValueError(f"the encoder resolutions {levels} do not halve from {resolution}")
+
+        def multiple(key: str, width: int) -> int:
+            if width % model_channels:
+                raise ValueError(f"{key} has {width} channels, not a multiple of model_channels={model_channels}")
+            return width // model_channels
+
+        channel_mult = []
+        for r in levels:
+            key = f"enc.{r}x{r}_block0.conv0.weight"
+            channel_mult.append(multiple(key, state_shape(state, key, 4)[0]))
+        blocks = {m.group(1) for k in state if (m := re.match(rf"enc\.{resolution}x{resolution}_block(\d+)\.", k))}
+        attention = [r for r in levels if f"enc.{r}x{r}_block0.qkv.weight" in state]
+        emb_channels, noise_features = state_shape(state, "map_layer0.weight", 2)
+        augment = state.get("map_augment.weight")
+        affine = state_shape(state, f"enc.{resolution}x{resolution}_block0.affine.weight", 2)[0]
+        inferred = {
+            "img_resolution": resolution,
+            "in_channels": in_channels,
+            "out_channels": state_shape(state, f"dec.{resolution}x{resolution}_aux_conv.weight", 4)[0],
+            "augment_dim": 0 if augment is None else int(augment.shape[1]),
+            "model_channels": model_channels,
+            "channel_mult": channel_mult,
+            "channel_mult_emb": multiple("map_layer0.weight", emb_channels),
+            "channel_mult_noise": multiple("map_layer0.weight (input, per time)", noise_features // 2),
+            "num_blocks": len(blocks),
+            "attn_resolutions": attention,
+            "adaptive_scale": affine == 2 * channel_mult[0] * model_channels,
+        }
+        if len(levels) > 1:
+            fir = state.get(f"enc.{levels[1]}x{levels[1]}_down.conv0.resample_filter")
+            if fir is not None and fir.ndim == 4 and not fir.is_meta and float(fir[0, 0, 0, 0]) != 0.0:
+                taps = (fir[0, 0, 0] / fir[0, 0, 0, 0]).tolist()
+                rounded = [round(v) for v in taps]
+                inferred["resample_filter"] = rounded if all(abs(v - r) < 1e-4 for v, r in zip(taps, rounded)) else taps
+        return resolve_config(cls, inferred, hints)
 
     def forward(
         self,

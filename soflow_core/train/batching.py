@@ -27,8 +27,11 @@ __all__ = ["EpochStream"]
 
 @lru_cache(maxsize=4)
 def _permutation(num_samples: int, seed: int, epoch: int) -> np.ndarray:
+    """The shuffled order of one epoch, cached and read-only (every stream with these arguments shares it)."""
     generator = seeded_generator(seed, epoch)
-    return torch.randperm(num_samples, generator=generator).numpy()
+    order = torch.randperm(num_samples, generator=generator).numpy()
+    order.flags.writeable = False
+    return order
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,8 +66,12 @@ class EpochStream:
             epoch: e ≥ 0.
 
         Returns:
-            An int64 array, a permutation of ``range(num_samples)``.
+            A new int64 array (the caller's to modify), a permutation of ``range(num_samples)``.
         """
+        return self._epoch_order(epoch).copy()
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        """``epoch_order`` without the copy: the shared read-only cached array."""
         check_int("epoch", epoch, low=0)
         if not self.shuffle:
             return np.arange(self.num_samples, dtype=np.int64)
@@ -86,9 +93,10 @@ class EpochStream:
         while position < end:
             epoch, offset = divmod(position, self.num_samples)
             take = min(end - position, self.num_samples - offset)
-            parts.append(self.epoch_order(epoch)[offset : offset + take])
+            parts.append(self._epoch_order(epoch)[offset : offset + take])
             position += take
-        return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
+        # concatenate copies, so the result never aliases the cached permutation
+        return np.concatenate(parts).astype(np.int64, copy=False) if parts else np.zeros(0, dtype=np.int64)
 
     def micro_batch(
         self, *, position: int, micro_batch_size: int, micro_step: int, rank: int, world_size: int

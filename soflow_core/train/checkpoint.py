@@ -6,14 +6,27 @@ A checkpoint of step k is two files in one folder:
   ``torch.load(..., weights_only=True)``), and
 * ``step-00000000k.json``: its manifest (format, step, file name, size in bytes, SHA-256).
 
-Each file is written to a temporary name in the same folder, flushed and fsynced, renamed over
-its final name with ``os.replace`` and the folder is fsynced, so a crash never leaves a
-half-written file under a final name. The manifest is written after the payload, so a payload
-without a manifest that matches it byte for byte is incomplete or corrupt, and never loaded:
+Each file is written to a temporary name in the same folder (``.step-….pt.<random>.tmp``),
+flushed and fsynced, renamed over its final name with ``os.replace`` and the folder is fsynced,
+so a crash never leaves a half-written file under a final name. Before the rename the payload
+is loaded back with ``torch.load(weights_only=True, mmap=True)`` (which reads its structure, not
+its tensor data), so a payload that could not be loaded is never written. The manifest is
+written after the payload, so a payload without a manifest that matches it byte for byte is
+incomplete or corrupt, and never loaded:
 [`load_checkpoint`][soflow_core.train.checkpoint.load_checkpoint] raises
 [`CheckpointError`][soflow_core.train.checkpoint.CheckpointError] and
 [`latest_valid_checkpoint`][soflow_core.train.checkpoint.latest_valid_checkpoint] reports it and
-falls back to the previous one.
+falls back to the previous one. Files are created with the ordinary mode (0o666 less the umask).
+
+Pruning (``save_checkpoint(..., keep=k)``) counts valid checkpoints only: it keeps the one just
+written, and the newest valid ones up to k in all; every other checkpoint, valid or not, is
+removed. The newest valid checkpoint is never removed, even when it has a higher step than
+the one just written.
+
+A process killed mid-write leaves its temporary file behind;
+[`remove_stale_temporaries`][soflow_core.train.checkpoint.remove_stale_temporaries] removes
+them, and must only run while no other process writes into the folder (the example trainers
+call it when they start, holding their run folder's lock).
 
 [`capture_rng_state`][soflow_core.train.checkpoint.capture_rng_state] and
 [`restore_rng_state`][soflow_core.train.checkpoint.restore_rng_state] cover Python's ``random``,
@@ -21,30 +34,32 @@ NumPy's legacy global generator, torch's CPU generator, every CUDA device's gene
 explicit ``torch.Generator`` of the loop, in a form that ``weights_only`` loading accepts.
 """
 
-import hashlib
 import json
 import logging
 import os
 import random
 import re
-import tempfile
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from soflow_core._files import atomic_save, atomic_write, sha256_file, temporary_names
 from soflow_core._validation import check_int
 
 __all__ = [
     "CheckpointError",
     "capture_rng_state",
     "checkpoint_path",
+    "latest_loadable_checkpoint",
     "latest_valid_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
+    "non_finite_entries",
+    "remove_stale_temporaries",
     "restore_rng_state",
     "save_checkpoint",
     "verify_checkpoint",
@@ -54,7 +69,8 @@ logger = logging.getLogger(__name__)
 
 _FORMAT = "soflow-checkpoint-v1"
 _NAME = re.compile(r"^step-(\d{9,})\.pt$")
-_CHUNK = 1 << 22
+# The temporary files of atomic_save for a payload or a manifest: .step-XXXXXXXXX.pt.<random>.tmp
+_TEMPORARY = temporary_names(r"step-\d{9,}\.(?:pt|json)")
 
 
 class CheckpointError(ValueError):
@@ -96,42 +112,6 @@ def _manifest_path(path: Path) -> Path:
     return path.with_suffix(".json")
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # some platforms cannot open folders; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    """Write through ``write(file)`` into a temporary file beside ``path``, fsync, rename, fsync the folder."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def list_checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]]:
     """The ``step-*.pt`` files of ``directory`` (valid or not), newest step first.
 
@@ -148,24 +128,114 @@ def list_checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
+def remove_stale_temporaries(directory: str | os.PathLike, names: Sequence[str] = ()) -> list[Path]:
+    """Remove the temporary files that interrupted writes left in ``directory``.
+
+    These are the temporaries of checkpoint payloads and manifests, and of the files whose
+    names match one of the regular expressions ``names`` (for instance ``(r"config\\.json",)``).
+    Only run it while no other process writes into ``directory``: a write in progress has a
+    temporary file of the same form.
+
+    Args:
+        directory: The folder (may not exist).
+        names: Regular expressions of other file names whose temporaries are removed too.
+
+    Returns:
+        The files removed.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    others = temporary_names("|".join(names)) if names else None
+    removed = []
+    for path in sorted(directory.iterdir()):
+        stale = _TEMPORARY.match(path.name) or (others is not None and others.match(path.name))
+        if stale and path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+_PLAIN = (torch.Tensor, str, bytes, int, float, complex, torch.Size, torch.dtype, torch.device)
+
+
+def _unloadable_entries(value: object, where: str = "payload") -> Iterator[str]:
+    """Entries of a payload that ``weights_only`` loading is likely to refuse (a hint for the error message)."""
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            yield from _unloadable_entries(item, f"{where}[{key!r}]")
+    elif isinstance(value, (list, tuple)) and type(value) in (list, tuple):
+        for i, item in enumerate(value):
+            yield from _unloadable_entries(item, f"{where}[{i}]")
+    elif value is not None and not isinstance(value, _PLAIN):
+        yield f"{where} ({type(value).__module__}.{type(value).__qualname__})"
+
+
+def _save_loadable(path: Path, payload: dict[str, Any]) -> None:
+    """``torch.save`` the payload to ``path``, then load its structure back as a reader would."""
+    torch.save(payload, path)
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:
+        found = re.search(r"WeightsUnpickler error: ([^\n]*?\.)(?: |$)", str(err))
+        reason = found.group(1) if found else f"{type(err).__name__}: {err}"
+        suspects = list(_unloadable_entries(payload))[:5]
+        hint = f"; check {', '.join(suspects)}" if suspects else ""
+        raise ValueError(
+            f"payload cannot be loaded back with torch.load(weights_only=True) ({reason}){hint}. Store tensors, "
+            "containers and plain Python values only"
+        ) from err
+
+
+def _is_valid(path: Path) -> bool:
+    try:
+        verify_checkpoint(path)
+    except CheckpointError:
+        return False
+    return True
+
+
+def _prune(directory: Path, written: Path, keep: int) -> None:
+    """Keep ``written`` and the newest valid checkpoints, ``keep`` in all; remove every other one."""
+    kept = 0
+    for _, path in list_checkpoints(directory):
+        # The newest valid checkpoint is met while kept < keep (only valid ones and `written` count),
+        # so it is always verified and kept; older ones are removed without reading them.
+        if path == written or (kept < keep and _is_valid(path)):
+            kept += 1
+            continue
+        logger.info("pruning checkpoint %s", path)
+        _manifest_path(path).unlink(missing_ok=True)  # manifest first: a half-pruned pair is invalid
+        path.unlink(missing_ok=True)
+
+
 def save_checkpoint(
     directory: str | os.PathLike, step: int, payload: Mapping[str, Any], *, keep: int | None = None
 ) -> Path:
     """Write ``payload`` as the checkpoint of ``step`` atomically, then its manifest, then prune.
+
+    Before its rename into place, the payload file is loaded back with
+    ``torch.load(weights_only=True, mmap=True)`` (its structure only, not the tensor data), so a
+    payload that readers would refuse is never written.
+
+    Pruning counts valid checkpoints only (each counted one is verified against its manifest,
+    at most ``keep`` files hashed per save). The checkpoint just written and the newest valid
+    one are never removed; damaged checkpoints are removed whatever their step.
 
     Args:
         directory: The checkpoint folder (created if missing).
         step: Optimizer steps done, k ≥ 0; names the files.
         payload: A dict for ``torch.save`` (tensors, containers and plain Python values only,
             so that ``weights_only`` loading accepts it).
-        keep: Keep only the newest ``keep`` checkpoints (after this one is complete), or None
-            to keep all.
+        keep: Keep only the newest ``keep`` valid checkpoints (after this one is complete), or
+            None to keep all.
 
     Returns:
         The path of the payload file.
 
     Raises:
-        ValueError: If ``keep`` < 1 or ``payload`` is not a mapping.
+        ValueError: If ``keep`` < 1, ``payload`` is not a mapping or could not be loaded back
+            with ``weights_only=True`` (nothing is written then).
     """
     check_int("step", step, low=0)
     if keep is not None:
@@ -176,19 +246,17 @@ def save_checkpoint(
     directory.mkdir(parents=True, exist_ok=True)
     path = checkpoint_path(directory, step)
     _manifest_path(path).unlink(missing_ok=True)  # an old manifest must never vouch for a new payload
-    _atomic_write(path, lambda f: torch.save(dict(payload), f))
+    atomic_save(path, lambda tmp: _save_loadable(tmp, dict(payload)))
     manifest = {
         "format": _FORMAT,
         "step": step,
         "file": path.name,
         "size": path.stat().st_size,
-        "sha256": _sha256(path),
+        "sha256": sha256_file(path),
     }
-    _atomic_write(_manifest_path(path), lambda f: f.write((json.dumps(manifest, indent=1) + "\n").encode()))
+    atomic_write(_manifest_path(path), lambda f: f.write((json.dumps(manifest, indent=1) + "\n").encode()))
     if keep is not None:
-        for _, old in list_checkpoints(directory)[keep:]:
-            _manifest_path(old).unlink(missing_ok=True)  # manifest first: a half-pruned pair is invalid
-            old.unlink(missing_ok=True)
+        _prune(directory, path, keep)
     return path
 
 
@@ -220,7 +288,7 @@ def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     actual = path.stat().st_size
     if actual != size:
         raise CheckpointError(path, f"size {actual} bytes, the manifest says {size} (truncated or overwritten)")
-    if _sha256(path) != sha:
+    if sha256_file(path) != sha:
         raise CheckpointError(path, "SHA-256 differs from the manifest (corrupt)")
     return manifest
 
@@ -253,6 +321,12 @@ def load_checkpoint(
     return payload
 
 
+def _report_skipped(err: CheckpointError) -> None:
+    message = f"skipping {err}"
+    logger.warning(message)
+    warnings.warn(message, stacklevel=3)
+
+
 def latest_valid_checkpoint(directory: str | os.PathLike) -> Path | None:
     """The newest checkpoint of ``directory`` that passes verification, reporting every one skipped.
 
@@ -270,12 +344,76 @@ def latest_valid_checkpoint(directory: str | os.PathLike) -> Path | None:
         try:
             verify_checkpoint(path)
         except CheckpointError as err:
-            message = f"skipping {err}"
-            logger.warning(message)
-            warnings.warn(message, stacklevel=2)
+            _report_skipped(err)
             continue
         return path
     return None
+
+
+def latest_loadable_checkpoint(
+    directory: str | os.PathLike,
+    *,
+    check: Callable[[Path, dict[str, Any]], None] | None = None,
+    map_location: str | torch.device | None = "cpu",
+) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint of ``directory`` that verifies, loads and passes ``check``, with its payload.
+
+    Like [`latest_valid_checkpoint`][soflow_core.train.checkpoint.latest_valid_checkpoint], but a
+    checkpoint whose manifest matches and whose payload still cannot be used (``weights_only``
+    refuses it, it is not a dict, or ``check`` raises
+    [`CheckpointError`][soflow_core.train.checkpoint.CheckpointError]) is reported and skipped
+    the same way as a damaged one.
+
+    Args:
+        directory: The checkpoint folder (may not exist).
+        check: Called as ``check(path, payload)``; raises ``CheckpointError`` for a payload the
+            caller cannot use (missing entries, non-finite weights, ...).
+        map_location: Where tensors are loaded.
+
+    Returns:
+        (path, payload) of the newest usable checkpoint, or None if there is none.
+    """
+    for _, path in list_checkpoints(directory):
+        try:
+            payload = load_checkpoint(path, map_location=map_location)
+            if check is not None:
+                check(path, payload)
+        except CheckpointError as err:
+            _report_skipped(err)
+            continue
+        return path, payload
+    return None
+
+
+def non_finite_entries(payload: object, where: str = "payload") -> list[str]:
+    """The floating-point tensors of a nested payload that hold NaN or Inf, by where they sit.
+
+    Reads every floating-point tensor once (a device synchronisation per tensor that is not on
+    the CPU): meant for save and load time, not for every step.
+
+    Args:
+        payload: Tensors in (nested) mappings, lists and tuples; other values are ignored.
+        where: The name of the root in the result.
+
+    Returns:
+        Entries such as ``"payload['model']['w'] (3 of 64 values)"``, empty when all are finite.
+
+    Examples:
+        >>> non_finite_entries({"model": {"w": torch.tensor([1.0, float("nan")])}, "step": 3})
+        ["payload['model']['w'] (1 of 2 values)"]
+    """
+    found: list[str] = []
+    if isinstance(payload, Mapping):
+        for key, value in payload.items():
+            found += non_finite_entries(value, f"{where}[{key!r}]")
+    elif isinstance(payload, (list, tuple)):
+        for i, value in enumerate(payload):
+            found += non_finite_entries(value, f"{where}[{i}]")
+    elif isinstance(payload, torch.Tensor) and (payload.is_floating_point() or payload.is_complex()):
+        bad = int((~torch.isfinite(payload.detach())).sum())
+        if bad:
+            found.append(f"{where} ({bad} of {payload.numel()} values)")
+    return found
 
 
 def capture_rng_state(generators: Mapping[str, torch.Generator] | None = None) -> dict[str, Any]:

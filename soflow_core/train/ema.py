@@ -72,6 +72,8 @@ class EMA:
 
     Raises:
         ValueError: If ``decay``/``every`` are out of range or the model has no parameters.
+        TypeError: If ``model`` is not a module or ``dtype`` is not a floating-point
+            ``torch.dtype`` (or None).
 
     Examples:
         >>> import torch
@@ -85,6 +87,13 @@ class EMA:
     def __init__(self, model: nn.Module, *, decay: float = 0.9999, every: int = 1, dtype: torch.dtype | None = None):
         self.decay = check_real("decay", decay, low=0.0, high=1.0, high_open=True)
         self.every = check_int("every", every, low=1)
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(
+                f"dtype must be a floating-point torch.dtype such as torch.float64, or None; "
+                f"got {type(dtype).__name__}: {dtype!r}"
+            )
         self.dtype = dtype
         with torch.no_grad():
             self.params: dict[str, Tensor] = {
@@ -152,7 +161,7 @@ class EMA:
         """The shadow as a state dict in the module's own layout (parameters and buffers).
 
         The result loads into the module with ``load_state_dict`` (and into a DiT with
-        [`load_dit_checkpoint`][soflow_core.nets.dit.load_dit_checkpoint]).
+        [`load_weights`][soflow_core.nets.checkpoints.load_weights]).
 
         Args:
             full: Gather sharded (FSDP2) shadows into whole CPU tensors, a collective that every
