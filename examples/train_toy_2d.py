@@ -16,7 +16,7 @@ squares; timings) and ``config.json`` (the resolved configuration).
 ``--config`` (``default`` or ``tiny``). ``--threads`` sets torch's CPU threads (default 1: this
 small MLP gains nothing from more, and on cores shared with other work extra threads only wait
 for each other). Training shows a progress line with the step rate and the time left (a tqdm
-bar when tqdm is installed).
+bar on a terminal when tqdm is installed).
 
 The defaults are the library's recipe for low-dimensional data: ``SoFlowObjective.from_preset("toy")``
 with an ``MLPBackbone`` of width 96 and depth 3 that sees 32 random Fourier features of its
@@ -70,7 +70,7 @@ class ToyConfig:
     eval_repeats: int = 5  # metrics are means over this many independent draws of noise and data
     seed: int = 0
     threads: int = 1  # torch CPU threads
-    progress: bool = True  # a progress line (tqdm bar when installed) during training
+    progress: bool = True  # a progress line (a tqdm bar on a terminal when installed) during training
     out: str = "runs/toy_2d"
 
 
@@ -149,16 +149,18 @@ def build_model(config: ToyConfig, conditional: bool) -> MLPBackbone:
 
 
 class Progress:
-    """Progress through training: a tqdm bar when tqdm is installed, else a plain line every few seconds.
+    """Progress through training: a tqdm bar on a terminal when tqdm is installed, else a plain line.
 
-    Both show the steps done, the rate and the time left; ``write`` prints a line without breaking the bar.
+    The plain line (every ``every_s`` seconds and at the end) suits logs, where a bar's redraws
+    would pile up. Both show the steps done, the rate and the time left; ``write`` prints a line
+    without breaking the bar.
     """
 
     def __init__(self, total: int, enabled: bool, every_s: float = 5.0) -> None:
         self.total, self.enabled, self.every_s, self.done = total, enabled, every_s, 0
         self.start = self.shown = time.perf_counter()
         self.bar = None
-        if enabled:
+        if enabled and sys.stdout.isatty():
             try:
                 from tqdm import tqdm
             except ImportError:

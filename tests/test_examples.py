@@ -57,10 +57,13 @@ def test_toy_example_progress_flags():
     assert parse_config(["--threads", "2"]).threads == 2
 
 
-def test_toy_progress_falls_back_to_plain_lines_without_tqdm(monkeypatch, capsys):
+@pytest.mark.parametrize("why", ["tqdm missing", "output not a terminal"])
+def test_toy_progress_falls_back_to_plain_lines(monkeypatch, capsys, why):
     from train_toy_2d import Progress
 
-    monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm now raises ImportError
+    if why == "tqdm missing":
+        monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm now raises ImportError
+        monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
     progress = Progress(4, enabled=True, every_s=0.0)
     progress.write("a metrics line")
     for _ in range(4):
@@ -70,6 +73,17 @@ def test_toy_progress_falls_back_to_plain_lines_without_tqdm(monkeypatch, capsys
     assert lines[0] == "a metrics line" and len(lines) == 5
     assert lines[-1].startswith("4/4 steps (100 %), ") and lines[-1].endswith(" 0 s left")
     assert "steps/s" in lines[1]
+
+
+def test_toy_progress_bar_on_a_terminal(monkeypatch):
+    pytest.importorskip("tqdm")
+    from train_toy_2d import Progress
+
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    progress = Progress(2, enabled=True)
+    assert progress.bar is not None and progress.bar.total == 2
+    progress.bar.disable = True  # nothing drawn into the test's output
+    progress.close()
 
 
 def test_toy_progress_off_prints_only_written_lines(capsys):
