@@ -52,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from _common import RESULTS, comma_list, environment, preset_parser, resolve_preset, write_rows
 from train_toy_2d import ToyConfig
+from train_toy_2d import build_model as build_toy_model
 
 from soflow_core import AdaptiveWeighting, EulerParam, SoFlowObjective, sample_few_step
 from soflow_core.data import TOY_DISTRIBUTIONS, sample_toy_2d
@@ -276,13 +277,14 @@ def build_model(dataset: str, config: QualityConfig) -> MLPBackbone:
     """The backbone every method trains on ``dataset`` (initial weights from the global seed)."""
     if dataset == "digits":
         return MLPBackbone(dim=64, width=config.digits_width, depth=config.digits_depth)
-    return MLPBackbone(
-        dim=2,
+    toy = dataclasses.replace(
+        TOY,
         width=config.toy_width,
         depth=config.toy_depth,
         fourier_features=config.toy_fourier_features,
         fourier_scale=config.toy_fourier_scale,
     )
+    return build_toy_model(toy, conditional=False)  # the main command's backbone
 
 
 def train(method: Method, dataset: str, seed: int, config: QualityConfig, digits: Digits | None) -> Trained:
