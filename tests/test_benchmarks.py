@@ -137,6 +137,7 @@ def test_quality_at_equal_budget_tiny(tmp_path):
         assert all(r["num_seeds"] == 1 and r["energy_distance_std"] == 0.0 for r in means)
     table = (tmp_path / "q.md").read_text()
     assert "real vs real (floor)" in table and "SoFlow 1-NFE vs MeanFlow 1-NFE" in table
+    assert "SoFlow 1-NFE vs the best Flow Matching result: energy distance" in table
     for name in [f"q-samples-{d}.png" for d in toys] + ["q-vs-nfe.png"]:
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     # the table can be redrawn from the JSON alone, identically
@@ -144,6 +145,30 @@ def test_quality_at_equal_budget_tiny(tmp_path):
     redraw = run_benchmark("quality_at_equal_budget.py", "--table-from", str(tmp_path / "q.json"), timeout=300)
     assert redraw.returncode == 0, redraw.stderr[-3000:]
     assert (tmp_path / "q.md").read_text() == table
+
+
+def test_quality_verdict_against_the_best_flow_matching_result():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from quality_at_equal_budget import against_flow_matching
+
+    def row(method, nfe, value, seed="mean"):
+        return {"kind": "sample", "dataset": "digits", "method": method, "nfe": nfe, "seed": seed, **value}
+
+    rows = [
+        row("soflow", 1, {"frechet_distance": 6.0}),
+        row("flow_matching", 1, {"frechet_distance": 200.0}),
+        row("flow_matching", 16, {"frechet_distance": 5.5}),
+        row("flow_matching", 100, {"frechet_distance": float("nan")}),  # a diverged run is no best
+        row("flow_matching", 32, {"frechet_distance": 1.0}, seed=0),  # one seed is no seed mean
+    ]
+    line = against_flow_matching(rows, "digits")
+    assert line == (
+        "SoFlow 1-NFE vs the best Flow Matching result: Fréchet distance 6 vs 5.5 at 16 Euler steps "
+        "(seed means; SoFlow above it)."
+    )
+    rows[0]["frechet_distance"] = 5.5
+    assert against_flow_matching(rows, "digits").endswith("(seed means; SoFlow at most it).")
+    assert against_flow_matching(rows[1:], "digits") is None
 
 
 def test_quality_at_equal_budget_digits(tmp_path):
