@@ -2,29 +2,41 @@
 
     python benchmarks/jvp_vs_soflow.py                        # paper: DiT-B/2, batch 256, bf16, CFG
     python benchmarks/jvp_vs_soflow.py --config tiny          # seconds on a CPU; CI runs this
-    python benchmarks/jvp_vs_soflow.py --model DiT-S/4 --batch-size 8 --dtype fp32 --device cpu
+    python benchmarks/jvp_vs_soflow.py --model DiT-S/4 --batch-size 16 --dtype fp32 --device cpu \
+        --compile --interleave --isolate                      # the committed CPU run
 
-Every row is one full training step (objective forward, backward, AdamW step) of the same
-DiT, batch, dtype and guidance setting; only the objective and its execution options differ:
+Every row is one full training step (draws, objective forward, backward, AdamW step) of the same
+DiT, batch, dtype and guidance setting, run through ``soflow_core.train.make_training_step``;
+only the objective and its execution options differ:
 
 * ``soflow``: SoFlow as soflow_core runs it, every optimisation on (PyTorch's default fused
   attention, one joint grad forward, fused loss-path kernels ``backend="auto"``);
-  ``soflow+compile`` adds ``torch.compile`` of the backbone (``--compile``);
+  ``soflow+compile`` compiles the whole step (``--compile``): the draws eager, loss + backward
+  in one graph, the optimizer step in another;
 * ``soflow_reference_style``: as the paper's code runs it (separate forwards, fp32,
   memory-efficient attention, PyTorch loss path);
 * ``ref+...``: the reference style with one optimisation switched on (attention backend,
-  joint forward, fused kernels, compile, bf16);
-* ``meanflow_shared_primal`` / ``meanflow_separate``: MeanFlow (benchmarks/meanflow.py), one
-  ``torch.func.jvp`` whose primal output is the loss's u, or a no-grad JVP plus a separate
-  forward with gradient. Flash and memory-efficient attention have no forward-mode AD, so the
-  JVP always runs with the math attention backend.
+  joint forward, fused kernels, whole-step compile, bf16);
+* ``meanflow_shared_primal`` / ``meanflow_separate`` / ``meanflow_subset``: MeanFlow
+  (benchmarks/meanflow.py), one ``torch.func.jvp`` whose primal output is the loss's u, a
+  no-grad JVP plus a separate forward with gradient, or that with the JVP only on the samples
+  with r ≠ t (its target term is multiplied by t − r = 0 elsewhere). Flash and
+  memory-efficient attention have no forward-mode AD, so the JVP always runs with the math
+  attention backend. ``meanflow_*+compile`` compile their whole step like ``soflow+compile``
+  where torch can; where it cannot, the row says why (status ``unsupported``).
+
+The ratios that matter are against the **fastest** MeanFlow row measured (time) and the
+**leanest** one (memory), whichever variant and compile setting that is.
 
 Timing: ``warmup`` untimed steps, then ``iters`` timed steps; on CUDA each step is bracketed by
 CUDA events (the median is reported, plus wall time per step over the whole timed loop with
-one final synchronisation); on a CPU, ``time.perf_counter`` per step. Memory: on CUDA the peak
-of ``torch.cuda.max_memory_allocated`` over the timed steps (weights, gradients, AdamW state
-and activations); on a CPU, with ``--isolate`` (each row in its own process), the growth of the
-peak resident set size above the RSS before the model was built; otherwise n/a.
+one final synchronisation); on a CPU, ``time.perf_counter`` per step. With ``--interleave``
+every row is built first and the timed steps go round-robin over the rows, so that a shared
+machine's load falls on all rows alike. Memory: on CUDA the peak of
+``torch.cuda.max_memory_allocated`` over the timed steps (weights, gradients, AdamW state and
+activations; not with ``--interleave``, where every row's weights are resident); on a CPU, with
+``--isolate`` (each row also run in its own process), the growth of the peak resident set size
+above the RSS before the model was built; otherwise n/a.
 
 Rows (with device, versions, commit and the resolved config) go to
 ``benchmarks/results/jvp_vs_soflow-<model>-<device>.json``, with a markdown table and a bar chart
@@ -38,7 +50,6 @@ import gc
 import json
 import math
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -59,6 +70,7 @@ from meanflow import MeanFlowObjective
 from soflow_core import SoFlowObjective
 from soflow_core.nets import DIT_SIZES, DiT
 from soflow_core.ops._dispatch import resolve_backend
+from soflow_core.train import make_training_step
 
 ATTENTIONS = ("default", "efficient", "math", "flash")
 DTYPES = ("fp32", "bf16")
@@ -75,7 +87,7 @@ class Variant:
         attention: SDPA backends allowed for the step (MeanFlow's JVP is math in any case).
         forward_batching: SoFlow's grad-call grouping.
         backend: SoFlow's loss-path backend.
-        compile: ``torch.compile`` the backbone.
+        compile: Compile the whole step (``make_training_step(compile=True)``).
         dtype: ``None`` for the run's dtype, or a fixed one.
         jvp_variant: MeanFlow's JVP variant.
         note: One line for the table.
@@ -104,7 +116,7 @@ VARIANTS: dict[str, Variant] = {
     v.name: v
     for v in (
         Variant(name="soflow", note="default attention, joint forward, fused kernels"),
-        Variant(name="soflow+compile", compile=True, note="soflow with torch.compile"),
+        Variant(name="soflow+compile", compile=True, note="soflow, whole step compiled"),
         _REFERENCE,
         dataclasses.replace(_REFERENCE, name="ref+attn_math", attention="math", note="reference, math attention"),
         dataclasses.replace(
@@ -112,14 +124,20 @@ VARIANTS: dict[str, Variant] = {
         ),
         dataclasses.replace(_REFERENCE, name="ref+joint", forward_batching="joint", note="reference, joint forward"),
         dataclasses.replace(_REFERENCE, name="ref+fused", backend="auto", note="reference, backend auto"),
-        dataclasses.replace(_REFERENCE, name="ref+compile", compile=True, note="reference, torch.compile"),
+        dataclasses.replace(_REFERENCE, name="ref+compile", compile=True, note="reference, whole step compiled"),
         dataclasses.replace(_REFERENCE, name="ref+bf16", dtype="bf16", note="reference, bf16 autocast"),
-        Variant(name="meanflow_shared_primal", method="meanflow", jvp_variant="shared_primal", note="one JVP"),
-        Variant(name="meanflow_separate", method="meanflow", jvp_variant="separate", note="no-grad JVP + grad forward"),
+        *(
+            Variant(name=f"meanflow_{jvp}{suffix}", method="meanflow", jvp_variant=jvp, compile=bool(suffix), note=note)
+            for suffix in ("", "+compile")
+            for jvp, note in (
+                ("shared_primal", "one JVP"),
+                ("separate", "no-grad JVP + grad forward"),
+                ("subset", "no-grad JVP on the r != t samples + grad forward"),
+            )
+        ),
     )
 }
-COMPILE_VARIANTS = ("soflow+compile", "ref+compile")
-MEANFLOW_ROWS = ("meanflow_shared_primal", "meanflow_separate")
+COMPILE_VARIANTS = tuple(name for name, variant in VARIANTS.items() if variant.compile)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -140,10 +158,14 @@ class BenchConfig:
         meanflow_mix: MeanFlow's κ with CFG (κ ≠ 0 costs a second no-grad forward).
         variants: Row names, a subset of ``VARIANTS``; empty: every row but the compiled and
             (for fp32 runs) ``ref+bf16`` ones, plus the compiled ones with ``compile``.
-        compile: Add the ``torch.compile`` rows.
+        compile: Add the whole-step-compiled rows.
+        compile_backend: ``torch.compile`` backend of those rows (``"aot_eager"`` traces without
+            generating code: a quick check that they compile).
+        interleave: Build every row first and time their steps round-robin.
         warmup: Untimed steps first.
         iters: Timed steps.
         device: ``"cuda"`` or ``"cpu"``.
+        threads: CPU threads of torch (0: torch's default).
         isolate: Run each row in its own process (needed for CPU memory figures).
         seed: Seed of weights, data and draws.
         out: Results file stem (default ``jvp_vs_soflow-<model>-<device>``).
@@ -161,9 +183,12 @@ class BenchConfig:
     meanflow_mix: float = 0.5
     variants: tuple[str, ...] = ()
     compile: bool = False
+    compile_backend: str = "inductor"
+    interleave: bool = False
     warmup: int = 5
     iters: int = 20
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    threads: int = 0
     isolate: bool = False
     seed: int = 0
     out: str = ""
@@ -268,7 +293,7 @@ def make_step(variant: Variant, config: BenchConfig) -> Step:
     cond = torch.randint(0, config.num_classes, (config.batch_size,), device=device, generator=data_gen)
     draws = torch.Generator(device=device).manual_seed(config.seed + 1)
     objective = make_objective(variant, config)
-    net = torch.compile(model) if variant.compile else model
+    step_fn = make_training_step(objective, model, optimizer, compile=variant.compile, backend=config.compile_backend)
     backends, attention = attention_backends(variant.attention, device)
     if variant.method == "meanflow":
         attention = f"math for the JVP, else {attention}"
@@ -278,17 +303,14 @@ def make_step(variant: Variant, config: BenchConfig) -> Step:
     attention_context = (lambda: sdpa_kernel(backends)) if backends else contextlib.nullcontext
     step_index = [0]
 
+    def draw():
+        if variant.method == "meanflow":
+            return objective.sample_batch(data, cond, generator=draws)
+        return objective.sample_batch(data, cond, step=step_index[0], total_steps=400_000, generator=draws)
+
     def run() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        with attention_context():
-            with autocast():
-                if variant.method == "meanflow":
-                    loss = objective(net, data, cond, generator=draws).loss
-                else:
-                    out = objective(net, data, cond, step=step_index[0], total_steps=400_000, generator=draws)
-                    loss = out.backprop
-            loss.backward()
-        optimizer.step()
+        with attention_context(), autocast():
+            step_fn(draw())
         step_index[0] += 1
 
     backend = "–" if variant.method == "meanflow" else resolve_backend(variant.backend, data)
@@ -301,24 +323,98 @@ def _rss_mb() -> float:
 
 
 def _max_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    """The peak RSS of this process image (``VmHWM``).
+
+    Not ``getrusage``'s ``ru_maxrss``: Linux carries that across ``fork`` + ``exec``, so a worker
+    started by a large parent would report the parent's peak.
+    """
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError("no VmHWM line in /proc/self/status")
 
 
-def measure_variant(name: str, config: BenchConfig) -> dict:
-    """Time one row and record its peak memory; an out-of-memory error gives a row with status ``oom``."""
+def _row_header(name: str) -> dict:
     variant = VARIANTS[name]
-    device = torch.device(config.device)
     row = {"variant": name, "method": variant.method, "note": variant.note, "compile": variant.compile}
     row |= {"forward_batching": variant.forward_batching if variant.method == "soflow" else "–"}
     row |= {"jvp_variant": variant.jvp_variant if variant.method == "meanflow" else "–"}
-    cpu_memory = device.type == "cpu" and config.isolate
+    return row
+
+
+def _failure(name: str, error: BaseException) -> dict:
+    """The status and message of a row whose step could not run.
+
+    ``oom`` for out of memory; ``unsupported`` when ``torch.compile`` cannot compile the step (a
+    limitation of torch, recorded with its message); ``error`` otherwise (the exit status reports it).
+    """
+    message = f"{type(error).__name__}: {' '.join(str(error).split())[:400]}"
+    if isinstance(error, torch.OutOfMemoryError):
+        return {"status": "oom", "error": message}
+    if VARIANTS[name].compile and isinstance(error, torch._dynamo.exc.TorchDynamoException):
+        return {"status": "unsupported", "error": message}
+    traceback.print_exc()
+    return {"status": "error", "error": message}
+
+
+def count_flops(step: Step) -> int:
+    """FLOPs of one training step of an eager row, counted by ``torch.utils.flop_counter.FlopCounterMode``.
+
+    Every matrix product, convolution and attention call of the step (forward passes with and
+    without gradient, the JVP's tangent pass, the backward) at 2 FLOPs per multiply-add;
+    elementwise work is not counted.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step.run()
+    return counter.get_total_flops()
+
+
+def _time_one(step: Step, device: torch.device) -> float:
+    """Milliseconds of one step: CUDA events on a GPU, ``time.perf_counter`` on a CPU."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step.run()
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end)
+    start_s = time.perf_counter()
+    step.run()
+    return (time.perf_counter() - start_s) * 1e3
+
+
+def _time_stats(times: list[float], wall: float | None, config: BenchConfig) -> dict:
+    median = statistics.median(times)
+    return {
+        "status": "ok",
+        "median_ms": median,
+        "p20_ms": _quantile(times, 0.2),
+        "p80_ms": _quantile(times, 0.8),
+        "wall_ms_per_step": wall,
+        "images_per_s": config.batch_size / (median * 1e-3),
+    }
+
+
+def measure_variant(name: str, config: BenchConfig) -> dict:
+    """Time one row and record its peak memory; a failing row gets status ``oom``, ``unsupported`` or ``error``."""
+    device = torch.device(config.device)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    row = _row_header(name)
+    # A compiled row's peak RSS on a CPU is the compiler's (dynamo, AOTAutograd, Inductor), not the step's.
+    cpu_memory = device.type == "cpu" and config.isolate and not VARIANTS[name].compile
     rss_before = _rss_mb() if cpu_memory else None
     step = None
     try:
-        step = make_step(variant, config)
+        step = make_step(VARIANTS[name], config)
         row |= {"attention": step.attention, "backend": step.backend, "dtype": step.dtype}
         for _ in range(config.warmup):
             step.run()
+        row["flops_per_step"] = None if VARIANTS[name].compile else count_flops(step)
         times = []
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -341,31 +437,15 @@ def measure_variant(name: str, config: BenchConfig) -> dict:
         else:
             resident = _rss_mb() if cpu_memory else None
             wall = time.perf_counter()
-            for _ in range(config.iters):
-                start = time.perf_counter()
-                step.run()
-                times.append((time.perf_counter() - start) * 1e3)
+            times = [_time_one(step, device) for _ in range(config.iters)]
             wall = (time.perf_counter() - wall) * 1e3 / config.iters
             peak = step_peak = None
             if cpu_memory:
                 peak = _max_rss_mb() - rss_before
                 step_peak = _max_rss_mb() - resident
-        median = statistics.median(times)
-        row |= {
-            "status": "ok",
-            "median_ms": median,
-            "p20_ms": _quantile(times, 0.2),
-            "p80_ms": _quantile(times, 0.8),
-            "wall_ms_per_step": wall,
-            "images_per_s": config.batch_size / (median * 1e-3),
-            "peak_memory_mb": peak,
-            "step_peak_memory_mb": step_peak,
-        }
-    except torch.OutOfMemoryError as error:
-        row |= {"status": "oom", "error": str(error).splitlines()[0]}
-    except Exception as error:  # recorded, so the other rows still run; the exit status reports it
-        row |= {"status": "error", "error": f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"}
-        traceback.print_exc()
+        row |= _time_stats(times, wall, config) | {"peak_memory_mb": peak, "step_peak_memory_mb": step_peak}
+    except Exception as error:  # recorded, so the other rows still run
+        row |= _failure(name, error)
     finally:
         del step
         gc.collect()
@@ -373,6 +453,42 @@ def measure_variant(name: str, config: BenchConfig) -> dict:
             torch.cuda.empty_cache()
         torch._dynamo.reset()
     return row
+
+
+def measure_interleaved(names: tuple[str, ...], config: BenchConfig) -> list[dict]:
+    """Build and warm up every row, then time their steps round-robin (memory is not measured here).
+
+    Every compiled row's step is the same code object, so the recompile limit is raised to hold
+    one cache entry per row.
+    """
+    device = torch.device(config.device)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * len(names))
+    rows = {name: _row_header(name) for name in names}
+    steps: dict[str, Step] = {}
+    for name in names:
+        try:
+            step = make_step(VARIANTS[name], config)
+            rows[name] |= {"attention": step.attention, "backend": step.backend, "dtype": step.dtype}
+            for _ in range(config.warmup):
+                step.run()
+            rows[name]["flops_per_step"] = None if VARIANTS[name].compile else count_flops(step)
+            steps[name] = step
+        except Exception as error:
+            rows[name] |= _failure(name, error)
+        print(f"built {name}: {rows[name].get('status', 'ready')}", flush=True)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(config.iters):
+        for name in list(steps):
+            try:
+                times[name].append(_time_one(steps[name], device))
+            except Exception as error:
+                rows[name] |= _failure(name, error)
+                del steps[name]
+    for name in steps:
+        rows[name] |= _time_stats(times[name], None, config) | {"peak_memory_mb": None, "step_peak_memory_mb": None}
+    return [rows[name] for name in names]
 
 
 def _quantile(values: list[float], q: float) -> float:
@@ -401,17 +517,42 @@ def _run_isolated(name: str, config: BenchConfig) -> dict:
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """Each row's step time and peak memory over those of each MeanFlow row (None where unknown)."""
+    """Each row's step time and peak memory over those of every MeanFlow row, and of the best MeanFlow row.
+
+    ``time_vs_fastest_meanflow`` divides by the lowest median step time of the MeanFlow rows
+    measured (whichever JVP variant and compile setting), ``memory_vs_leanest_meanflow`` by
+    their lowest peak memory; the names are in ``fastest_meanflow`` and ``leanest_meanflow``.
+    """
     by_name = {row["variant"]: row for row in rows}
+    for row in rows:  # compiling changes no FLOP: a compiled row counts as its eager twin
+        twin = by_name.get(row["variant"].removesuffix("+compile"), {})
+        if row.get("compile") and row.get("flops_per_step") is None:
+            row["flops_per_step"] = twin.get("flops_per_step")
+    meanflow = [row for row in rows if row["method"] == "meanflow" and row.get("status") == "ok"]
+    best = {}
+    for key, field in (("fastest", "median_ms"), ("leanest", "peak_memory_mb")):
+        measured = [row for row in meanflow if row.get(field) is not None]
+        best[key] = min(measured, key=lambda row: row[field]) if measured else None
     for row in rows:
-        for mf in MEANFLOW_ROWS:
-            base = by_name.get(mf)
-            suffix = mf.removeprefix("meanflow_")
+        ok = row.get("status") == "ok"
+        for base in meanflow:
+            suffix = base["variant"].removeprefix("meanflow_")
             for key, field in (("time", "median_ms"), ("memory", "peak_memory_mb")):
-                ok = base is not None and base.get("status") == "ok" and row.get("status") == "ok"
-                value = row.get(field) if ok else None
-                denominator = base.get(field) if ok else None
-                row[f"{key}_vs_meanflow_{suffix}"] = value / denominator if value is not None and denominator else None
+                row[f"{key}_vs_meanflow_{suffix}"] = _ratio(row, base, field) if ok else None
+        for key, field, ratio_name in (
+            ("fastest", "median_ms", "time_vs_fastest_meanflow"),
+            ("leanest", "peak_memory_mb", "memory_vs_leanest_meanflow"),
+        ):
+            base = best[key]
+            row[f"{key}_meanflow"] = base["variant"] if base else None
+            row[ratio_name] = _ratio(row, base, field) if ok and base else None
+        base = best["fastest"]
+        row["flops_vs_fastest_meanflow"] = _ratio(row, base, "flops_per_step") if base else None
+
+
+def _ratio(row: dict, base: dict, field: str) -> float | None:
+    value, denominator = row.get(field), base.get(field)
+    return value / denominator if value is not None and denominator else None
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -419,26 +560,33 @@ def _fmt(value: float | None, spec: str) -> str:
 
 
 def markdown_table(rows: list[dict], config: BenchConfig) -> str:
-    """A header line (device, versions, setting) and one table line per row."""
+    """A header line (device, versions, setting), one table line per row, and the headline ratios."""
     env = rows[0]
     memory = (
         "peak `torch.cuda.max_memory_allocated` over the timed steps"
-        if config.device.startswith("cuda")
+        if config.device.startswith("cuda") and not config.interleave
         else (
-            "peak RSS growth above the RSS before the model was built (one process per row)"
-            if config.isolate
-            else "not measured on CPU without --isolate"
+            "peak RSS growth above the RSS before the model was built (one process per row; not for the compiled "
+            "rows, whose peak RSS is the compiler's)"
+            if config.isolate and not config.device.startswith("cuda")
+            else "not measured (CPU without --isolate, or CUDA with --interleave)"
         )
+    )
+    timing = (
+        f"median of {config.iters} steps per row, timed round-robin over the rows after {config.warmup} warm-up "
+        "steps each"
+        if config.interleave
+        else f"median of {config.iters} steps after {config.warmup} warm-up steps"
     )
     lines = [
         f"Device: {env['device']}; torch {env['torch']}; commit {env['commit']}. {config.model}, "
         f"{config.input_size}×{config.input_size}×{config.in_channels} latents, batch {config.batch_size}, "
-        f"{config.dtype}, CFG {'on' if config.cfg else 'off'}; median of {config.iters} steps after "
-        f"{config.warmup} warm-up steps (forward + backward + AdamW). Memory: {memory}. "
-        "MeanFlow's JVP always runs with math attention (no forward-mode AD in the fused kernels).",
+        f"{config.dtype}, CFG {'on' if config.cfg else 'off'}; {timing} (draws, forward, backward, AdamW). "
+        f"Memory: {memory}. MeanFlow's JVP always runs with math attention (no forward-mode AD in the fused "
+        "kernels).",
         "",
         "| variant | attention | forward | loss backend | dtype | step ms (p20–p80) | images/s | peak MiB "
-        "| time × MF shared | time × MF separate | memory × MF shared | memory × MF separate | status |",
+        "| GFLOP per step | time × fastest MF | FLOPs × fastest MF | memory × leanest MF | status |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
@@ -450,12 +598,40 @@ def markdown_table(rows: list[dict], config: BenchConfig) -> str:
         lines.append(
             f"| {row['variant']} | {row.get('attention', '–')} | {forward} | {row.get('backend', '–')} | "
             f"{row.get('dtype', '–')} | {step} | {_fmt(row.get('images_per_s'), '.1f')} | "
-            f"{_fmt(row.get('peak_memory_mb'), '.0f')} | {_fmt(row.get('time_vs_meanflow_shared_primal'), '.2f')} | "
-            f"{_fmt(row.get('time_vs_meanflow_separate'), '.2f')} | "
-            f"{_fmt(row.get('memory_vs_meanflow_shared_primal'), '.2f')} | "
-            f"{_fmt(row.get('memory_vs_meanflow_separate'), '.2f')} | {row['status']} |"
+            f"{_fmt(row.get('peak_memory_mb'), '.0f')} | {_fmt(_giga(row.get('flops_per_step')), '.1f')} | "
+            f"{_fmt(row.get('time_vs_fastest_meanflow'), '.2f')} | "
+            f"{_fmt(row.get('flops_vs_fastest_meanflow'), '.2f')} | "
+            f"{_fmt(row.get('memory_vs_leanest_meanflow'), '.2f')} | {row['status']} |"
         )
+    lines += ["", *headline(rows)]
+    failed = [row for row in rows if row.get("status") not in ("ok", None)]
+    if failed:
+        lines += ["", "Rows that did not run:", ""]
+        lines += [f"* `{row['variant']}` ({row['status']}): {row.get('error', '')}" for row in failed]
     return "\n".join(lines) + "\n"
+
+
+def _giga(value: float | None) -> float | None:
+    return None if value is None else value / 1e9
+
+
+def headline(rows: list[dict]) -> list[str]:
+    """The library's rows (``soflow``, ``soflow+compile``): time and memory against the best MeanFlow rows."""
+    first = rows[0]
+    fastest, leanest = first.get("fastest_meanflow"), first.get("leanest_meanflow")
+    if fastest is None:
+        return ["No MeanFlow row ran, so there is no headline ratio."]
+    lines = [f"Fastest MeanFlow row: `{fastest}`; leanest: `{leanest or 'n/a (memory not measured)'}`."]
+    for row in rows:
+        if row["variant"] in ("soflow", "soflow+compile") and row.get("status") == "ok":
+            memory = row.get("memory_vs_leanest_meanflow")
+            flops = row.get("flops_vs_fastest_meanflow")
+            lines.append(
+                f"`{row['variant']}`: step time {row['time_vs_fastest_meanflow']:.2f}× the fastest MeanFlow row"
+                + (f" (counted FLOPs {flops:.2f}×)" if flops is not None else "")
+                + (f", peak memory {memory:.2f}× the leanest." if memory is not None else ".")
+            )
+    return [" ".join(lines)]
 
 
 def bar_chart(rows: list[dict], path: Path, title: str) -> None:
@@ -507,9 +683,12 @@ def parse_config(argv: list[str] | None = None) -> BenchConfig:
     parser.add_argument("--cfg", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--variants", type=comma_list(), help=",".join(VARIANTS))
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--compile-backend", dest="compile_backend")
+    parser.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--warmup", type=int)
     parser.add_argument("--iters", type=int)
     parser.add_argument("--device")
+    parser.add_argument("--threads", type=int)
     parser.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--out", help="results file stem")
     parser.add_argument("--out-dir", dest="out_dir", help="results folder (default benchmarks/results)")
@@ -530,27 +709,55 @@ def parse_config(argv: list[str] | None = None) -> BenchConfig:
     return config
 
 
+def _memory_pass(rows: list[dict], config: BenchConfig) -> None:
+    """Add each row's peak memory from a run of its own in a fresh process (warm-up steps and two timed steps).
+
+    On a CPU the compiled rows are left out: their peak RSS would be the compiler's own memory
+    (dynamo, AOTAutograd and Inductor run inside the process), not the step's.
+    """
+    short = dataclasses.replace(config, iters=2, interleave=False)
+    for row in rows:
+        if row.get("compile") and not config.device.startswith("cuda"):
+            row["memory_note"] = "not measured: a compiled row's peak RSS on a CPU is the compiler's"
+            continue
+        isolated = _run_isolated(row["variant"], short)
+        row["peak_memory_mb"] = isolated.get("peak_memory_mb")
+        row["step_peak_memory_mb"] = isolated.get("step_peak_memory_mb")
+        row["isolated_median_ms"] = isolated.get("median_ms")
+        if row.get("status") == "ok" and isolated.get("status") != "ok":
+            row["memory_error"] = isolated.get("error")
+
+
 def run(config: BenchConfig) -> list[dict]:
     """Measure every row of ``config`` and attach environment, config and ratios."""
     device = torch.device(config.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # "fp32" means TF32 matmuls on CUDA
         torch.backends.cudnn.allow_tf32 = True
+    if config.threads:
+        torch.set_num_threads(config.threads)
     env = environment(device)
+    names = config.resolved_variants()
+    if config.interleave:
+        measured = measure_interleaved(names, config)
+        if config.isolate:
+            _memory_pass(measured, config)
+    else:
+        measured = [_run_isolated(name, config) if config.isolate else measure_variant(name, config) for name in names]
     rows = []
-    for name in config.resolved_variants():
-        row = _run_isolated(name, config) if config.isolate else measure_variant(name, config)
+    for row in measured:
         rows.append(
             row | env | {"model": config.model, "batch_size": config.batch_size, "config": dataclasses.asdict(config)}
         )
+        name = row["variant"]
         if row["status"] == "ok":
             print(
-                f"{name:24s} {row['median_ms']:9.2f} ms  {row['images_per_s']:9.1f} img/s  "
+                f"{name:30s} {row['median_ms']:9.2f} ms  {row['images_per_s']:9.1f} img/s  "
                 f"peak {_fmt(row.get('peak_memory_mb'), '.0f')} MiB  [{row['attention']}]",
                 flush=True,
             )
         else:
-            print(f"{name:24s} {row['status']}: {row.get('error', '')}", flush=True)
+            print(f"{name:30s} {row['status']}: {row.get('error', '')}", flush=True)
     add_ratios(rows)
     return rows
 
@@ -579,7 +786,7 @@ def main(argv: list[str] | None = None) -> int:
     bar_chart(rows, png_path, title)
     print(table)
     print(f"wrote {json_path}, {md_path} and {png_path}")
-    return 0 if all(row["status"] in ("ok", "oom") for row in rows) else 1
+    return 0 if all(row["status"] in ("ok", "oom", "unsupported") for row in rows) else 1
 
 
 if __name__ == "__main__":

@@ -57,11 +57,13 @@ from soflow_core.time_samplers import LogitNormal
 __all__ = [
     "JVP_VARIANTS",
     "JvpVariant",
+    "MeanFlowBatch",
     "MeanFlowObjective",
     "MeanFlowOutput",
     "MeanFlowTimes",
     "average_velocity_and_derivative",
     "guided_meanflow_velocity",
+    "jvp_subset",
     "math_attention_context",
     "meanflow_loss",
     "meanflow_sample",
@@ -69,8 +71,8 @@ __all__ = [
     "sample_meanflow_times",
 ]
 
-JvpVariant = Literal["shared_primal", "separate"]
-JVP_VARIANTS: tuple[str, ...] = ("shared_primal", "separate")
+JvpVariant = Literal["shared_primal", "separate", "subset"]
+JVP_VARIANTS: tuple[str, ...] = ("shared_primal", "separate", "subset")
 
 Model = Callable[[Tensor, Tensor, Tensor, Tensor | None], Tensor]
 
@@ -88,6 +90,25 @@ class MeanFlowTimes:
     t: Tensor
     r: Tensor
     r_neq_t: Tensor
+
+
+@dataclass(frozen=True, kw_only=True)
+class MeanFlowBatch:
+    """Everything random about one MeanFlow step; the loss is a deterministic function of it and the network.
+
+    Attributes:
+        z: Points z_t = (1 − t)·data + t·noise.
+        v: Conditional velocities noise − data.
+        times: The sampled (t, r).
+        cond: Conditions after the label drop, or None.
+        drop_mask: True where the label was dropped, or None.
+    """
+
+    z: Tensor
+    v: Tensor
+    times: MeanFlowTimes
+    cond: Tensor | None = None
+    drop_mask: Tensor | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -111,6 +132,11 @@ class MeanFlowOutput:
     target: Tensor
     times: MeanFlowTimes
     metrics: dict[str, Tensor]
+
+    @property
+    def backprop(self) -> Tensor:
+        """The loss under the name `soflow_core.train.make_training_step` backpropagates."""
+        return self.loss
 
 
 def sample_meanflow_times(
@@ -193,7 +219,10 @@ def average_velocity_and_derivative(
     ``"shared_primal"`` runs one ``torch.func.jvp`` with gradient and uses its primal output as
     u (one graph holding both passes). ``"separate"`` runs the JVP under ``torch.no_grad`` and
     then a plain forward with gradient; that forward runs with the attention backends of the
-    caller (only the JVP is restricted to math attention).
+    caller (only the JVP is restricted to math attention). ``"subset"`` is ``"separate"`` with
+    the no-grad JVP run only on the samples with r ≠ t: the target multiplies du/dt by t − r,
+    so elsewhere it is returned as 0 without being computed, and the target is unchanged
+    (see [`jvp_subset`][benchmarks.meanflow.jvp_subset]).
 
     Args:
         model: Backbone called as ``model(z, t, r, cond)``.
@@ -202,11 +231,11 @@ def average_velocity_and_derivative(
         t: End times.
         v: Tangent of z (the conditional or guided velocity).
         cond: Conditions, or None.
-        jvp_variant: ``"shared_primal"`` or ``"separate"``.
+        jvp_variant: ``"shared_primal"``, ``"separate"`` or ``"subset"``.
         math_attention: Run the JVP with the math attention backend.
 
     Returns:
-        (u, du/dt), u carrying gradient, du/dt detached.
+        (u, du/dt), u carrying gradient, du/dt detached (0 where r = t for ``"subset"``).
 
     Raises:
         ValueError: If ``jvp_variant`` is unknown.
@@ -223,8 +252,44 @@ def average_velocity_and_derivative(
             u, dudt = torch.func.jvp(u_fn, primals, tangents)
         return u, dudt.detach()
     with torch.no_grad(), math_attention_context(math_attention):
-        _, dudt = torch.func.jvp(u_fn, primals, tangents)
+        if jvp_variant == "separate":
+            _, dudt = torch.func.jvp(u_fn, primals, tangents)
+        else:
+            dudt = jvp_subset(model, z, r, t, tangents[0], cond)
     return u_fn(z, r, t), dudt
+
+
+def jvp_subset(model: Model, z: Tensor, r: Tensor, t: Tensor, v: Tensor, cond: Tensor | None) -> Tensor:
+    r"""du/dt on the samples with r ≠ t only, 0 on the others (no gradient).
+
+    $$\frac{d}{dt}u_\theta\Big|_{r_i \ne t_i} = \mathrm{JVP}\big(u_\theta;\ (z, r, t)_S;\ (v, 0, 1)_S\big),
+      \quad S = \{i : r_i \ne t_i\},$$
+
+    and 0 for i ∉ S, where the target $v - (t - r)\,\tfrac{d}{dt}u_\theta$ multiplies it by
+    t − r = 0. In the ImageNet recipe 75 % of the samples have r = t, so the JVP (about three
+    forward passes' work) runs on a quarter of the batch. The subset's size depends on the draws,
+    so it costs a device synchronisation and gives ``torch.compile`` a data-dependent shape.
+
+    Args:
+        model: Backbone called as ``model(z, t, r, cond)``.
+        z: Points z_t.
+        r: Start times.
+        t: End times.
+        v: Tangent of z.
+        cond: Conditions, or None.
+
+    Returns:
+        du/dt, shaped like ``z``.
+    """
+    keep = torch.nonzero(r != t).squeeze(1)  # an empty subset runs an empty JVP
+
+    def u_fn(z_: Tensor, r_: Tensor, t_: Tensor) -> Tensor:
+        return model(z_, t_, r_, None if cond is None else cond[keep])
+
+    primals = (z[keep], r[keep], t[keep])
+    tangents = (v[keep].to(z.dtype), torch.zeros_like(r[keep]), torch.ones_like(t[keep]))
+    _, dudt_keep = torch.func.jvp(u_fn, primals, tangents)
+    return torch.zeros_like(z).index_copy(0, keep, dudt_keep.to(z.dtype))
 
 
 def meanflow_target(v: Tensor, dudt: Tensor, r: Tensor, t: Tensor) -> Tensor:
@@ -327,7 +392,8 @@ class MeanFlowObjective:
 
     Attributes:
         jvp_variant: ``"shared_primal"``: one ``torch.func.jvp`` whose primal output is the
-            loss's u; ``"separate"``: a no-grad JVP for the target plus a forward with gradient.
+            loss's u; ``"separate"``: a no-grad JVP for the target plus a forward with gradient;
+            ``"subset"``: as ``"separate"`` with the JVP only on the samples with r ≠ t.
         ratio_r_neq_t: Expected share of samples with r ≠ t (ImageNet: 0.25).
         time_mean: μ of the logit-normal of the first time (ImageNet: −0.4).
         time_std: σ of the logit-normal of the first time (ImageNet: 1.0).
@@ -428,7 +494,7 @@ class MeanFlowObjective:
     ) -> MeanFlowOutput:
         """Draw times, noise and label drops, and evaluate the MeanFlow loss on ``model``.
 
-        Draw order: the times (see ``sample_meanflow_times``), the noise, the label-drop mask.
+        ``self.loss(model, self.sample_batch(data, cond, generator=generator, noise=noise))``.
 
         Args:
             model: Backbone called as ``model(x, t, s, cond)`` (not a DDP wrapper: pass
@@ -440,6 +506,29 @@ class MeanFlowObjective:
 
         Returns:
             The `MeanFlowOutput`.
+        """
+        return self.loss(model, self.sample_batch(data, cond, generator=generator, noise=noise))
+
+    def sample_batch(
+        self,
+        data: Tensor,
+        cond: Tensor | None = None,
+        *,
+        generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
+    ) -> MeanFlowBatch:
+        """Make every random draw of one step and build z_t and v.
+
+        Draw order: the times (see ``sample_meanflow_times``), the noise, the label-drop mask.
+
+        Args:
+            data: Clean samples, batch first.
+            cond: Per-sample conditions (labels), or None.
+            generator: Source of every random draw, or None for the global RNG.
+            noise: Noise to use instead of drawing it, shaped like ``data``.
+
+        Returns:
+            The `MeanFlowBatch`.
 
         Raises:
             ValueError: On bad shapes, non-finite inputs, or CFG without ``cond``.
@@ -461,8 +550,6 @@ class MeanFlowObjective:
         n = data.shape[0]
         device = data.device
         time_dtype = torch.float64 if data.dtype == torch.float64 else torch.float32
-
-        # 1. Draws.
         times = self.sample_times(n, device=device, dtype=time_dtype, generator=generator)
         if noise is None:
             noise = randn(tuple(data.shape), device=device, dtype=data.dtype, generator=generator)
@@ -470,15 +557,28 @@ class MeanFlowObjective:
         if cond is not None and self.cond_drop > 0:
             drop_mask = sample_drop_mask(n, self.cond_drop, device=device, generator=generator)
             cond = drop_cond(cond, drop_mask, self.null_cond)
-        t, r = times.t, times.r
-        t_b = bcast_right(t.to(data.dtype), data)
+        t_b = bcast_right(times.t.to(data.dtype), data)
         z = (1 - t_b) * data + t_b * noise
-        v = noise - data
+        return MeanFlowBatch(z=z, v=noise - data, times=times, cond=cond, drop_mask=drop_mask)
 
-        # 2. CFG: u(z, t, t | ∅) and, for κ ≠ 0, u(z, t, t | c) in one no-grad call.
+    def loss(self, model: Model, batch: MeanFlowBatch) -> MeanFlowOutput:
+        """Evaluate the MeanFlow loss on a batch of draws (deterministic given the batch and the network).
+
+        Args:
+            model: Backbone called as ``model(x, t, s, cond)``.
+            batch: The draws from `sample_batch`.
+
+        Returns:
+            The `MeanFlowOutput`.
+        """
+        z, v, cond, times = batch.z, batch.v, batch.cond, batch.times
+        t, r = times.t, times.r
+        n = z.shape[0]
+
+        # CFG: u(z, t, t | ∅) and, for κ ≠ 0, u(z, t, t | c) in one no-grad call.
         if self.guided:
             assert cond is not None
-            null = drop_cond(cond, torch.ones(n, dtype=torch.bool, device=device), self.null_cond)
+            null = drop_cond(cond, torch.ones(n, dtype=torch.bool, device=z.device), self.null_cond)
             need_uncond = self.uncond_coefficient != 0.0
             need_cond = self.guidance_mix != 0.0
             xs = [z] * (int(need_uncond) + int(need_cond))
@@ -491,10 +591,10 @@ class MeanFlowObjective:
                 u_uncond = parts.pop(0) if need_uncond else None
                 u_cond = parts.pop(0) if need_cond else None
             v = guided_meanflow_velocity(
-                v, u_uncond, u_cond, drop_mask, scale=self.guidance_scale, mix=self.guidance_mix
+                v, u_uncond, u_cond, batch.drop_mask, scale=self.guidance_scale, mix=self.guidance_mix
             )
 
-        # 3. The JVP, the target and the loss.
+        # The JVP, the target and the loss.
         u, dudt = average_velocity_and_derivative(
             model, z, r, t, v, cond, jvp_variant=self.jvp_variant, math_attention=self.math_attention
         )
@@ -505,7 +605,7 @@ class MeanFlowObjective:
         metrics = {
             "loss": detached,
             "sq_error": sq.mean(),
-            "mse": sq.mean() / data[0].numel(),
+            "mse": sq.mean() / z[0].numel(),
             "weight": w.mean(),
             "r_neq_t": times.r_neq_t.float().mean(),
             "finite": torch.isfinite(detached).to(detached.dtype),

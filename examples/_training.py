@@ -50,13 +50,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from soflow_core import SoFlowObjective
+from soflow_core import SoFlowObjective, step_generator
 from soflow_core._files import atomic_save, atomic_write
 from soflow_core.nets import DIT_SIZES, DiT, SongUNet, load_weights, read_state_dict
 from soflow_core.nets.dit import DiTSize
 from soflow_core.parameterizations import param_name
 from soflow_core.paths import path_name
-from soflow_core.seeding import derive_seed, micro_batch_index, seeded_generator
+from soflow_core.seeding import seeded_generator
 from soflow_core.train import EpochStream
 from soflow_core.train.checkpoint import (
     CheckpointError,
@@ -71,6 +71,7 @@ from soflow_core.train.checkpoint import (
     save_checkpoint,
 )
 from soflow_core.train.ema import EMA
+from soflow_core.train.step import make_training_step
 
 # Sizes beyond soflow_core's DIT_SIZES (which has S/4 and S/2 for small CIFAR-10 transformers), for smoke runs.
 EXTRA_DIT_SIZES: dict[str, DiTSize] = {
@@ -112,7 +113,9 @@ class TrainConfig:
     sample_grid: int = 64  # images in the sample grid
     precision: str = "fp32"  # "fp32" or "bf16" (autocast of the network)
     tf32: bool = True  # TF32 matmuls and convolutions on CUDA (the reference setting)
-    compile: bool = False  # torch.compile the network
+    compile: bool = False  # torch.compile the whole step: loss + backward in one graph, the optimizer in another
+    compile_mode: str = ""  # torch.compile mode ("" default, "reduce-overhead" for CUDA graphs, "max-autotune")
+    compile_backend: str = "inductor"  # torch.compile backend ("aot_eager" checks tracing without codegen)
     fsdp: bool = False  # FSDP2 (fully_shard per block) instead of DDP
     tensorboard: bool = False  # also write TensorBoard scalars to <out>/tb
     device: str = "auto"  # "auto", "cpu" or "cuda"
@@ -896,9 +899,18 @@ def train(task: Task, runtime: Runtime, folder: RunFolder) -> dict[str, Any]:
             backbone, device_ids=[device.index] if device.type == "cuda" else None
         )
         backbone = ddp
-    if config.compile:
-        backbone = torch.compile(backbone)
     optimizer = task.make_optimizer(list(net.parameters()))
+    # Under DDP/FSDP2 the step compiles with graph breaks around the wrapper's calls (dynamo traces
+    # neither) and a backward through autograd, where their gradient hooks run.
+    step_fn = make_training_step(
+        task.objective,
+        backbone,
+        optimizer,
+        accumulation_steps=accum,
+        compile=config.compile,
+        mode=config.compile_mode or None,
+        backend=config.compile_backend,
+    )
     wanted = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     ema = EMA(net, decay=config.ema_decay, every=config.ema_every, dtype=torch.float64 if config.ema_float64 else None)
     stream = EpochStream(num_samples=task.num_samples, seed=config.seed)
@@ -1051,15 +1063,16 @@ def train(task: Task, runtime: Runtime, folder: RunFolder) -> dict[str, Any]:
         stops = StopAgreement(runtime, request)
         try:
             for step in range(start_step, end_step):
-                optimizer.zero_grad(set_to_none=True)
                 finite = torch.ones((), dtype=torch.bool, device=device)
                 for j in range(accum):
-                    m = micro_batch_index(j, runtime.rank, world)
                     indices = stream.micro_batch(
                         position=position, micro_batch_size=micro, micro_step=j, rank=runtime.rank, world_size=world
                     )
-                    generator = seeded_generator(config.seed, step, m, 0, device=device)
-                    torch.manual_seed(derive_seed(config.seed, step, m, 1))  # dropout masks
+                    # distinct per rank and micro-batch, exact after a resume: keyed on m = j·world + rank
+                    layout = {"rank": runtime.rank, "world_size": world}
+                    generator = step_generator(config.seed, step, j, **layout, device=device)
+                    dropout_seed = step_generator(config.seed, step, j, **layout, stream=1).initial_seed()
+                    torch.manual_seed(dropout_seed)  # dropout masks
                     raw = next(reads) if reads is not None else indices
                     data, cond = task.load_batch(raw, generator, device)
                     final = j == accum - 1
@@ -1069,15 +1082,16 @@ def train(task: Task, runtime: Runtime, folder: RunFolder) -> dict[str, Any]:
                         sync = contextlib.nullcontext()
                         if config.fsdp:
                             net.set_requires_gradient_sync(final)
+                    # The draws run eagerly from the explicit generator; the step itself may be compiled.
+                    batch = task.objective.sample_batch(
+                        data, cond, step=step, total_steps=config.total_steps, generator=generator
+                    )
                     with sync:
-                        result = task.objective(
-                            backbone, data, cond, step=step, total_steps=config.total_steps, generator=generator
-                        )
-                        (result.backprop / accum).backward()
-                    for key, value in result.metrics.items():
+                        metrics = step_fn.accumulate(batch)
+                    for key, value in metrics.items():
                         sums[key] = sums.get(key, 0.0) + value.detach().float() / accum
-                    finite = finite & (result.metrics["finite"] > 0)
-                optimizer.step()
+                    finite = finite & (metrics["finite"] > 0)
+                step_fn.update()
                 ema.update(net, step=step)
                 position += config.batch_size
                 done = step + 1

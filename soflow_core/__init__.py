@@ -5,7 +5,7 @@ solution f_θ(x_t, t, s) = a·x_t + b·F_θ of the flow ODE, trained with Flow M
 JVP-free solution-consistency loss, and sampled in one step as f_θ(noise, 1, 0).
 
 The top level is the method: the objective and its losses, paths, parameterizations, time
-samplers, weighting, guidance, samplers, the backbone protocol and the per-step generator.
+samplers, weighting, guidance, samplers, the backbone protocol, the per-step generator and its cross-rank check.
 Everything else lives in a named sub-package: ``soflow_core.train`` (EMA, checkpoints, batch
 order, augmentation, latents), ``soflow_core.nets`` (backbones), ``soflow_core.metrics``,
 ``soflow_core.data`` (2-D toys) and ``soflow_core.ops`` (fused ops and backends). The method
@@ -33,7 +33,7 @@ from soflow_core.objective import ObjectiveOutput, SoFlowObjective, TrainingBatc
 from soflow_core.parameterizations import AbstractParam, EulerParam, TrigParam
 from soflow_core.paths import AbstractPath, LinearPath, TrigPath
 from soflow_core.samplers import sample_chain, sample_few_step, sample_one_step
-from soflow_core.seeding import step_generator
+from soflow_core.seeding import check_distinct_draws, step_generator
 from soflow_core.time_samplers import (
     ConsistencyTimeSampler,
     ConstSchedule,
@@ -72,6 +72,7 @@ __all__ = [
     "TrigParam",
     "TrigPath",
     "Uniform",
+    "check_distinct_draws",
     "flow_matching_loss",
     "sample_chain",
     "sample_few_step",

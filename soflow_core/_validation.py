@@ -252,6 +252,24 @@ def check_int(name: str, value: object, *, low: int) -> int:
     return int(value)
 
 
+_TOTAL_STEPS_HINT = (
+    "total_steps is the planned number of optimizer steps K >= 1 that drives the ℓ schedule. Under PyTorch "
+    "Lightning pass self.trainer.estimated_stepping_batches (trainer.max_steps is -1 when only max_epochs is "
+    "set); under Accelerate pass your own count, epochs * ceil(len(dataloader) / gradient_accumulation_steps), "
+    "with step counted on accelerator.sync_gradients, not per micro-batch"
+)
+
+
+def check_total_steps(total_steps: object) -> int:
+    """Check the planned run length K, explaining what to pass under Lightning and Accelerate."""
+    if isinstance(total_steps, bool) or not isinstance(total_steps, numbers.Integral):
+        kind = type(total_steps).__name__
+        raise TypeError(f"total_steps must be an int; got {kind}: {total_steps!r}. {_TOTAL_STEPS_HINT}")
+    if int(total_steps) < 1:
+        raise ValueError(f"total_steps must be >= 1; got {total_steps!r}. {_TOTAL_STEPS_HINT}")
+    return int(total_steps)
+
+
 def check_choice(name: str, value: object, choices: "dict[str, object] | tuple[str, ...]") -> str:
     """Check that ``value`` is one of the known names (case-insensitive)."""
     known = tuple(choices)
@@ -287,4 +305,5 @@ def checked_backbone(backbone: Callable[..., object], context: str | None = None
             raise
         return check_backbone_output(output, x)
 
+    call.__wrapped__ = backbone  # type: ignore[attr-defined]  # dropout detection looks through it
     return call

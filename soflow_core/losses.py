@@ -20,7 +20,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from soflow_core._rng import replay_rng, snapshot_rng
+from soflow_core._rng import PassReplay, may_use_dropout
 from soflow_core._tensor import bcast_right
 from soflow_core._validation import (
     check_choice,
@@ -50,6 +50,7 @@ __all__ = [
     "FlowMatchingOutput",
     "SolutionConsistencyLoss",
     "consistency_coefficients",
+    "consistency_equivalent_loss",
     "consistency_quotient",
     "flow_matching_loss",
     "flow_matching_loss_from_output",
@@ -413,6 +414,47 @@ def solution_consistency_loss_from_teacher(
     return _consistency_output(rows)
 
 
+def consistency_equivalent_loss(
+    network_output: Data,
+    x_t: Data,
+    f_ell: Data,
+    t: Time,
+    s: Time,
+    ell: Time,
+    weight: Float[Tensor, " b"],
+    *,
+    param: AbstractParam,
+) -> Float[Tensor, " b"]:
+    r"""The explicit weighted MSE of the solution-consistency loss, per sample, with its gradient.
+
+    $$L_{\text{eq},i} = \frac{w_i}{2\,|b(t_i,s_i)|\,(t_i - \ell_i)}\,
+        \tfrac{1}{n}\lVert f_t - \mathrm{sg}(f_\ell)\rVert^2 ,
+      \qquad f_t = a(t,s)\,x_t + b(t,s)\,F_\theta(x_t,t,s),$$
+
+    with w and f_ℓ held constant. Its gradient equals that of the division-free surrogate
+    (``backprop``), and unlike the surrogate its second derivatives are those of the loss, so
+    Hessian-vector products, MAML inner steps or gradient penalties may differentiate it twice.
+    Computed in plain PyTorch (no fused kernel): one extra elementwise pass over the batch.
+
+    Args:
+        network_output: The student's F_θ(x_t, t, s); the gradient flows through it.
+        x_t: Student input, the state at t.
+        f_ell: The teacher's solution f_θ(x_ℓ, ℓ, s), detached here.
+        t: Student time per sample.
+        s: Target time per sample (s ≤ ℓ).
+        ell: Teacher time per sample (ℓ < t).
+        weight: w_i, the adaptive weight (treated as constant), e.g. ``ConsistencyOutput.weight``.
+        param: The parameterization.
+
+    Returns:
+        L_eq per sample, with gradient through ``network_output``.
+    """
+    f_t = param.combine(x_t, network_output, t, s)
+    scale = weight.detach() / (2.0 * param.b(t, s).abs() * (t - ell))
+    squared = (f_t - f_ell.detach()).square().flatten(1).mean(dim=1)
+    return scale.to(squared.dtype) * squared
+
+
 def teacher_state(x_t: Data, velocity: Data, t: Time, ell: Time, *, backend: Backend = "auto") -> Data:
     r"""The teacher's input x_ℓ, one Euler step of the (guided) conditional velocity (spec §14.5).
 
@@ -658,8 +700,11 @@ class SolutionConsistencyLoss:
     """The JVP-free solution-consistency loss: a grad pass at (x_t, t, s) and a no-grad teacher at (x_ℓ, ℓ, s).
 
     The teacher is the same online network under ``no_grad`` (not an EMA copy), run with the
-    random-number stream rewound to where the grad pass started, so dropout layers draw the
-    same masks in both passes (on CPU and on accelerators).
+    random draws of the grad pass replayed (see [shared dropout masks](../method.md#shared-dropout-masks)), so
+    dropout layers apply the same masks in both passes, on CPU and on accelerators, eagerly and
+    under ``torch.compile``. The replay is skipped for a module without active dropout layers
+    (dropout applied functionally in its ``forward`` is then not replayed); a backbone that is not
+    an ``nn.Module`` is always replayed.
 
     Attributes:
         param: The solution parameterization.
@@ -713,9 +758,10 @@ class SolutionConsistencyLoss:
         check_time_order("s", s, "ell", ell, strict=False)
         check_time_order("ell", ell, "t", t, strict=True)
         backbone = _checked_labels(backbone, cond)
-        snapshot = snapshot_rng(x_t.device)
-        network_output = backbone(x_t, t, s, cond)
-        with torch.no_grad(), replay_rng(snapshot):
+        replay = PassReplay(x_t.device, enabled=may_use_dropout(backbone))
+        with replay.record():
+            network_output = backbone(x_t, t, s, cond)
+        with torch.no_grad(), replay.replay():
             x_ell = teacher_state(x_t, velocity, t, ell, backend=self.backend)
             teacher_output = backbone(x_ell, ell, s, cond)
         return solution_consistency_loss_from_teacher(

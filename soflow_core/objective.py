@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from soflow_core._rng import randn, replay_rng, snapshot_rng
+from soflow_core._rng import PassReplay, has_active_dropout, may_use_dropout, randn
 from soflow_core._validation import (
     check_choice,
     check_cond,
@@ -32,6 +32,7 @@ from soflow_core._validation import (
     check_same_dtype,
     check_same_shape,
     check_tensor,
+    check_total_steps,
     check_values,
     checked_backbone,
     class_count,
@@ -42,6 +43,7 @@ from soflow_core.guidance import ClassifierFreeGuidance, drop_cond, sample_drop_
 from soflow_core.losses import (
     ConsistencyOutput,
     FlowMatchingOutput,
+    consistency_equivalent_loss,
     flow_matching_loss_from_output,
     guided_target_from_outputs,
     guided_teacher_state,
@@ -151,12 +153,18 @@ class ObjectiveOutput:
             ``fm_loss``, ``fm_mse``, ``fm_weight``, ``consistency_mse``, ``consistency_weight``,
             ``consistency_loss`` (the value of the loss the surrogate's gradient belongs to),
             and ``finite`` (1.0 when every loss term is finite, else 0.0).
+        differentiable_loss: With ``SoFlowObjective(differentiable_loss=True)``, L_FM·N_fm/B +
+            L_eq·N_c/B with gradient, where L_eq is the explicit weighted MSE
+            ([`consistency_equivalent_loss`][soflow_core.losses.consistency_equivalent_loss]):
+            the same gradient as ``backprop`` and the loss's own second derivatives, for
+            Hessian-vector products or MAML. None otherwise.
     """
 
     backprop: Scalar
     flow_matching: FlowMatchingOutput | None
     consistency: ConsistencyOutput | None
     metrics: dict[str, Tensor]
+    differentiable_loss: Scalar | None = None
 
 
 def split_sizes(batch_size: int, fm_fraction: float) -> tuple[int, int]:
@@ -175,27 +183,6 @@ def split_sizes(batch_size: int, fm_fraction: float) -> tuple[int, int]:
     """
     n_fm = int(fm_fraction * batch_size)
     return n_fm, batch_size - n_fm
-
-
-def has_active_dropout(model: object) -> bool:
-    """Whether ``model`` is a module in training mode holding a dropout layer with p > 0.
-
-    Args:
-        model: The backbone.
-
-    Returns:
-        True if some dropout layer would draw random masks.
-    """
-    if not isinstance(model, nn.Module):
-        return False
-    for module in model.modules():
-        if not module.training:
-            continue
-        if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
-            return True
-        if isinstance(module, nn.MultiheadAttention) and module.dropout > 0:
-            return True
-    return False
 
 
 def _cat(parts: Sequence[Tensor | None]) -> Tensor | None:
@@ -238,8 +225,11 @@ class SoFlowObjective:
         guidance: Training-time classifier-free guidance, or None.
         forward_batching: ``"joint"`` evaluates FM and consistency samples in one grad call;
             ``"split"`` uses separate calls (needed to share dropout masks); ``"auto"`` picks
-            ``"split"`` when the backbone is an ``nn.Module`` with active dropout, else ``"joint"``.
-            Functional dropout inside ``forward`` is not detected: choose ``"split"`` then.
+            ``"joint"`` only when the backbone reaches modules without active dropout, seen
+            through DDP, FSDP2, ``torch.compile``, ``functools.partial`` and closures over
+            ``torch.func.functional_call``; a callable that reaches no module, or a module with
+            active dropout, gets ``"split"``. Functional dropout inside ``forward`` (or in a
+            wrapper function) is not detected: choose ``"split"`` then.
             Both evaluate the same formulas; they agree up to the rounding of the backbone's
             batched matmuls, and bit for bit only for a batch-invariant backbone (see
             [Network calls per training step](../method.md#network-calls-per-training-step)).
@@ -256,6 +246,10 @@ class SoFlowObjective:
             ``soflow_kernels`` is installed and PyTorch otherwise; ``"torch"`` always runs the
             references; ``"triton"`` insists on the kernels and warns once when a call must
             fall back. See [Kernels](../kernels.md).
+        differentiable_loss: Also return ``ObjectiveOutput.differentiable_loss``, the loss in an
+            explicit form that may be differentiated twice. ``backprop`` is right to first order
+            only: its gradient is the loss's, its second derivatives are not. Costs one
+            elementwise pass over the consistency samples.
 
     Examples:
         >>> import torch
@@ -276,6 +270,7 @@ class SoFlowObjective:
     forward_batching: ForwardBatching = "auto"
     check_inputs: bool = True
     backend: Backend = "auto"
+    differentiable_loss: bool = False
 
     def __post_init__(self) -> None:
         # Names are resolved once, here; afterwards `path` and `param` are always objects.
@@ -299,6 +294,8 @@ class SoFlowObjective:
         check_real("fm_fraction", self.fm_fraction, low=0.0, high=1.0)
         check_choice("forward_batching", self.forward_batching, ("auto", "joint", "split"))
         check_choice("backend", self.backend, BACKENDS)
+        if not isinstance(self.differentiable_loss, bool):
+            raise TypeError(f"differentiable_loss must be a bool; got {self.differentiable_loss!r}")
 
     # ------------------------------------------------------------------ construction
 
@@ -398,7 +395,7 @@ class SoFlowObjective:
             TypeError: On non-tensor inputs or non-integer step counts.
         """
         check_int("step", step, low=0)
-        check_int("total_steps", total_steps, low=1)
+        check_total_steps(total_steps)
         check_generator("generator", generator)
         if self.check_inputs:
             self._check_draw_inputs(data, cond, noise)
@@ -498,8 +495,24 @@ class SoFlowObjective:
             True for one joint grad call, False for separate calls.
         """
         if self.forward_batching == "auto":
-            return not has_active_dropout(model)
+            return not may_use_dropout(model)
         return self.forward_batching == "joint"
+
+    def replays_dropout(self, model: Backbone) -> bool:
+        """Whether the teacher pass replays the random draws of the consistency grad call for ``model``.
+
+        True when the backbone has active dropout layers or is not an ``nn.Module`` (so cannot be
+        inspected), or when ``forward_batching="split"`` declares dropout the layer scan cannot
+        see. Otherwise nothing is snapshot or replayed (no generator read, no device
+        synchronisation).
+
+        Args:
+            model: The backbone.
+
+        Returns:
+            True if the step replays the student pass's random draws in the teacher pass.
+        """
+        return self.forward_batching == "split" or may_use_dropout(model)
 
     def loss(self, model: Backbone, batch: TrainingBatch) -> ObjectiveOutput:
         """Evaluate the objective on a batch of draws (deterministic given the batch and the network).
@@ -541,27 +554,28 @@ class SoFlowObjective:
                     uncond_sc = next(outs)
                     model_sc = next(outs) if guidance.needs_model_velocity else None
 
-        # 2. The grad call(s); the RNG snapshot is taken right before the consistency samples' call.
+        # 2. The grad call(s); the consistency samples' call is recorded for the teacher's replay.
         device = (fm or sc).x_t.device  # type: ignore[union-attr]
+        replay = PassReplay(device, enabled=sc is not None and self.replays_dropout(model))
         fm_out = sc_out = None
         if joint:
-            snapshot = snapshot_rng(device)
             requests = []
             if fm is not None:
                 requests.append((fm.x_t, fm.t, fm.t, fm.cond))
             if sc is not None:
                 requests.append((sc.x_t, sc.t, sc.s, sc.cond))
-            outs = iter(_batched_call(model, requests, joint=True))
+            with replay.record():
+                outs = iter(_batched_call(model, requests, joint=True))
             fm_out = next(outs) if fm is not None else None
             sc_out = next(outs) if sc is not None else None
         else:
             if fm is not None:
                 fm_out = model(fm.x_t, fm.t, fm.t, fm.cond)
-            snapshot = snapshot_rng(device)
             if sc is not None:
-                sc_out = model(sc.x_t, sc.t, sc.s, sc.cond)
+                with replay.record():
+                    sc_out = model(sc.x_t, sc.t, sc.s, sc.cond)
 
-        # 3. Losses; the teacher call replays the random stream of the consistency grad call.
+        # 3. Losses; the teacher call replays the random draws of the consistency grad call.
         fm_result = sc_result = None
         options = {"param": param, "backend": self.backend}
         if fm is not None:
@@ -574,7 +588,7 @@ class SoFlowObjective:
                 fm_out, fm.x_t, target, fm.t, weighting=self.weighting, **options
             )
         if sc is not None:
-            with torch.no_grad(), replay_rng(snapshot):
+            with torch.no_grad(), replay.replay():
                 if guidance is not None:
                     x_ell = guided_teacher_state(
                         sc.x_t, sc.v_t, uncond_sc, model_sc, sc.drop_mask, sc.t, sc.ell, guidance=guidance, **options
@@ -585,22 +599,42 @@ class SoFlowObjective:
             sc_result = solution_consistency_loss_from_teacher(
                 sc_out, sc.x_t, teacher_output, x_ell, sc.t, sc.s, sc.ell, weighting=self.weighting, **options
             )
-        return _combine(fm_result, sc_result, batch.batch_size)
+        sc_equivalent = None
+        if self.differentiable_loss and sc is not None:
+            f_ell = param.combine(x_ell, teacher_output, sc.ell, sc.s)
+            sc_equivalent = consistency_equivalent_loss(
+                sc_out, sc.x_t, f_ell, sc.t, sc.s, sc.ell, sc_result.weight, param=param
+            )
+        return _combine(fm_result, sc_result, batch.batch_size, sc_equivalent, self.differentiable_loss)
 
 
-def _combine(fm: FlowMatchingOutput | None, sc: ConsistencyOutput | None, batch_size: int) -> ObjectiveOutput:
-    """L = L_FM·N_fm/B + L_sur·N_c/B with merged metrics (spec §5.3)."""
+def _combine(
+    fm: FlowMatchingOutput | None,
+    sc: ConsistencyOutput | None,
+    batch_size: int,
+    sc_equivalent: Tensor | None = None,
+    differentiable: bool = False,
+) -> ObjectiveOutput:
+    """L = L_FM·N_fm/B + L_sur·N_c/B with merged metrics (spec §5.3), and L_eq in place of L_sur if asked."""
     terms: list[Tensor] = []
+    explicit: list[Tensor] = []
     metrics: dict[str, Tensor] = {}
     for part in (fm, sc):
         if part is None:
             continue
-        terms.append(part.backprop * (part.per_sample.shape[0] / batch_size))
+        share = part.per_sample.shape[0] / batch_size
+        terms.append(part.backprop * share)
+        equivalent = part.backprop if part is fm else sc_equivalent
+        if equivalent is not None:
+            explicit.append(equivalent.mean() * share)
         metrics.update(part.metrics())
     backprop = torch.stack(terms).sum() if len(terms) > 1 else terms[0]
     finite = torch.stack([torch.isfinite(v).all() for v in (backprop.detach(), *metrics.values())]).all()
     metrics["finite"] = finite.to(backprop.dtype)
-    return ObjectiveOutput(backprop=backprop, flow_matching=fm, consistency=sc, metrics=metrics)
+    loss = torch.stack(explicit).sum() if differentiable else None
+    return ObjectiveOutput(
+        backprop=backprop, flow_matching=fm, consistency=sc, metrics=metrics, differentiable_loss=loss
+    )
 
 
 PRESETS: dict[str, SoFlowObjective] = {

@@ -16,9 +16,9 @@ rank then draws the same noise and times on every step, and the effective batch 
 import numpy as np
 import torch
 
-from soflow_core._validation import check_int
+from soflow_core._validation import check_generator, check_int
 
-__all__ = ["derive_seed", "micro_batch_index", "seeded_generator", "step_generator"]
+__all__ = ["check_distinct_draws", "derive_seed", "micro_batch_index", "seeded_generator", "step_generator"]
 
 
 def derive_seed(*keys: int) -> int:
@@ -149,3 +149,55 @@ def step_generator(
         world_size = layout[1] if world_size is None else world_size
     m = micro_batch_index(micro, rank, world_size)
     return seeded_generator(seed, step, m, stream, device=device)
+
+
+_FINGERPRINT_DRAWS = 4
+
+
+def _fingerprint(generator: torch.Generator | None) -> tuple[int, ...]:
+    """The next integers ``generator`` (None: the global CPU generator) would draw, without consuming them."""
+    source = torch.Generator(device=generator.device if generator is not None else "cpu")
+    source.set_state(generator.get_state() if generator is not None else torch.get_rng_state())
+    draws = torch.randint(0, 2**62, (_FINGERPRINT_DRAWS,), generator=source, device=source.device)
+    return tuple(int(v) for v in draws.cpu())
+
+
+def check_distinct_draws(generator: torch.Generator | None, *, group: object = None) -> None:
+    """Raise if two ranks of the process group would draw the same random numbers from ``generator``.
+
+    An opt-in guard for data-parallel training: call it once, on the first step, with the
+    generator the step passes to the objective. Each rank fingerprints the next draws of its
+    generator (a copy of it: nothing is consumed) and the fingerprints are all-gathered, one
+    small collective. A generator shared by all ranks (``torch.Generator().manual_seed(0)``),
+    or ``generator=None`` after every rank was seeded alike (Lightning's ``seed_everything``,
+    Accelerate's ``set_seed``), gives equal fingerprints and an error; a
+    [`step_generator`][soflow_core.step_generator] passes. Without an initialised process
+    group there is one rank and nothing to compare.
+
+    Args:
+        generator: The generator of this rank's draws; None checks the global CPU generator.
+        group: The process group to compare over; None is the default group.
+
+    Raises:
+        RuntimeError: If two ranks' next draws coincide.
+
+    Examples:
+        >>> check_distinct_draws(step_generator(0, step=0))  # a single process: nothing to compare
+    """
+    check_generator("generator", generator)
+    if _process_group_layout() is None:
+        return
+    mine = _fingerprint(generator)
+    every = [None] * torch.distributed.get_world_size(group)
+    torch.distributed.all_gather_object(every, mine, group=group)
+    first_rank: dict[tuple[int, ...], int] = {}
+    for rank, fingerprint in enumerate(every):
+        if fingerprint in first_rank:
+            source = "the global RNG (generator=None)" if generator is None else "their generators"
+            raise RuntimeError(
+                f"ranks {first_rank[fingerprint]} and {rank} would draw identical noise and times from {source}: "
+                "the effective batch is one rank's. Pass generator=soflow_core.step_generator(seed, step, micro), "
+                "which differs per rank and per micro-batch, instead of one torch.Generator().manual_seed(seed) "
+                "for all ranks or the global RNG after seed_everything/set_seed"
+            )
+        first_rank[fingerprint] = rank

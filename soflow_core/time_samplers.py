@@ -12,7 +12,14 @@ from typing import Literal
 import torch
 
 from soflow_core._rng import rand, randn
-from soflow_core._validation import check_choice, check_generator, check_instance, check_int, check_real
+from soflow_core._validation import (
+    check_choice,
+    check_generator,
+    check_instance,
+    check_int,
+    check_real,
+    check_total_steps,
+)
 from soflow_core.typing import Time
 
 __all__ = [
@@ -126,7 +133,7 @@ class Uniform(AbstractTimeDistribution):
 
 def _progress(step: int, total_steps: int) -> float:
     k = check_int("step", step, low=0)
-    total = check_int("total_steps", total_steps, low=1)
+    total = check_total_steps(total_steps)
     # Past the planned end the schedule holds its final value instead of extrapolating.
     return min(k / total, 1.0)
 

@@ -67,16 +67,23 @@ def test_jvp_vs_soflow_tiny(tmp_path):
         "ref+fused",
         "meanflow_shared_primal",
         "meanflow_separate",
+        "meanflow_subset",
     ]
     by_name = {row["variant"]: row for row in rows}
+    meanflow = ("shared_primal", "separate", "subset")
+    fastest = min(meanflow, key=lambda mf: by_name[f"meanflow_{mf}"]["median_ms"])
     for row in rows:
         assert row["status"] == "ok" and row["median_ms"] > 0 and row["images_per_s"] > 0
         assert row["device"] and row["torch"] and row["commit"] and row["config"]["model"] == "DiT-tiny"
         assert row["p20_ms"] <= row["median_ms"] <= row["p80_ms"]
-        for mf in ("shared_primal", "separate"):
+        for mf in meanflow:
             expected = row["median_ms"] / by_name[f"meanflow_{mf}"]["median_ms"]
             assert abs(row[f"time_vs_meanflow_{mf}"] - expected) < 1e-9
-        assert row["peak_memory_mb"] is None and row["memory_vs_meanflow_shared_primal"] is None  # CPU, not isolated
+        # The headline ratio is against the fastest MeanFlow row, whichever it is.
+        assert row["fastest_meanflow"] == f"meanflow_{fastest}"
+        assert row["time_vs_fastest_meanflow"] == row[f"time_vs_meanflow_{fastest}"]
+        assert row["peak_memory_mb"] is None and row["memory_vs_leanest_meanflow"] is None  # CPU, not isolated
+        assert row["flops_per_step"] > 0
     assert by_name["meanflow_shared_primal"]["time_vs_meanflow_shared_primal"] == 1.0
     assert by_name["ref+attn_math"]["attention"] == "math"
     assert by_name["meanflow_separate"]["attention"].startswith("math for the JVP")
@@ -88,6 +95,30 @@ def test_jvp_vs_soflow_tiny(tmp_path):
     assert "| meanflow_separate |" in table and "math attention" in table
     png = tmp_path / "t.png"
     assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_jvp_vs_soflow_compiled_rows_interleaved(tmp_path):
+    """Whole-step-compiled rows timed round-robin; the JVP-on-a-subset row cannot compile and says why."""
+    variants = "soflow,soflow+compile,meanflow_separate,meanflow_separate+compile,meanflow_subset+compile"
+    result = run_benchmark(
+        "jvp_vs_soflow.py", "--config", "tiny", "--out-dir", str(tmp_path), "--out", "t", "--variants", variants,
+        "--compile", "--compile-backend", "aot_eager", "--interleave", "--iters", "3",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {row["variant"]: row for row in json.loads((tmp_path / "t.json").read_text())}
+    assert rows["meanflow_subset+compile"]["status"] == "unsupported"
+    assert "data-dependent" in rows["meanflow_subset+compile"]["error"]
+    ok = [row for row in rows.values() if row["status"] == "ok"]
+    assert len(ok) == 4 and all(row["config"]["interleave"] for row in ok)
+    fastest = min((row for row in ok if row["method"] == "meanflow"), key=lambda row: row["median_ms"])
+    for row in ok:
+        assert row["fastest_meanflow"] == fastest["variant"]
+        assert abs(row["time_vs_fastest_meanflow"] - row["median_ms"] / fastest["median_ms"]) < 1e-9
+    # Counted FLOPs: compiling changes none.
+    assert rows["soflow+compile"]["flops_per_step"] == rows["soflow"]["flops_per_step"] > 0
+    assert rows["meanflow_separate+compile"]["flops_per_step"] == rows["meanflow_separate"]["flops_per_step"]
+    table = (tmp_path / "t.md").read_text()
+    assert "`soflow+compile`: step time" in table and "`meanflow_subset+compile` (unsupported)" in table
 
 
 def test_jvp_vs_soflow_rejects_bad_arguments():

@@ -27,7 +27,7 @@ def _u(model, z, r, t, cond=None):
     return model(z, t, r, cond)
 
 
-@pytest.mark.parametrize("variant", ["shared_primal", "separate"])
+@pytest.mark.parametrize("variant", ["shared_primal", "separate", "subset"])
 def test_target_matches_central_differences_along_the_flow(variant):
     net = random_mlp(dim=3, seed=1)
     g = torch.Generator().manual_seed(0)
@@ -47,25 +47,64 @@ def test_target_matches_central_differences_along_the_flow(variant):
     assert not target.requires_grad
 
 
+@pytest.mark.parametrize("variant", ["shared_primal", "subset"])
 @pytest.mark.parametrize("guided", [False, True])
-def test_both_jvp_variants_give_the_same_loss_and_gradients(guided):
+def test_every_jvp_variant_gives_the_loss_and_gradients_of_the_separate_one(guided, variant):
     net = random_mlp(dim=3, seed=2, num_classes=4)
     data = torch.randn(16, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     cond = torch.arange(16) % 4
     cfg = {"guidance_scale": 2.0, "guidance_mix": 0.3} if guided else {}
     results = {}
-    for variant in ("shared_primal", "separate"):
-        objective = MeanFlowObjective(jvp_variant=variant, ratio_r_neq_t=0.5, null_cond=4, **cfg)
+    for name in (variant, "separate"):
+        objective = MeanFlowObjective(jvp_variant=name, ratio_r_neq_t=0.5, null_cond=4, **cfg)
         zero_grads(net)
         out = objective(net, data, cond, generator=torch.Generator().manual_seed(3))
         out.loss.backward()
-        results[variant] = (out, grads(net))
-    (a, grads_a), (b, grads_b) = results["shared_primal"], results["separate"]
+        results[name] = (out, grads(net))
+    (a, grads_a), (b, grads_b) = results[variant], results["separate"]
+    assert 0 < int(b.times.r_neq_t.sum()) < 16  # both kinds of samples are present
     torch.testing.assert_close(a.loss, b.loss, rtol=1e-12, atol=0)
     torch.testing.assert_close(a.target, b.target, rtol=1e-12, atol=1e-14)
     assert any(g.abs().sum() > 0 for g in grads_a)
     for ga, gb in zip(grads_a, grads_b):
         torch.testing.assert_close(ga, gb, rtol=1e-10, atol=1e-14)
+
+
+class _CallRecorder(nn.Module):
+    """Records (grad enabled, batch size) of every call."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.calls: list[tuple[bool, int]] = []
+
+    def forward(self, x, t, s, cond=None):
+        self.calls.append((torch.is_grad_enabled(), x.shape[0]))
+        return self.net(x, t, s, cond)
+
+
+@pytest.mark.parametrize("share", [0.0, 0.25, 1.0])
+def test_the_subset_variant_runs_the_jvp_on_the_samples_with_r_unequal_t_only(share):
+    recorder = _CallRecorder(random_mlp(dim=3, seed=4))
+    data = torch.randn(16, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    objective = MeanFlowObjective(jvp_variant="subset", ratio_r_neq_t=share)
+    batch = objective.sample_batch(data, generator=torch.Generator().manual_seed(6))
+    out = objective.loss(recorder, batch)
+    kept = int(batch.times.r_neq_t.sum())
+    assert recorder.calls == [(False, kept), (True, 16)]  # with no r != t sample, an empty JVP
+    # Where r = t the target is v itself: the skipped JVP term is multiplied by t − r = 0.
+    equal = ~batch.times.r_neq_t
+    assert torch.equal(out.target[equal], batch.v[equal])
+
+
+def test_sample_batch_then_loss_is_the_call():
+    net = random_mlp(dim=3, seed=6, num_classes=4)
+    data, cond = torch.randn(8, 3, dtype=torch.float64), torch.arange(8) % 4
+    objective = MeanFlowObjective(guidance_scale=1.5, guidance_mix=0.2, null_cond=4)
+    whole = objective(net, data, cond, generator=torch.Generator().manual_seed(7))
+    parts = objective.loss(net, objective.sample_batch(data, cond, generator=torch.Generator().manual_seed(7)))
+    assert torch.equal(whole.loss, parts.loss) and torch.equal(whole.target, parts.target)
+    assert parts.backprop is parts.loss
 
 
 def test_loss_is_the_adaptively_weighted_summed_square_error():
@@ -165,7 +204,7 @@ def test_jvp_through_a_dit_needs_math_attention():
     assert u.shape == dudt.shape == z.shape and bool(torch.isfinite(dudt).all()) and dudt.abs().max() > 0
 
 
-@pytest.mark.parametrize("variant", ["shared_primal", "separate"])
+@pytest.mark.parametrize("variant", ["shared_primal", "separate", "subset"])
 def test_only_the_jvp_runs_with_math_attention(variant):
     recorder = _AttentionRecorder(_tiny_dit())
     data = torch.randn(4, 2, 8, 8, generator=torch.Generator().manual_seed(1))
@@ -174,7 +213,7 @@ def test_only_the_jvp_runs_with_math_attention(variant):
     out.loss.backward()
     # CFG call (no grad, any backend), the JVP (math only), then for "separate" the grad forward.
     expected = [(False, True, True), (True, False, False)]
-    if variant == "separate":
+    if variant != "shared_primal":
         expected = [(False, True, True), (False, False, False), (True, True, True)]
     assert recorder.calls == expected
     assert torch.backends.cuda.flash_sdp_enabled()  # restored afterwards

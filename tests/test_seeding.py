@@ -1,7 +1,8 @@
 import pytest
 import torch
+from _helpers import spawn_gloo_ranks
 
-from soflow_core import step_generator
+from soflow_core import check_distinct_draws, step_generator
 from soflow_core.seeding import derive_seed, seeded_generator
 
 
@@ -58,3 +59,59 @@ def test_defaults_to_a_single_process_without_a_process_group():
 def test_bad_arguments_are_named(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         step_generator(**kwargs)
+
+
+# ---------------------------------------------------------------------------- the cross-rank guard
+
+
+def guard_worker(rank: int, world: int, result_file: str) -> None:
+    """Each way of making a generator, checked across the ranks; what raised is saved by rank 0."""
+    torch.manual_seed(0)  # every rank seeded alike, as seed_everything / set_seed do
+    outcomes = {}
+    cases = {
+        "shared": lambda: torch.Generator().manual_seed(0),
+        "global": lambda: None,
+        "step_generator": lambda: step_generator(0, 3, 1),
+    }
+    for name, make in cases.items():
+        generator = make()
+        before = None if generator is None else generator.get_state()
+        try:
+            check_distinct_draws(generator)
+            outcomes[name] = "passed"
+        except RuntimeError as error:
+            outcomes[name] = str(error)
+        if generator is not None:  # nothing was consumed
+            assert torch.equal(generator.get_state(), before)
+    # rank and world size come from the process group
+    outcomes["default_layout"] = torch.equal(
+        draw(step_generator(0, 3, 1)), draw(step_generator(0, 3, 1, rank=rank, world_size=world))
+    )
+    # dropout is seen through a DDP wrapper (FSDP2 shards the module in place, so it is the module)
+    from soflow_core._rng import has_active_dropout
+    from soflow_core.nets import MLPBackbone
+
+    ddp = torch.nn.parallel.DistributedDataParallel(MLPBackbone(dim=2, width=8, depth=1, dropout=0.2))
+    outcomes["ddp_dropout"] = has_active_dropout(ddp) and not has_active_dropout(ddp.eval())
+    if rank == 0:
+        torch.save(outcomes, result_file)
+
+
+def test_the_guard_catches_ranks_that_draw_alike(tmp_path):
+    result_file = str(tmp_path / "outcomes.pt")
+    spawn_gloo_ranks(guard_worker, result_file, world=2, tmp_path=tmp_path)
+    outcomes = torch.load(result_file)
+    assert outcomes["step_generator"] == "passed"
+    assert outcomes["default_layout"] is True
+    assert outcomes["ddp_dropout"] is True
+    assert "ranks 0 and 1" in outcomes["shared"] and "step_generator" in outcomes["shared"]
+    assert "ranks 0 and 1" in outcomes["global"] and "global RNG" in outcomes["global"]
+
+
+def test_the_guard_is_a_no_op_in_a_single_process():
+    generator = torch.Generator().manual_seed(0)
+    check_distinct_draws(generator)
+    check_distinct_draws(None)
+    assert torch.equal(draw(generator), draw(torch.Generator().manual_seed(0)))
+    with pytest.raises(TypeError, match="generator"):
+        check_distinct_draws(0)

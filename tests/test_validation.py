@@ -17,6 +17,7 @@ from soflow_core import (
     ExponentSchedule,
     FlowMatchingLoss,
     LinearPath,
+    LinearSchedule,
     LogitNormal,
     SoFlowObjective,
     SolutionConsistencyLoss,
@@ -26,6 +27,7 @@ from soflow_core import (
     sample_one_step,
     solution_consistency_loss,
 )
+from soflow_core._validation import check_total_steps
 from soflow_core.guidance import drop_cond
 from soflow_core.nets import DiT
 from soflow_core.time_samplers import make_schedule
@@ -248,3 +250,21 @@ def test_epoch_stream_arrays_are_the_callers_own():
     indices = stream.indices(0, 6)
     indices[:] = -1
     assert np.array_equal(stream.indices(0, 6), expected)
+
+
+@pytest.mark.parametrize(
+    ("total_steps", "error"),
+    [(-1, ValueError), (0, ValueError), (float("inf"), TypeError), (100.0, TypeError)],
+    ids=["lightning-max_steps-unset", "zero", "infinite-epochs", "float"],
+)
+def test_a_bad_total_steps_says_what_to_pass_under_lightning_and_accelerate(total_steps, error):
+    calls = [lambda: check_total_steps(total_steps)]  # the check the objective and the schedules share
+    if error is ValueError:  # their int annotations reject a float first when the jaxtyping hook runs
+        calls.append(lambda: SoFlowObjective().sample_batch(X, step=0, total_steps=total_steps))
+        calls.append(lambda: LinearSchedule()(0, total_steps))
+    for call in calls:
+        with pytest.raises(error, match="total_steps") as caught:
+            call()
+        message = str(caught.value)
+        assert repr(total_steps) in message
+        assert "estimated_stepping_batches" in message and "sync_gradients" in message

@@ -1,4 +1,4 @@
-"""The training toolkit the examples use: EMA, atomic checkpoints, resumable batch order, augmentation, latents.
+"""The training toolkit the examples use: EMA, atomic checkpoints, batch order, augmentation, latents, the step.
 
 Optional for library users: the losses and samplers at the top of ``soflow_core`` never
 import this package. Import from here, e.g. ``from soflow_core.train import EMA, save_checkpoint``.
@@ -22,6 +22,7 @@ from soflow_core.train.checkpoint import (
 )
 from soflow_core.train.ema import EMA, ema_coefficient
 from soflow_core.train.latents import SD_VAE_SCALE_FACTOR, sample_latents, to_uint8_images
+from soflow_core.train.step import TrainingStep, make_training_step
 
 __all__ = [
     "EMA",
@@ -31,6 +32,7 @@ __all__ = [
     "CheckpointError",
     "EDMAugment",
     "EpochStream",
+    "TrainingStep",
     "capture_rng_state",
     "checkpoint_path",
     "ema_coefficient",
@@ -38,6 +40,7 @@ __all__ = [
     "latest_valid_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
+    "make_training_step",
     "non_finite_entries",
     "remove_stale_temporaries",
     "restore_rng_state",
