@@ -8,15 +8,20 @@
 Data with known answers, on a CPU: the 2-D toys of ``soflow_core.data`` (checkerboard, 8
 Gaussians, two moons) and the 8×8 digits that ship with scikit-learn (pixels 0..16 scaled to
 [−1, 1], 64 dimensions, unconditional). Every method trains the same backbone
-(``MLPBackbone``, same initial weights per seed) with the same optimizer, batch, learning-rate
-decay and EMA, for the same wall-clock budget; only training steps are timed
-(``time.perf_counter`` around loss, backward, optimizer and EMA update; drawing the batch and
-evaluating are outside). Progress through the budget (elapsed / budget) drives both the
-learning-rate decay and SoFlow's r(k, K) schedule, since the number of steps is not known in
-advance. Methods run one after the other, in an order rotated per seed.
+(``MLPBackbone``, same initial weights per seed; on the toys the main command's, with random
+Fourier features of the input) with the same optimizer, batch, learning-rate decay and EMA, for
+the same budget of process CPU time with one torch thread, which other jobs on the machine
+barely change (wall-clock time would charge their load to whichever method ran beside it).
+Only training steps are timed (``time.process_time`` around loss, backward, optimizer and EMA
+update; drawing the batch and evaluating are outside). Progress through the budget (used /
+budget) drives both the learning-rate decay and SoFlow's r(k, K) schedule, since the number of
+steps is not known in advance. Methods run one after the other, in an order rotated per seed.
+Each method trains with its own loss settings: SoFlow with ``SoFlowObjective.from_preset("toy")``,
+Flow Matching with the plain squared error (p = 0), MeanFlow with its authors' CIFAR-10 settings.
 
 Evaluation (EMA weights, the same noise for every method): SoFlow and MeanFlow at 1, 2, 4
-network evaluations (NFE), Flow Matching with 1 … 100 Euler steps. 2-D: energy distance, MMD²
+network evaluations (NFE; SoFlow's 2-step sampler re-noises to t = 0.3, its 4-step one to the
+uniform grid), Flow Matching with 1 … 100 Euler steps. 2-D: energy distance, MMD²
 with a fixed set of Gaussian bandwidths and sliced Wasserstein-2 with fixed seeded directions,
 each beside its real-vs-real floor. Digits: a small classifier trained here on the training
 split gives a Fréchet distance in its penultimate-layer features (against held-out digits,
@@ -44,9 +49,12 @@ import torch
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from _common import RESULTS, comma_list, environment, preset_parser, resolve_preset, write_rows
+from train_toy_2d import ToyConfig
+from train_toy_2d import build_model as build_toy_model
 
-from soflow_core import AdaptiveWeighting, EulerParam, SoFlowObjective, sample_few_step, sample_one_step
+from soflow_core import AdaptiveWeighting, EulerParam, SoFlowObjective, sample_few_step
 from soflow_core.data import TOY_DISTRIBUTIONS, sample_toy_2d
 from soflow_core.metrics import energy_distance, frechet_distance, mmd, sliced_wasserstein
 from soflow_core.nets import MLPBackbone
@@ -68,9 +76,12 @@ METRIC_NAMES = {
 }
 LOWER_IS_BETTER = ("energy_distance", "mmd", "sliced_wasserstein", "frechet_distance")
 HEADLINE = {"digits": "frechet_distance", **{name: "energy_distance" for name in TOY_DISTRIBUTIONS}}
-# The CIFAR-10 settings of the authors' PyTorch port of MeanFlow (spec: meanflow-method.md).
+# The CIFAR-10 settings of the authors' PyTorch port of MeanFlow (github.com/Gsunshine/py-meanflow).
 MEANFLOW_SETTINGS = {"p": 0.75, "eps": 1e-3, "ratio_r_neq_t": 0.75, "time_mean": -0.6, "time_std": 1.6}
 MEANFLOW_R = {"r_mean": -4.0, "r_std": 1.6}
+
+
+TOY = ToyConfig()  # the main command's training recipe, shared by every method on the toys
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,23 +91,27 @@ class QualityConfig:
     datasets: tuple[str, ...] = DATASETS
     methods: tuple[str, ...] = METHODS
     seeds: tuple[int, ...] = (0, 1, 2)
-    budget_s: float = 45.0  # training wall-clock per method, dataset and seed
-    soflow_nfe: tuple[int, ...] = (1, 2, 4)
+    budget_s: float = 60.0  # process CPU seconds of training per method, dataset and seed (one thread)
+    # SoFlow's sampler: one tuple of re-noising times per NFE (2 steps through t = 0.3, 4 on the uniform grid)
+    soflow_times: tuple[tuple[float, ...], ...] = ((1.0,), (1.0, TOY.two_step_time), (1.0, 0.75, 0.5, 0.25))
     meanflow_nfe: tuple[int, ...] = (1, 2, 4)
     flow_matching_nfe: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 100)
-    # training recipe shared by every method
-    batch_size: int = 512
-    lr: float = 1e-3
-    lr_decay_fraction: float = 0.3  # linear decay to 0 over this last share of the budget
-    ema_decay: float = 0.995
-    toy_width: int = 256
-    toy_depth: int = 3
+    # training recipe shared by every method: on the toys the main command's (examples/train_toy_2d.py)
+    lr_decay_fraction: float = TOY.lr_decay_fraction  # linear decay to 0 over this last share of the budget
+    ema_decay: float = TOY.ema_decay
+    toy_batch_size: int = TOY.batch_size
+    toy_lr: float = TOY.lr
+    toy_width: int = TOY.width
+    toy_depth: int = TOY.depth
+    toy_fourier_features: int = TOY.fourier_features
+    toy_fourier_scale: float = TOY.fourier_scale
+    digits_batch_size: int = 256
+    digits_lr: float = 1e-3
     digits_width: int = 384
     digits_depth: int = 3
-    digits_batch_size: int = 256
-    # SoFlow: the toy example's recipe (reference ImageNet recipe without guidance, p = 0.5)
-    soflow_p: float = 0.5
-    soflow_eps: float = 0.01
+    # each method's own loss settings
+    soflow_preset: str = "toy"  # SoFlowObjective.from_preset(...), on every dataset
+    flow_matching_p: float = 0.0  # the plain squared error: any p > 0 biases the learned velocity
     meanflow_jvp: str = "shared_primal"
     # evaluation
     toy_samples: int = 4096
@@ -115,6 +130,11 @@ class QualityConfig:
     out: str = "quality_at_equal_budget"
     out_dir: str = ""  # default benchmarks/results
 
+    @property
+    def soflow_nfe(self) -> tuple[int, ...]:
+        """SoFlow's NFE, one per tuple of re-noising times."""
+        return tuple(len(times) for times in self.soflow_times)
+
 
 PRESETS = {
     "full": QualityConfig(),
@@ -123,9 +143,10 @@ PRESETS = {
         seeds=(0,),
         budget_s=2.0,
         flow_matching_nfe=(1, 2, 4, 8),
-        batch_size=128,
+        toy_batch_size=128,
         toy_width=64,
         toy_depth=2,
+        toy_fourier_features=8,
         digits_width=64,
         digits_depth=2,
         digits_batch_size=64,
@@ -173,11 +194,9 @@ def batch_source(dataset: str, digits: Digits | None, batch_size: int) -> Callab
 # ------------------------------------------------------------------------------------- methods
 
 
-def soflow_objective(config: QualityConfig, fm_fraction: float | None = None) -> SoFlowObjective:
-    objective = SoFlowObjective(weighting=AdaptiveWeighting(p=config.soflow_p, eps=config.soflow_eps))
-    if fm_fraction is not None:
-        objective = dataclasses.replace(objective, fm_fraction=fm_fraction)
-    return objective
+def flow_matching_objective(config: QualityConfig) -> SoFlowObjective:
+    """SoFlow's Flow Matching term alone (λ = 1) with the adaptive weight's power p set for Flow Matching."""
+    return SoFlowObjective(fm_fraction=1.0, weighting=AdaptiveWeighting(p=config.flow_matching_p))
 
 
 def meanflow_objective(config: QualityConfig) -> tuple[object, dict]:
@@ -209,10 +228,11 @@ class Method:
         self.name = name
         self.settings: dict = {}
         if name == "soflow":
-            self.objective = soflow_objective(config)
+            self.objective = SoFlowObjective.from_preset(config.soflow_preset)
             self.nfe = config.soflow_nfe
+            self.times = dict(zip(config.soflow_nfe, config.soflow_times))
         elif name == "flow_matching":
-            self.objective = soflow_objective(config, fm_fraction=1.0)
+            self.objective = flow_matching_objective(config)
             self.nfe = config.flow_matching_nfe
         else:
             self.objective, self.settings = meanflow_objective(config)
@@ -234,10 +254,13 @@ class Method:
                 return meanflow_sample(model, noise, steps=nfe)
         if self.name == "flow_matching":
             return euler_sample(model, noise, nfe)
-        if nfe == 1:
-            return sample_one_step(model, noise, param=self.objective.param)
         return sample_few_step(
-            model, noise, param=self.objective.param, path=self.objective.path, num_steps=nfe, generator=generator
+            model,
+            noise,
+            param=self.objective.param,
+            path=self.objective.path,
+            times=self.times[nfe],
+            generator=generator,
         )
 
 
@@ -245,31 +268,43 @@ class Method:
 class Trained:
     model: nn.Module  # the EMA weights, in eval mode
     steps: int
-    seconds: float
+    seconds: float  # process CPU time of the training steps
+    wall_seconds: float  # their wall-clock time
     diverged: bool
 
 
-def train(method: Method, dataset: str, seed: int, config: QualityConfig, digits: Digits | None) -> Trained:
-    """Train for ``budget_s`` seconds of timed training steps."""
-    dim = 64 if dataset == "digits" else 2
-    width, depth = (
-        (config.digits_width, config.digits_depth) if dataset == "digits" else (config.toy_width, config.toy_depth)
+def build_model(dataset: str, config: QualityConfig) -> MLPBackbone:
+    """The backbone every method trains on ``dataset`` (initial weights from the global seed)."""
+    if dataset == "digits":
+        return MLPBackbone(dim=64, width=config.digits_width, depth=config.digits_depth)
+    toy = dataclasses.replace(
+        TOY,
+        width=config.toy_width,
+        depth=config.toy_depth,
+        fourier_features=config.toy_fourier_features,
+        fourier_scale=config.toy_fourier_scale,
     )
+    return build_toy_model(toy, conditional=False)  # the main command's backbone
+
+
+def train(method: Method, dataset: str, seed: int, config: QualityConfig, digits: Digits | None) -> Trained:
+    """Train for ``budget_s`` seconds of process CPU time spent in training steps."""
     torch.manual_seed(seed)  # the same initial weights for every method
-    model = MLPBackbone(dim=dim, width=width, depth=depth)
+    model = build_model(dataset, config)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    lr = config.digits_lr if dataset == "digits" else config.toy_lr
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     data_generator = torch.Generator().manual_seed(seed)
     loss_generator = torch.Generator().manual_seed(seed + 1)
-    batch_size = config.digits_batch_size if dataset == "digits" else config.batch_size
+    batch_size = config.digits_batch_size if dataset == "digits" else config.toy_batch_size
     draw = batch_source(dataset, digits, batch_size)
-    elapsed, steps, diverged = 0.0, 0, False
-    while elapsed < config.budget_s:
+    used, wall, steps, diverged = 0.0, 0.0, 0, False
+    while used < config.budget_s:
         data = draw(data_generator)
-        start = time.perf_counter()
-        progress = elapsed / config.budget_s
+        start, wall_start = time.process_time(), time.perf_counter()
+        progress = used / config.budget_s
         for group in optimizer.param_groups:
-            group["lr"] = config.lr * min(1.0, (1.0 - progress) / config.lr_decay_fraction)
+            group["lr"] = lr * min(1.0, (1.0 - progress) / config.lr_decay_fraction)
         loss = method.loss(model, data, progress, loss_generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -277,12 +312,13 @@ def train(method: Method, dataset: str, seed: int, config: QualityConfig, digits
         with torch.no_grad():
             for p_ema, p in zip(ema.parameters(), model.parameters()):
                 p_ema.lerp_(p, 1.0 - config.ema_decay)
-        elapsed += time.perf_counter() - start
+        used += time.process_time() - start
+        wall += time.perf_counter() - wall_start
         steps += 1
         if steps % 100 == 0 and not math.isfinite(float(loss.detach())):
             diverged = True
             break
-    return Trained(ema, steps, elapsed, diverged)
+    return Trained(ema, steps, used, wall, diverged)
 
 
 # ------------------------------------------------------------------------------------- metrics
@@ -419,8 +455,8 @@ def run(config: QualityConfig) -> tuple[list[dict], dict]:
                 method = methods[name]
                 trained = train(method, dataset, seed, config, digits)
                 print(
-                    f"{dataset:16s} seed {seed} {name:14s} {trained.steps:6d} steps in {trained.seconds:6.1f} s"
-                    + (" (diverged)" if trained.diverged else ""),
+                    f"{dataset:16s} seed {seed} {name:14s} {trained.steps:6d} steps in {trained.seconds:6.1f} s CPU "
+                    f"({trained.wall_seconds:.1f} s wall)" + (" (diverged)" if trained.diverged else ""),
                     flush=True,
                 )
                 for nfe in method.nfe:
@@ -439,6 +475,7 @@ def run(config: QualityConfig) -> tuple[list[dict], dict]:
                             "samples": n,
                             "steps": trained.steps,
                             "train_seconds": trained.seconds,
+                            "train_wall_seconds": trained.wall_seconds,
                             "diverged": trained.diverged or not finite,
                             **metrics,
                             **base,
@@ -473,7 +510,7 @@ def seed_means(rows: list[dict], base: dict) -> list[dict]:
     means = []
     for (kind, dataset, method, nfe), members in groups.items():
         keys = DIGIT_METRICS if dataset == "digits" else TOY_METRICS
-        keys = (*keys, "steps", "train_seconds") if kind == "sample" else keys
+        keys = (*keys, "steps", "train_seconds", "train_wall_seconds") if kind == "sample" else keys
         row: dict = {"kind": kind, "dataset": dataset, "seed": "mean", "num_seeds": len(members)}
         if kind == "sample":
             row.update(method=method, nfe=nfe, diverged=sum(bool(m["diverged"]) for m in members))
@@ -522,11 +559,27 @@ def verdict(rows: list[dict], dataset: str) -> str | None:
     return "SoFlow 1-NFE vs MeanFlow 1-NFE: " + "; ".join(parts) + "."
 
 
+def against_flow_matching(rows: list[dict], dataset: str) -> str | None:
+    """SoFlow at 1 NFE against Flow Matching's best seed mean at any NFE, on the headline metric."""
+    key = HEADLINE[dataset]
+    means = [r for r in rows if r["kind"] == "sample" and r["dataset"] == dataset and r["seed"] == "mean"]
+    ours = next((r for r in means if r["method"] == "soflow" and r["nfe"] == 1), None)
+    theirs = [r for r in means if r["method"] == "flow_matching" and math.isfinite(float(r[key]))]
+    if ours is None or not theirs:
+        return None
+    best = min(theirs, key=lambda r: float(r[key]))
+    reached = "at most" if float(ours[key]) <= float(best[key]) else "above"
+    return (
+        f"SoFlow 1-NFE vs the best Flow Matching result: {METRIC_NAMES[key]} {float(ours[key]):.4g} vs "
+        f"{float(best[key]):.4g} at {best['nfe']} Euler steps (seed means; SoFlow {reached} it)."
+    )
+
+
 def markdown_table(rows: list[dict], config: QualityConfig) -> str:
     env = rows[0]
     lines = [
         f"Device: {env['device']}; torch {env['torch']}; commit {env['commit']}. "
-        f"Training budget {config.budget_s:g} s of timed steps per method, dataset and seed; "
+        f"Training budget {config.budget_s:g} s of process CPU time (one thread) per method, dataset and seed; "
         f"seeds {', '.join(map(str, config.seeds))}; values are seed means ± standard deviation across seeds.",
         "",
     ]
@@ -557,8 +610,9 @@ def markdown_table(rows: list[dict], config: QualityConfig) -> str:
         for row in (r for r in means if r["kind"] == "floor"):
             label = "real vs real (floor)" if not digits else "held-out real (floor / reference)"
             lines.append(f"| {label} | – | – | " + " | ".join(_fmt(row, k) for k in keys) + " |")
-        line = verdict(rows, dataset)
-        lines += ["", *([line, ""] if line else [])]
+        lines.append("")
+        for line in (verdict(rows, dataset), against_flow_matching(rows, dataset)):
+            lines += [line, ""] if line else []
     return "\n".join(lines) + "\n"
 
 
@@ -620,7 +674,8 @@ def draw_samples(figures: dict, config: QualityConfig, folder: Path) -> list[Pat
                 if c == 0:
                     ax.set_ylabel(LABELS[name], fontsize=8)
         fig.suptitle(
-            f"{dataset}: samples of seed {config.seeds[0]} after {config.budget_s:g} s of training", fontsize=10
+            f"{dataset}: samples of seed {config.seeds[0]} after {config.budget_s:g} CPU seconds of training",
+            fontsize=10,
         )
         fig.tight_layout()
         path = folder / f"{config.out}-samples-{dataset}.png"
@@ -660,7 +715,7 @@ def draw_quality_vs_nfe(rows: list[dict], config: QualityConfig, folder: Path) -
         ax.set_ylabel(key.replace("_", " "))
         ax.set_title(dataset)
     axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"Sample quality at equal training budget ({config.budget_s:g} s per method)", fontsize=10)
+    fig.suptitle(f"Sample quality at equal training budget ({config.budget_s:g} CPU seconds per method)", fontsize=10)
     fig.tight_layout()
     path = folder / f"{config.out}-vs-nfe.png"
     fig.savefig(path, dpi=100)
@@ -669,6 +724,11 @@ def draw_quality_vs_nfe(rows: list[dict], config: QualityConfig, folder: Path) -
 
 
 # ----------------------------------------------------------------------------------------- CLI
+
+
+def _tuples(value: object) -> object:
+    """JSON lists back to the (nested) tuples of the configuration."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
 def parse_config(argv: list[str] | None = None) -> tuple[QualityConfig, Path | None]:
@@ -697,7 +757,7 @@ def parse_config(argv: list[str] | None = None) -> tuple[QualityConfig, Path | N
     if args.table_from:
         saved = json.loads(Path(args.table_from).read_text())[0]["config"]
         fields = {f.name for f in dataclasses.fields(QualityConfig)}
-        values = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in fields}
+        values = {k: _tuples(v) for k, v in saved.items() if k in fields}
         return QualityConfig(**values), Path(args.table_from)
     config = resolve_preset(args, PRESETS, ignore=("skip_digits", "table_from"))
     if args.skip_digits:

@@ -4,13 +4,13 @@ import math
 from typing import Literal, get_args
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from soflow_core._rng import rand, randn
 from soflow_core._validation import check_choice, check_int
 
-__all__ = ["TOY_DISTRIBUTIONS", "ToyName", "sample_toy_2d"]
+__all__ = ["TOY_DISTRIBUTIONS", "ToyName", "on_checkerboard", "sample_toy_2d"]
 
 ToyName = Literal["checkerboard", "eight_gaussians", "two_moons"]
 """The toy distributions of [`sample_toy_2d`][soflow_core.data.sample_toy_2d]."""
@@ -27,6 +27,30 @@ def _checkerboard(n: int, generator: torch.Generator | None) -> tuple[Tensor, Te
     row = 2 * (cell // 4) + (col % 2)
     x = torch.stack([col + u[:, 0], row + u[:, 1]], dim=1) - 2.0
     return x, cell
+
+
+def on_checkerboard(points: Float[Tensor, " n 2"]) -> Bool[Tensor, " n"]:
+    """Whether each point lies on one of the 8 squares of ``checkerboard`` (its support).
+
+    Every checkerboard sample is on a square; the share of generated points that are tells how
+    sharply a model resolves the squares' edges, which a distance between distributions barely
+    sees.
+
+    Args:
+        points: Points in the plane.
+
+    Returns:
+        True for the points on a square.
+
+    Examples:
+        >>> import torch
+        >>> on_checkerboard(torch.tensor([[-1.5, -1.5], [-0.5, -1.5], [3.0, 0.0]])).tolist()
+        [True, False, False]
+    """
+    cell = torch.floor(points + 2.0)
+    on_board = ((cell >= 0) & (cell <= 3)).all(dim=1)
+    # the squares are the cells (column, row) with column + row even, as _checkerboard lays them out
+    return on_board & ((cell[:, 0] + cell[:, 1]) % 2 == 0)
 
 
 def _eight_gaussians(n: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:

@@ -58,6 +58,7 @@ from soflow_core.time_samplers import (
     ConsistencyTimeSampler,
     ExponentSchedule,
     LogitNormal,
+    Uniform,
 )
 from soflow_core.typing import Backbone, Cond, Data, DropMask, Scalar, Time
 from soflow_core.weighting import AdaptiveWeighting
@@ -208,7 +209,8 @@ class SoFlowObjective:
     """The SoFlow training objective: Flow Matching plus solution consistency, with optional CFG.
 
     Defaults are the reference ImageNet recipe without guidance; see
-    [`from_preset`][soflow_core.objective.SoFlowObjective.from_preset] for the two released recipes.
+    [`from_preset`][soflow_core.objective.SoFlowObjective.from_preset] for the two released recipes
+    and a recipe for low-dimensional data.
 
     Attributes:
         path: The noising path (reference ``noising_type``), an object or its name
@@ -299,16 +301,20 @@ class SoFlowObjective:
 
     @classmethod
     def from_preset(cls, name: str, *, num_classes: int | None = None, **overrides: object) -> "SoFlowObjective":
-        """One of the released recipes, with field overrides.
+        """One of the two released recipes or the library's toy recipe, with field overrides.
 
         * ``"imagenet"``: DiT-B/4 on ImageNet-256 latents with CFG (ω = 3, m = 0.25, drop 0.1,
           t_d = 0.8, null class 1000), λ = 0.75, p = 1, ε = 0.01, times [FM, s, t] logit-normal
           μ = [−0.2, −1.0, 0.2], σ = [1.0, 0.8, 0.8], r Exponent 0.1 → 0.002.
         * ``"cifar10"``: unconditional CIFAR-10, λ = 0, p = 0.75, ε = 1e-3, μ = [−0.9, −4.0, −0.9],
           σ = 1.6, r Exponent 1.0 → 0.0003125, no guidance.
+        * ``"toy"``: not from the paper; this library's recipe for low-dimensional data (the 2-D
+          toys), tuned on the checkerboard: λ = 0.25, p = 0.35, ε = 1, FM times logit-normal
+          (−0.2, 1.0), t uniform on [0, 1], s logit-normal (−3.0, 1.5), r Exponent 1.0 → 0.002,
+          no guidance. See [Benchmarks](../benchmarks.md#a-recipe-for-low-dimensional-data).
 
         Args:
-            name: ``"imagenet"`` or ``"cifar10"``.
+            name: ``"imagenet"``, ``"cifar10"`` or ``"toy"``.
             num_classes: The class count of a class-conditional model (``"imagenet"``: 1000). Dropped
                 labels become the null class ``num_classes``, the last row of a label table with
                 ``num_classes + 1`` rows, so a model with fewer classes needs it (with 10 classes the
@@ -667,5 +673,18 @@ PRESETS: dict[str, SoFlowObjective] = {
         weighting=AdaptiveWeighting(p=0.75, eps=1e-3),
         guidance=None,
     ),
+    # Not the paper's: tuned for 2-D data with the ablation in docs/benchmarks.md.
+    "toy": SoFlowObjective(
+        fm_fraction=0.25,
+        fm_time=LogitNormal(mean=-0.2, std=1.0),
+        consistency_times=ConsistencyTimeSampler(
+            t_distribution=Uniform(low=0.0, high=1.0),
+            s_distribution=LogitNormal(mean=-3.0, std=1.5),
+            schedule=ExponentSchedule(r_init=1.0, r_end=0.002),
+        ),
+        weighting=AdaptiveWeighting(p=0.35, eps=1.0),
+        guidance=None,
+    ),
 }
-"""The two released recipes; use [`SoFlowObjective.from_preset`][soflow_core.objective.SoFlowObjective.from_preset]."""
+"""The two released recipes (``imagenet``, ``cifar10``) and the library's ``toy`` recipe; use
+[`SoFlowObjective.from_preset`][soflow_core.objective.SoFlowObjective.from_preset]."""

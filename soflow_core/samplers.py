@@ -5,6 +5,7 @@ explicit ``generator`` where it draws noise.
 """
 
 import itertools
+from collections.abc import Sequence
 
 import torch
 
@@ -26,7 +27,7 @@ from soflow_core.parameterizations import AbstractParam
 from soflow_core.paths import AbstractPath
 from soflow_core.typing import Backbone, Cond, Data
 
-__all__ = ["sample_chain", "sample_few_step", "sample_one_step", "uniform_time_grid"]
+__all__ = ["renoise_times", "sample_chain", "sample_few_step", "sample_one_step", "uniform_time_grid"]
 
 
 def uniform_time_grid(num_steps: int, *, dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -107,6 +108,46 @@ def sample_one_step(backbone: Backbone, noise: Data, *, param: AbstractParam, co
     return _solve(backbone, param, noise, 1.0, 0.0, cond)
 
 
+def renoise_times(num_steps: int | None = None, times: Sequence[float] | torch.Tensor | None = None) -> list[float]:
+    r"""The evaluation times τ_0 = 1 > τ_1 > … > τ_{N−1} > 0 of the re-noising few-step sampler.
+
+    Without ``times`` it is the reference grid τ_i = 1 − i/N
+    ([`uniform_time_grid`][soflow_core.samplers.uniform_time_grid] without its final 0). Given
+    ``times``, they are checked and returned; ``num_steps``, when also given, must equal their
+    number.
+
+    Args:
+        num_steps: N ≥ 1 network evaluations, or None when ``times`` is given.
+        times: The N evaluation times, or None for the uniform grid.
+
+    Returns:
+        The N times as Python floats.
+
+    Raises:
+        ValueError: If neither is given, if they disagree, or if ``times`` does not start at 1,
+            decrease strictly and stay above 0.
+
+    Examples:
+        >>> renoise_times(4)
+        [1.0, 0.75, 0.5, 0.25]
+        >>> renoise_times(times=[1.0, 0.3])
+        [1.0, 0.3]
+    """
+    if times is None:
+        if num_steps is None:
+            raise ValueError("give num_steps or times; got neither")
+        n = check_int("num_steps", num_steps, low=1)
+        return uniform_time_grid(n).tolist()[:n]
+    grid = torch.as_tensor(times, dtype=torch.float64).flatten().tolist()
+    if num_steps is not None and check_int("num_steps", num_steps, low=1) != len(grid):
+        raise ValueError(f"num_steps must equal the number of times; got num_steps={num_steps} and times={grid}")
+    if not grid or grid[0] != 1.0:
+        raise ValueError(f"times must start at 1.0 (the noise); got {grid}")
+    if any(b >= a for a, b in itertools.pairwise(grid)) or grid[-1] <= 0.0:
+        raise ValueError(f"times must decrease strictly and stay above 0; got {grid}")
+    return grid
+
+
 @torch.no_grad()
 def sample_few_step(
     backbone: Backbone,
@@ -114,22 +155,28 @@ def sample_few_step(
     *,
     param: AbstractParam,
     path: AbstractPath,
-    num_steps: int,
+    num_steps: int | None = None,
+    times: Sequence[float] | torch.Tensor | None = None,
     cond: Cond | None = None,
     generator: torch.Generator | None = None,
 ) -> Data:
-    r"""The reference's stochastic N-step sampler: jump to t = 0, re-noise to the next grid time, repeat.
+    r"""The reference's stochastic N-step sampler: jump to t = 0, re-noise to the next time, repeat.
 
-    With τ_i = 1 − i/N: for i = 0..N−2, $\hat x_0 = f_\theta(x, \tau_i, 0)$ and
+    With evaluation times τ_0 = 1 > τ_1 > … > τ_{N−1}: for i = 0..N−2,
+    $\hat x_0 = f_\theta(x, \tau_i, 0)$ and
     $x = \alpha(\tau_{i+1})\,\hat x_0 + \beta(\tau_{i+1})\,\varepsilon$ with fresh ε; finally
-    $\hat x_0 = f_\theta(x, \tau_{N-1}, 0)$. N = 1 is the one-step sampler; N = 2 goes through t = 0.5.
+    $\hat x_0 = f_\theta(x, \tau_{N-1}, 0)$. The reference uses τ_i = 1 − i/N (the default), so
+    N = 1 is the one-step sampler and N = 2 goes through t = 0.5; ``times`` sets the
+    re-noising times instead, e.g. ``[1.0, 0.3]`` for two steps through t = 0.3.
 
     Args:
         backbone: The trained network F_θ.
         noise: Standard normal noise (the state at t = 1).
         param: The solution parameterization used in training.
         path: The noising path used in training (for re-noising).
-        num_steps: N ≥ 1 network evaluations.
+        num_steps: N ≥ 1 network evaluations on the uniform grid (or the length of ``times``).
+        times: The N evaluation times, starting at 1 and strictly decreasing, or None for the
+            uniform grid; see [`renoise_times`][soflow_core.samplers.renoise_times].
         cond: Conditions, or None.
         generator: Source of the re-noising draws, or None for the global RNG.
 
@@ -137,8 +184,8 @@ def sample_few_step(
         Samples shaped like ``noise``.
 
     Raises:
-        ValueError: On bad shapes, non-finite noise, N < 1, labels outside the backbone's class
-            count, or a backbone output not shaped like its input.
+        ValueError: On bad shapes, non-finite noise, N < 1, bad ``times``, labels outside the
+            backbone's class count, or a backbone output not shaped like its input.
         TypeError: On a ``param``, ``path`` or ``generator`` of the wrong type.
 
     Examples:
@@ -147,18 +194,19 @@ def sample_few_step(
         >>> from soflow_core.nets import MLPBackbone
         >>> net = MLPBackbone(dim=2).eval()
         >>> x = sample_few_step(net, torch.randn(5, 2), param=EulerParam(), path=LinearPath(), num_steps=2)
-        >>> x.shape
-        torch.Size([5, 2])
+        >>> y = sample_few_step(net, torch.randn(5, 2), param=EulerParam(), path=LinearPath(), times=[1.0, 0.3])
+        >>> x.shape, y.shape
+        (torch.Size([5, 2]), torch.Size([5, 2]))
     """
     backbone, noise = _check_inputs(backbone, noise, cond, param)
     check_instance("path", path, AbstractPath, "LinearPath()")
     check_generator("generator", generator)
-    grid = uniform_time_grid(num_steps).tolist()
+    grid = renoise_times(num_steps, times)
     x = noise
-    for tau, tau_next in itertools.pairwise(grid[:num_steps]):
+    for tau, tau_next in itertools.pairwise(grid):
         eps = randn(tuple(x.shape), device=x.device, dtype=x.dtype, generator=generator)
         x = path.interpolate(_solve(backbone, param, x, tau, 0.0, cond), eps, _full(x, tau_next)).x_t
-    return _solve(backbone, param, x, grid[num_steps - 1], 0.0, cond)
+    return _solve(backbone, param, x, grid[-1], 0.0, cond)
 
 
 @torch.no_grad()

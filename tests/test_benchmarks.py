@@ -139,16 +139,16 @@ def test_quality_at_equal_budget_tiny(tmp_path):
     config = json.loads((tmp_path / "q-config.json").read_text())
     toys = ["checkerboard", "eight_gaussians", "two_moons"]
     assert config["datasets"] == toys and config["seeds"] == [0] and config["budget_s"] == 2.0
-    expected = {
-        (method, nfe)
-        for method, key in (
-            ("soflow", "soflow_nfe"),
-            ("meanflow", "meanflow_nfe"),
-            ("flow_matching", "flow_matching_nfe"),
-        )
-        for nfe in config[key]
+    nfe = {
+        "soflow": [len(times) for times in config["soflow_times"]],
+        "meanflow": config["meanflow_nfe"],
+        "flow_matching": config["flow_matching_nfe"],
     }
-    assert {("soflow", 1), ("meanflow", 1), ("flow_matching", 8)} <= expected
+    expected = {(method, n) for method, values in nfe.items() for n in values}
+    assert {("soflow", 1), ("soflow", 2), ("meanflow", 1), ("flow_matching", 8)} <= expected
+    # each method's own loss settings: SoFlow's toy recipe, Flow Matching without the adaptive weight
+    assert config["soflow_preset"] == "toy" and config["flow_matching_p"] == 0.0
+    assert config["soflow_times"][1] == [1.0, 0.3]
     metric_keys = ("energy_distance", "mmd", "sliced_wasserstein")
     for dataset in toys:
         for seed in (0, "mean"):
@@ -159,14 +159,16 @@ def test_quality_at_equal_budget_tiny(tmp_path):
             for row in samples:
                 assert row["device"] and row["commit"] and row["torch"] and row["config"]["budget_s"] == 2.0
                 assert row["steps"] > 0
-                # every method trained for the whole budget, and not much more than one step beyond it
+                # every method trained for the whole CPU-time budget, and not much more than one step beyond it
                 assert 2.0 <= row["train_seconds"] < 2.0 + 5.0
+                assert row["train_wall_seconds"] > 0
                 if not row["diverged"]:
                     assert all(row[k] >= 0 for k in metric_keys)
         means = [r for r in rows if r["dataset"] == dataset and r.get("seed") == "mean" and r["kind"] == "sample"]
         assert all(r["num_seeds"] == 1 and r["energy_distance_std"] == 0.0 for r in means)
     table = (tmp_path / "q.md").read_text()
     assert "real vs real (floor)" in table and "SoFlow 1-NFE vs MeanFlow 1-NFE" in table
+    assert "SoFlow 1-NFE vs the best Flow Matching result: energy distance" in table
     for name in [f"q-samples-{d}.png" for d in toys] + ["q-vs-nfe.png"]:
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     # the table can be redrawn from the JSON alone, identically
@@ -174,6 +176,30 @@ def test_quality_at_equal_budget_tiny(tmp_path):
     redraw = run_benchmark("quality_at_equal_budget.py", "--table-from", str(tmp_path / "q.json"), timeout=300)
     assert redraw.returncode == 0, redraw.stderr[-3000:]
     assert (tmp_path / "q.md").read_text() == table
+
+
+def test_quality_verdict_against_the_best_flow_matching_result():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from quality_at_equal_budget import against_flow_matching
+
+    def row(method, nfe, value, seed="mean"):
+        return {"kind": "sample", "dataset": "digits", "method": method, "nfe": nfe, "seed": seed, **value}
+
+    rows = [
+        row("soflow", 1, {"frechet_distance": 6.0}),
+        row("flow_matching", 1, {"frechet_distance": 200.0}),
+        row("flow_matching", 16, {"frechet_distance": 5.5}),
+        row("flow_matching", 100, {"frechet_distance": float("nan")}),  # a diverged run is no best
+        row("flow_matching", 32, {"frechet_distance": 1.0}, seed=0),  # one seed is no seed mean
+    ]
+    line = against_flow_matching(rows, "digits")
+    assert line == (
+        "SoFlow 1-NFE vs the best Flow Matching result: Fréchet distance 6 vs 5.5 at 16 Euler steps "
+        "(seed means; SoFlow above it)."
+    )
+    rows[0]["frechet_distance"] = 5.5
+    assert against_flow_matching(rows, "digits").endswith("(seed means; SoFlow at most it).")
+    assert against_flow_matching(rows[1:], "digits") is None
 
 
 def test_quality_at_equal_budget_digits(tmp_path):
@@ -198,6 +224,21 @@ def test_quality_at_equal_budget_rejects_bad_arguments(tmp_path):
     assert result.returncode == 2 and "--datasets: unknown" in result.stderr
     result = _run_quality(tmp_path, "--budget-s", "0")
     assert result.returncode == 2 and "--budget-s must be > 0" in result.stderr
+
+
+def test_toy_recipe_ablation_tiny(tmp_path):
+    result = run_benchmark("toy_recipe_ablation.py", "--config", "tiny", "--out-dir", str(tmp_path), "--out", "a")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    rows = json.loads((tmp_path / "a.json").read_text())
+    assert [r["row"] for r in rows] == ["before", "recipe", "p=0"]
+    for row in rows:
+        assert row["device"] and row["commit"] and row["train_cpu_seconds"] > 0
+        assert row["energy_distance_1_step_over_floor"] > 0 and 0 <= row["share_on_squares_1_step"] <= 1
+    assert rows[0]["two_step_time"] == 0.5 and rows[1]["two_step_time"] == 0.3
+    table = (tmp_path / "a.md").read_text()
+    assert "this recipe" in table and "before tuning" in table
+    result = run_benchmark("toy_recipe_ablation.py", "--rows", "recipe,nope", "--out-dir", str(tmp_path))
+    assert result.returncode == 2 and "--rows: unknown or empty ['nope']" in result.stderr
 
 
 def test_dit_throughput_tiny_counts_the_step_flops(tmp_path):

@@ -280,6 +280,19 @@ def test_songunet_configuration_is_read_from_the_shapes():
     assert SongUNet(**SongUNet.config_from_state(variant.state_dict())).config == variant.config
 
 
+def test_mlp_with_fourier_features_is_rebuilt_from_its_state_dict():
+    net = MLPBackbone(dim=3, width=16, depth=2, time_features=8, fourier_features=5, fourier_scale=0.7, fourier_seed=3)
+    nn.init.normal_(net.output.weight)
+    config = MLPBackbone.config_from_state(net.state_dict())
+    assert config["dim"] == 3 and config["fourier_features"] == 5  # read from input_frequencies, not input.weight
+    loaded = load_backbone(net.state_dict()).model
+    assert isinstance(loaded, MLPBackbone) and torch.equal(loaded.input_frequencies, net.input_frequencies)
+    x, t, s = torch.randn(4, 3), torch.rand(4), torch.zeros(4)
+    assert torch.equal(loaded.eval()(x, t, s), net.eval()(x, t, s))
+    with pytest.raises(ValueError, match=r"fourier_features=2 \(the weights say 5\)"):
+        load_backbone(net.state_dict(), fourier_features=2)
+
+
 # ---------------------------------------------------------------------------- pretrained folders
 
 
@@ -289,7 +302,9 @@ def pretrained_cases():
     unet = tiny_unet(6, dropout=0.2)
     mlp = MLPBackbone(dim=3, width=16, depth=2, time_features=8, num_classes=4, dropout=0.1)
     nn.init.normal_(mlp.output.weight)
-    return {"dit": dit, "unconditional dit float64": uncond64, "songunet": unet, "mlp": mlp}
+    fourier = MLPBackbone(dim=3, width=16, depth=1, time_features=8, fourier_features=4, fourier_scale=0.5)
+    nn.init.normal_(fourier.output.weight)
+    return {"dit": dit, "unconditional dit float64": uncond64, "songunet": unet, "mlp": mlp, "mlp fourier": fourier}
 
 
 @pytest.mark.parametrize("name", sorted(pretrained_cases()))

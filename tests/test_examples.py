@@ -8,11 +8,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("preset", ["toy", "imagenet", "cifar10"])
-def test_toy_example_runs_end_to_end(tmp_path, preset):
+sys.path.insert(0, str(ROOT / "examples"))
+
+
+@pytest.mark.parametrize("recipe", ["toy", "imagenet", "cifar10"])
+def test_toy_example_runs_end_to_end(tmp_path, recipe):
     out = tmp_path / "toy"
     result = subprocess.run(
-        [sys.executable, "examples/train_toy_2d.py", "--config", "tiny", "--preset", preset, "--out", str(out)],
+        [sys.executable, "examples/train_toy_2d.py", "--config", "tiny", "--recipe", recipe, "--out", str(out)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -23,9 +26,75 @@ def test_toy_example_runs_end_to_end(tmp_path, preset):
     for key in ("energy_distance_1_step", "energy_distance_2_step", "energy_distance_real_vs_real_floor"):
         assert metrics[key] >= 0
     config = json.loads((out / "config.json").read_text())
-    assert config["steps"] == 30 and config["toy"] == "checkerboard" and config["preset"] == preset
+    assert config["steps"] == 30 and config["toy"] == "checkerboard" and config["recipe"] == recipe
+    assert config["threads"] == 1 and metrics["device"] == "cpu (1 threads)"
+    assert metrics["train_cpu_seconds"] > 0 and metrics["train_seconds"] > 0
     assert (out / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "one-step energy distance" in result.stdout
+    assert "30/30" in result.stdout  # the progress bar or line reached the end
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--preset", "imagenet"], "--preset imagenet: this script's objective is --recipe"),
+        (["--recipe", "tiny"], "--recipe must be toy, imagenet or cifar10; got 'tiny'"),
+        (["--threads", "0"], "--threads must be >= 1; got 0"),
+    ],
+)
+def test_toy_example_refuses_bad_flags(argv, message, capsys):
+    from train_toy_2d import parse_config
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_toy_example_progress_flags():
+    from train_toy_2d import parse_config
+
+    assert parse_config([]).progress and not parse_config(["--no-progress"]).progress
+    assert parse_config(["--threads", "2"]).threads == 2
+
+
+@pytest.mark.parametrize("why", ["tqdm missing", "output not a terminal"])
+def test_toy_progress_falls_back_to_plain_lines(monkeypatch, capsys, why):
+    from train_toy_2d import Progress
+
+    if why == "tqdm missing":
+        monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm now raises ImportError
+        monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    progress = Progress(4, enabled=True, every_s=0.0)
+    progress.write("a metrics line")
+    for _ in range(4):
+        progress.step()
+    progress.close()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "a metrics line" and len(lines) == 5
+    assert lines[-1].startswith("4/4 steps (100 %), ") and lines[-1].endswith(" 0 s left")
+    assert "steps/s" in lines[1]
+
+
+def test_toy_progress_bar_on_a_terminal(monkeypatch):
+    pytest.importorskip("tqdm")
+    from train_toy_2d import Progress
+
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    progress = Progress(2, enabled=True)
+    assert progress.bar is not None and progress.bar.total == 2
+    progress.bar.disable = True  # nothing drawn into the test's output
+    progress.close()
+
+
+def test_toy_progress_off_prints_only_written_lines(capsys):
+    from train_toy_2d import Progress
+
+    progress = Progress(3, enabled=False, every_s=0.0)
+    for _ in range(3):
+        progress.step()
+    progress.write("only this")
+    progress.close()
+    assert capsys.readouterr().out == "only this\n"
 
 
 def test_toy_example_rejects_bad_arguments(tmp_path):

@@ -20,6 +20,7 @@ from soflow_core import (
     AdaptiveWeighting,
     ClassifierFreeGuidance,
     ConsistencyTimeSampler,
+    EulerParam,
     ExponentSchedule,
     FlowMatchingLoss,
     LinearPath,
@@ -27,6 +28,7 @@ from soflow_core import (
     SoFlowObjective,
     TrigParam,
     TrigPath,
+    Uniform,
 )
 from soflow_core.objective import split_sizes
 
@@ -263,6 +265,19 @@ def test_preset_for_a_model_with_fewer_classes():
         SoFlowObjective.from_preset("cifar10", num_classes=10)
     with pytest.raises(ValueError, match="num_classes must be >= 1; got 0"):
         SoFlowObjective.from_preset("imagenet", num_classes=0)
+
+
+def test_toy_preset_is_the_documented_recipe():
+    toy = SoFlowObjective.from_preset("toy")
+    assert toy.fm_fraction == 0.25 and toy.guidance is None
+    assert toy.weighting == AdaptiveWeighting(p=0.35, eps=1.0)
+    assert toy.fm_time == LogitNormal(mean=-0.2, std=1.0)
+    assert toy.consistency_times == ConsistencyTimeSampler(
+        t_distribution=Uniform(low=0.0, high=1.0),
+        s_distribution=LogitNormal(mean=-3.0, std=1.5),
+        schedule=ExponentSchedule(r_init=1.0, r_end=0.002),
+    )
+    assert isinstance(toy.path, LinearPath) and isinstance(toy.param, EulerParam)
 
 
 def test_image_shaped_data_and_float32():

@@ -1,8 +1,9 @@
+import pytest
 import torch
 from _helpers import random_mlp
 
 from soflow_core import EulerParam, LinearPath, TrigParam, TrigPath, sample_chain, sample_few_step, sample_one_step
-from soflow_core.samplers import uniform_time_grid
+from soflow_core.samplers import renoise_times, uniform_time_grid
 
 
 def test_one_step_is_solution_from_one_to_zero():
@@ -77,3 +78,43 @@ def test_samplers_run_without_grad():
     net = random_mlp(3)
     out = sample_one_step(net, torch.randn(2, 3, dtype=torch.float64), param=EulerParam())
     assert not out.requires_grad
+
+
+def test_few_step_renoises_to_the_given_times():
+    net = random_mlp(3, seed=6)
+    noise = torch.randn(4, 3, dtype=torch.float64)
+    param, path = EulerParam(), LinearPath()
+    got = sample_few_step(
+        net, noise, param=param, path=path, times=[1.0, 0.3], generator=torch.Generator().manual_seed(2)
+    )
+    g = torch.Generator().manual_seed(2)
+    ones, zeros = torch.ones(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64)
+    x0 = noise - net(noise, ones, zeros, None)
+    x = 0.7 * x0 + 0.3 * torch.randn(4, 3, generator=g, dtype=torch.float64)
+    expected = x - 0.3 * net(x, torch.full((4,), 0.3, dtype=torch.float64), zeros, None)
+    torch.testing.assert_close(got, expected, rtol=1e-14, atol=1e-14)
+    # the uniform grid is the default, with or without num_steps beside matching times
+    same = {"param": param, "path": path}
+    uniform = sample_few_step(net, noise, num_steps=3, generator=torch.Generator().manual_seed(0), **same)
+    explicit = sample_few_step(
+        net, noise, num_steps=3, times=uniform_time_grid(3)[:3], generator=torch.Generator().manual_seed(0), **same
+    )
+    torch.testing.assert_close(uniform, explicit, rtol=0, atol=0)
+
+
+def test_renoise_times():
+    assert renoise_times(1) == [1.0]
+    assert renoise_times(4) == [1.0, 0.75, 0.5, 0.25]
+    assert renoise_times(times=torch.tensor([1.0, 0.5, 0.2])) == pytest.approx([1.0, 0.5, 0.2])
+    for times, words in [
+        ([0.9, 0.3], "start at 1.0"),
+        ([1.0, 0.3, 0.4], "decrease strictly"),
+        ([1.0, 0.0], "above 0"),
+        ([], "start at 1.0"),
+    ]:
+        with pytest.raises(ValueError, match=words):
+            renoise_times(times=times)
+    with pytest.raises(ValueError, match="num_steps must equal"):
+        renoise_times(3, [1.0, 0.3])
+    with pytest.raises(ValueError, match="num_steps or times"):
+        renoise_times()

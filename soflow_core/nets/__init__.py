@@ -14,7 +14,7 @@ from soflow_core.nets.checkpoints import (
     read_state_dict,
 )
 from soflow_core.nets.dit import DIT_SIZES, DiT, DiTSize, sincos_pos_embed_2d
-from soflow_core.nets.mlp import MLPBackbone, sinusoidal_embedding
+from soflow_core.nets.mlp import MLPBackbone, fourier_features, sinusoidal_embedding
 from soflow_core.nets.unet import SongUNet, positional_embedding
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "LoadedBackbone",
     "MLPBackbone",
     "SongUNet",
+    "fourier_features",
     "load_backbone",
     "load_weights",
     "positional_embedding",

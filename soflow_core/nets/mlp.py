@@ -13,7 +13,7 @@ from soflow_core._validation import check_int, check_real
 from soflow_core.nets.checkpoints import AbstractBackbone, resolve_config, state_shape
 from soflow_core.typing import Cond, Data, Time
 
-__all__ = ["MLPBackbone", "sinusoidal_embedding"]
+__all__ = ["MLPBackbone", "fourier_features", "sinusoidal_embedding"]
 
 
 def sinusoidal_embedding(t: Time, dim: int, *, max_period: float = 10_000.0) -> Float[Tensor, " b {dim}"]:
@@ -35,6 +35,30 @@ def sinusoidal_embedding(t: Time, dim: int, *, max_period: float = 10_000.0) -> 
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
 
 
+def fourier_features(x: Float[Tensor, "b d"], frequencies: Float[Tensor, "d k"]) -> Float[Tensor, "b d+2*k"]:
+    r"""The input with random Fourier features of it (Tancik et al., NeurIPS 2020, Eq. 5).
+
+    $$\gamma(x) = [\,x,\ \sin(2\pi\, x B),\ \cos(2\pi\, x B)\,],\qquad B \in \mathbb{R}^{d\times k}.$$
+
+    A plain MLP of the coordinates learns sharp features (the straight edge of a square) only
+    slowly; these features hand it oscillations of the scales in B to combine.
+
+    Args:
+        x: Flat inputs of shape (b, d).
+        frequencies: B, one column per feature pair.
+
+    Returns:
+        The d + 2k features, in the dtype of ``x``.
+
+    Examples:
+        >>> import torch
+        >>> fourier_features(torch.zeros(3, 2), torch.ones(2, 4)).shape
+        torch.Size([3, 10])
+    """
+    angles = (2.0 * math.pi) * (x @ frequencies.to(x.dtype))
+    return torch.cat([x, torch.sin(angles), torch.cos(angles)], dim=1)
+
+
 class _ResidualBlock(nn.Module):
     def __init__(self, width: int, dropout: float) -> None:
         super().__init__()
@@ -53,9 +77,13 @@ class MLPBackbone(AbstractBackbone):
     Times are embedded as the SoFlow networks do (sinusoids of t and of t − s, unscaled), mapped
     by a small MLP and added in every block. With ``num_classes``, a label table of
     ``num_classes + 1`` rows embeds the labels, the last row being the null class used by
-    classifier-free guidance. The output layer starts at zero, so F_θ ≡ 0 at initialisation.
-    ``save_pretrained`` and ``from_pretrained`` write and read shareable folders (see
-    [`AbstractBackbone`][soflow_core.nets.checkpoints.AbstractBackbone]).
+    classifier-free guidance. With ``fourier_features`` = k > 0 the input layer sees
+    [`fourier_features`][soflow_core.nets.mlp.fourier_features] of x, with B drawn once from
+    N(0, ``fourier_scale``²) by a generator seeded with ``fourier_seed`` and kept as the buffer
+    ``input_frequencies`` (saved in the state dict, so a loaded MLP uses the saved B whatever its
+    scale and seed; None without features). The output layer starts at zero, so F_θ ≡ 0 at
+    initialisation. ``save_pretrained`` and ``from_pretrained`` write and read shareable folders
+    (see [`AbstractBackbone`][soflow_core.nets.checkpoints.AbstractBackbone]).
 
     Args:
         dim: Data dimension.
@@ -64,6 +92,9 @@ class MLPBackbone(AbstractBackbone):
         time_features: Sinusoidal features per time input.
         num_classes: Number of classes for conditional models, or None.
         dropout: Dropout probability inside the blocks.
+        fourier_features: k, the number of random Fourier frequencies of the input (0: none).
+        fourier_scale: σ of the frequencies, in cycles per data unit.
+        fourier_seed: Seed of the frequencies' generator.
 
     Examples:
         >>> import torch
@@ -81,6 +112,9 @@ class MLPBackbone(AbstractBackbone):
         time_features: int = 64,
         num_classes: int | None = None,
         dropout: float = 0.0,
+        fourier_features: int = 0,
+        fourier_scale: float = 1.0,
+        fourier_seed: int = 0,
     ) -> None:
         super().__init__()
         self.dim = check_int("dim", dim, low=1)
@@ -92,7 +126,15 @@ class MLPBackbone(AbstractBackbone):
         self.dropout = check_real("dropout", dropout, low=0.0, high=1.0, high_open=True)
         self.num_classes = None if num_classes is None else check_int("num_classes", num_classes, low=1)
         self.null_class = self.num_classes is not None  # the label table always has the null row
-        self.input = nn.Linear(dim, width)
+        self.fourier_features = check_int("fourier_features", fourier_features, low=0)
+        self.fourier_scale = check_real("fourier_scale", fourier_scale, low=0.0, low_open=True)
+        self.fourier_seed = check_int("fourier_seed", fourier_seed, low=0)
+        frequencies = None
+        if self.fourier_features:
+            generator = torch.Generator().manual_seed(fourier_seed)
+            frequencies = fourier_scale * torch.randn(dim, self.fourier_features, generator=generator)
+        self.register_buffer("input_frequencies", frequencies)
+        self.input = nn.Linear(dim + 2 * self.fourier_features, width)
         self.time_mlp = nn.Sequential(nn.Linear(2 * time_features, width), nn.SiLU(), nn.Linear(width, width))
         self.label_embedding = None if num_classes is None else nn.Embedding(num_classes + 1, width)
         self.blocks = nn.ModuleList(_ResidualBlock(width, dropout) for _ in range(depth))
@@ -113,15 +155,22 @@ class MLPBackbone(AbstractBackbone):
             "time_features": self.time_features,
             "num_classes": self.num_classes,
             "dropout": self.dropout,
+            "fourier_features": self.fourier_features,
+            "fourier_scale": self.fourier_scale,
+            "fourier_seed": self.fourier_seed,
         }
 
     @classmethod
     def config_from_state(cls, state: Mapping[str, Tensor], **hints: Any) -> dict[str, Any]:
         """The MLP a state dict belongs to; ``dropout`` leaves no trace in the weights (0 unless given).
 
+        The Fourier frequencies are a buffer of the state dict, so ``fourier_features`` is read from
+        its shape; ``fourier_scale`` and ``fourier_seed`` only draw them and are taken as given.
+
         Args:
             state: The state dict (prefixes stripped).
-            **hints: Constructor arguments; ``dropout`` is taken as given, the others must agree.
+            **hints: Constructor arguments; ``dropout``, ``fourier_scale`` and ``fourier_seed`` are
+                taken as given, the others must agree.
 
         Returns:
             Keyword arguments for ``MLPBackbone``.
@@ -129,10 +178,12 @@ class MLPBackbone(AbstractBackbone):
         Raises:
             ValueError: If the keys or shapes are not an MLPBackbone's, or a hint contradicts them.
         """
-        width, dim = state_shape(state, "input.weight", 2)
+        width, inputs = state_shape(state, "input.weight", 2)
+        frequencies = state_shape(state, "input_frequencies", 2) if "input_frequencies" in state else (inputs, 0)
         table = state.get("label_embedding.weight")
         inferred = {
-            "dim": dim,
+            "dim": frequencies[0],
+            "fourier_features": frequencies[1],
             "width": width,
             "depth": len({m.group(1) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))}),
             "time_features": state_shape(state, "time_mlp.0.weight", 2)[1] // 2,
@@ -165,7 +216,7 @@ class MLPBackbone(AbstractBackbone):
             emb = emb + self.label_embedding(labels.long())
         elif cond is not None:
             raise ValueError("cond was given to an unconditional MLPBackbone (num_classes=None)")
-        h = self.input(x)
+        h = self.input(x if self.input_frequencies is None else fourier_features(x, self.input_frequencies))
         for block in self.blocks:
             h = block(h, emb)
         return self.output(nn.functional.silu(self.output_norm(h)))
