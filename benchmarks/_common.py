@@ -18,13 +18,23 @@ import json
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+# Where results go by default: outside the tracked tree (runs/ is git-ignored), so a run never marks later
+# results "-dirty". Pass ``--out-dir benchmarks/results`` to write the committed results.
+RESULTS = ROOT / "runs" / "benchmarks"
+PUBLISHED_RESULTS = Path(__file__).resolve().parent / "results"
+
+sys.path.insert(0, str(ROOT / "examples"))
+from _cli import config_parser, resolve_config  # noqa: E402  (the shared --help mechanism)
+
+__all__ = ["config_parser", "resolve_config"]
 
 
 def git_commit() -> str:
@@ -143,7 +153,7 @@ def copy_bandwidth_gbps(device: torch.device, *, megabytes: int = 512) -> float:
 
 
 def write_rows(stem: str, rows: list[dict], table: str, *, directory: str | Path | None = None) -> tuple[Path, Path]:
-    """Write ``<directory>/<stem>.json`` (a list of rows) and ``<stem>.md`` (the table); default ``results/``."""
+    """Write ``<directory>/<stem>.json`` (a list of rows) and ``<stem>.md`` (the table); default ``RESULTS``."""
     folder = Path(directory) if directory else RESULTS
     folder.mkdir(parents=True, exist_ok=True)
     json_path, md_path = folder / f"{stem}.json", folder / f"{stem}.md"
@@ -158,17 +168,21 @@ def comma_list(kind: Callable[[str], object] = str) -> Callable[[str], tuple]:
 
 
 def preset_parser(doc: str | None, presets: dict, default: str) -> argparse.ArgumentParser:
-    """A parser with ``--config`` naming one of ``presets``; the description is the docstring's first paragraph."""
+    """A parser with ``--preset`` naming one of ``presets``, for scripts that add their flags by hand.
+
+    ``config_parser`` (from ``examples/_cli.py``) builds the whole parser from the config dataclass instead.
+    """
     parser = argparse.ArgumentParser(description=(doc or "").split("\n\n")[0])
-    parser.add_argument("--config", choices=sorted(presets), default=default)
+    parser.add_argument("--preset", choices=sorted(presets), default=default, help="base configuration")
+    parser.add_argument("--config", dest="preset", choices=sorted(presets), help=argparse.SUPPRESS)  # old name
     return parser
 
 
 def resolve_preset(args: argparse.Namespace, presets: dict, *, ignore: tuple[str, ...] = ()) -> object:
-    """The preset named by ``args.config`` with every other argument that was given replacing its field."""
-    skipped = {"config", *ignore}
+    """The preset named by ``args.preset`` with every other argument that was given replacing its field."""
+    skipped = {"preset", *ignore}
     overrides = {k: v for k, v in vars(args).items() if k not in skipped and v is not None}
-    return dataclasses.replace(presets[args.config], **overrides)
+    return dataclasses.replace(presets[args.preset], **overrides)
 
 
 def device_slug(name: str) -> str:

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_loss_kernels.py                  # the full grid on the default device
     python benchmarks/bench_loss_kernels.py --batches 256    # one batch size
-    python benchmarks/bench_loss_kernels.py --config tiny    # seconds; CI runs this
+    python benchmarks/bench_loss_kernels.py --preset tiny    # seconds; CI runs this
 
 For each op (path build, guided teacher state, guided target, Flow Matching rows, consistency
 rows), mode (fwd, bwd, full = fwd + bwd), batch (32 … 1024), sample shape (4×32×32 latents,
@@ -39,13 +39,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
     bench,
     bench_graph,
-    comma_list,
+    config_parser,
     copy_bandwidth_gbps,
     device_slug,
     environment,
     peak_memory_mb,
-    preset_parser,
-    resolve_preset,
+    resolve_config,
     write_rows,
 )
 
@@ -68,18 +67,19 @@ GRAD_OPS = ("flow_matching", "consistency")  # the combination ops run without g
 class BenchConfig:
     """What to measure; saved in every row."""
 
-    batches: tuple[int, ...] = (32, 64, 128, 256, 512, 1024)
-    shapes: tuple[str, ...] = ("4x32x32", "3x32x32")
-    dtypes: tuple[str, ...] = ("float32", "bfloat16")
-    ops: tuple[str, ...] = OPS
-    modes: tuple[str, ...] = MODES
-    providers: tuple[str, ...] = PROVIDERS
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"
-    cpu_repeats: int = 10
-    out: str = ""  # results file stem; default loss_kernels-<device>
-    out_dir: str = ""  # default benchmarks/results
+    batches: tuple[int, ...] = (32, 64, 128, 256, 512, 1024)  # batch sizes measured
+    shapes: tuple[str, ...] = ("4x32x32", "3x32x32")  # per-sample shapes measured, CxHxW
+    dtypes: tuple[str, ...] = ("float32", "bfloat16")  # tensor dtypes measured
+    ops: tuple[str, ...] = OPS  # fused loss-path ops measured
+    modes: tuple[str, ...] = MODES  # forward only, or forward and backward
+    providers: tuple[str, ...] = PROVIDERS  # eager PyTorch, the Triton kernel, the registered custom op
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"  # "cuda" (the figures that matter) or "cpu"
+    cpu_repeats: int = 10  # timed repeats per case on a CPU
+    out: str = ""  # results file stem ("": loss_kernels-<device>)
+    out_dir: str = ""  # results folder ("": runs/benchmarks; benchmarks/results holds the committed ones)
 
 
+PRESETS_HELP = {"paper": "every op, batch and dtype (a GPU run)", "tiny": "one tiny case per op (seconds; CI)"}
 PRESETS = {
     "paper": BenchConfig(),
     "tiny": BenchConfig(
@@ -335,7 +335,7 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def parse_config(argv: list[str] | None = None) -> BenchConfig:
-    """The preset named by ``--config`` with command-line overrides.
+    """The preset named by ``--preset`` with command-line overrides.
 
     Args:
         argv: Arguments (default: ``sys.argv[1:]``).
@@ -343,22 +343,15 @@ def parse_config(argv: list[str] | None = None) -> BenchConfig:
     Returns:
         The resolved configuration.
     """
-    parser = preset_parser(__doc__, PRESETS, "paper")
-    parser.add_argument("--batches", type=comma_list(int), help="comma-separated, e.g. 32,256")
-    parser.add_argument("--shapes", type=comma_list(), help="e.g. 4x32x32,3x32x32")
-    parser.add_argument("--dtypes", type=comma_list(), help="float32,bfloat16,float16")
-    parser.add_argument("--ops", type=comma_list(), help=",".join(OPS))
-    parser.add_argument("--modes", type=comma_list(), help=",".join(MODES))
-    parser.add_argument("--providers", type=comma_list(), help=",".join(PROVIDERS))
-    parser.add_argument("--device")
-    parser.add_argument("--out", help="results file stem")
-    parser.add_argument("--out-dir", dest="out_dir", help="results folder (default benchmarks/results)")
-    args = parser.parse_args(argv)
-    config = resolve_preset(args, PRESETS)
-    for name, allowed in (("ops", OPS), ("modes", MODES), ("providers", PROVIDERS)):
-        unknown = set(getattr(config, name)) - set(allowed)
-        if unknown:
-            parser.error(f"--{name}: unknown {sorted(unknown)}; choose from {', '.join(allowed)}")
+    parser = config_parser(
+        __doc__,
+        BenchConfig,
+        PRESETS,
+        "paper",
+        presets_help=PRESETS_HELP,
+        choices={"ops": OPS, "modes": MODES, "providers": PROVIDERS, "dtypes": ("float32", "bfloat16", "float16")},
+    )
+    config = resolve_config(parser.parse_args(argv), BenchConfig, PRESETS)
     for dtype in config.dtypes:
         if dtype not in ("float32", "bfloat16", "float16"):
             parser.error(f"--dtypes: unknown {dtype!r}; choose from float32, bfloat16, float16")

@@ -1,7 +1,7 @@
 """Graphs, graph breaks, recompiles and kernel launches of the whole compiled SoFlow training step.
 
     python benchmarks/compile_step.py                      # CPU: every case traced, three compiled for 50 steps
-    python benchmarks/compile_step.py --config tiny        # CI: every case traced, the MLP compiled for 50 steps
+    python benchmarks/compile_step.py --preset tiny        # CI: every case traced, the MLP compiled for 50 steps
     python benchmarks/compile_step.py --cases dit-imagenet-cfg --steps 20 --device cuda
 
 The step is [`make_training_step`][soflow_core.train.make_training_step]: the batch is drawn
@@ -35,12 +35,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import comma_list, device_slug, environment, preset_parser, resolve_preset, write_rows
+from _common import config_parser, device_slug, environment, resolve_config, write_rows
 
 from soflow_core import SoFlowObjective
 from soflow_core.nets import DiT, MLPBackbone, SongUNet
@@ -110,12 +111,12 @@ class StepConfig:
             spending their time in thread synchronisation on a loaded machine.
         seed: Seed of weights, data and draws.
         out: Results file stem (default ``compile_step-<device>``).
-        out_dir: Results folder (default ``benchmarks/results``).
+        out_dir: Results folder (default ``runs/benchmarks``; ``benchmarks/results`` holds the committed ones).
     """
 
     cases: tuple[str, ...] = tuple(CASES)
     compiled: tuple[str, ...] = ("mlp-imagenet-cfg", "dit-imagenet-cfg", "unet-cifar10-dropout")
-    size: str = "small"
+    size: Literal["tiny", "small"] = "small"
     batch_size: int = 8
     steps: int = 50
     timed: int = 20
@@ -127,6 +128,7 @@ class StepConfig:
     out_dir: str = ""
 
 
+PRESETS_HELP = {"full": "every case at the small size (minutes)", "tiny": "tiny networks, the MLP compiled (CI)"}
 PRESETS = {
     "full": StepConfig(),
     "tiny": StepConfig(compiled=("mlp-imagenet-cfg",), size="tiny", steps=50, timed=10, device="cpu"),
@@ -388,7 +390,7 @@ def markdown_table(rows: list[dict], config: StepConfig) -> str:
 
 
 def parse_config(argv: list[str] | None = None) -> StepConfig:
-    """The preset named by ``--config`` with command-line overrides.
+    """The preset named by ``--preset`` with command-line overrides.
 
     Args:
         argv: Arguments (default: ``sys.argv[1:]``).
@@ -396,23 +398,10 @@ def parse_config(argv: list[str] | None = None) -> StepConfig:
     Returns:
         The resolved configuration.
     """
-    parser = preset_parser(__doc__, PRESETS, "full")
-    parser.add_argument("--cases", type=comma_list(), help=",".join(CASES))
-    parser.add_argument("--compiled", type=comma_list(), help="cases also compiled and run")
-    parser.add_argument("--size", choices=("tiny", "small"))
-    parser.add_argument("--batch-size", dest="batch_size", type=int)
-    parser.add_argument("--steps", type=int)
-    parser.add_argument("--timed", type=int)
-    parser.add_argument("--backend")
-    parser.add_argument("--device")
-    parser.add_argument("--threads", type=int)
-    parser.add_argument("--out", help="results file stem")
-    parser.add_argument("--out-dir", dest="out_dir", help="results folder (default benchmarks/results)")
-    args = parser.parse_args(argv)
-    config = resolve_preset(args, PRESETS)
-    unknown = sorted((set(config.cases) | set(config.compiled)) - set(CASES))
-    if unknown:
-        parser.error(f"--cases/--compiled: unknown {unknown}; choose from {', '.join(CASES)}")
+    parser = config_parser(
+        __doc__, StepConfig, PRESETS, "full", presets_help=PRESETS_HELP, choices={"cases": CASES, "compiled": CASES}
+    )
+    config = resolve_config(parser.parse_args(argv), StepConfig, PRESETS)
     if config.batch_size < 4:
         parser.error(f"--batch-size must be >= 4 (both sub-batches need samples); got {config.batch_size}")
     if not 2 <= config.timed < config.steps:

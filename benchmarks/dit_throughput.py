@@ -1,7 +1,7 @@
 """FLOPs of the ImageNet training step and one-step sampling throughput of the DiT.
 
     python benchmarks/dit_throughput.py --model DiT-B/2 --batch-size 256        # FLOPs + sampling
-    python benchmarks/dit_throughput.py --config tiny                            # seconds on a CPU
+    python benchmarks/dit_throughput.py --preset tiny                            # seconds on a CPU
 
 Training FLOPs are counted, not estimated: one full step of ``examples/train_dit_imagenet.py``'s
 objective (the model, the ``imagenet`` preset with the size's guidance scale, the same batch
@@ -18,13 +18,13 @@ Rows (device, versions, commit, config) go to ``benchmarks/results/dit_throughpu
 with a markdown table beside them.
 """
 
-import argparse
 import contextlib
 import dataclasses
 import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT / "examples"))
 import _training as T  # noqa: E402
 import train_dit_imagenet as imagenet  # noqa: E402
-from _common import bench, comma_list, device_slug, environment, preset_parser, resolve_preset, write_rows  # noqa: E402
+from _common import bench, config_parser, device_slug, environment, resolve_config, write_rows  # noqa: E402
 
 from soflow_core import sample_one_step  # noqa: E402
 
@@ -54,18 +54,19 @@ def peak_tflops(device_name: str, precision: str) -> float | None:
 class ThroughputConfig:
     """What to measure; saved in every row."""
 
-    models: tuple[str, ...] = ("DiT-B/2", "DiT-XL/2")
-    batch_size: int = 256
-    precision: str = "bf16"  # autocast of the network, as the trainer's --precision
-    sample_models: tuple[str, ...] = ("DiT-XL/2",)
-    sample_batch: int = 256
-    compile: bool = False
+    models: tuple[str, ...] = ("DiT-B/2", "DiT-XL/2")  # DiT sizes whose training step is counted and timed
+    batch_size: int = 256  # training batch
+    precision: Literal["fp32", "bf16"] = "bf16"  # autocast of the network, as the trainer's --precision
+    sample_models: tuple[str, ...] = ("DiT-XL/2",)  # DiT sizes whose 1-NFE sampling throughput is timed
+    sample_batch: int = 256  # sampling batch
+    compile: bool = False  # also time the sampler under torch.compile
     metrics: tuple[str, ...] = ()  # trainer metrics.jsonl files, "MODEL=PATH[:label]"
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"
-    out: str = ""
-    out_dir: str = ""
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"  # "cuda" or "cpu"
+    out: str = ""  # results file stem ("": dit_throughput-<device>)
+    out_dir: str = ""  # results folder ("": runs/benchmarks; benchmarks/results holds the committed ones)
 
 
+PRESETS_HELP = {"paper": "DiT-B/2 and DiT-XL/2 at batch 256 in bf16 (a GPU run)", "tiny": "a tiny DiT (CI)"}
 PRESETS = {
     "paper": ThroughputConfig(),
     "tiny": ThroughputConfig(
@@ -222,7 +223,7 @@ def markdown_table(rows: list[dict], env: dict) -> str:
 
 
 def parse_config(argv: list[str] | None = None) -> ThroughputConfig:
-    """The preset named by ``--config`` with command-line overrides.
+    """The preset named by ``--preset`` with command-line overrides.
 
     Args:
         argv: Arguments (default: ``sys.argv[1:]``).
@@ -230,19 +231,9 @@ def parse_config(argv: list[str] | None = None) -> ThroughputConfig:
     Returns:
         The resolved configuration.
     """
-    parser = preset_parser(__doc__, PRESETS, "paper")
-    parser.add_argument("--models", type=comma_list())
-    parser.add_argument("--batch-size", dest="batch_size", type=int)
-    parser.add_argument("--precision", choices=("fp32", "bf16"))
-    parser.add_argument("--sample-models", dest="sample_models", type=comma_list())
-    parser.add_argument("--sample-batch", dest="sample_batch", type=int)
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
-    parser.add_argument("--metrics", type=comma_list(), help="MODEL=PATH[:label],... trainer metrics.jsonl files")
-    parser.add_argument("--device")
-    parser.add_argument("--out")
-    parser.add_argument("--out-dir", dest="out_dir")
-    args = parser.parse_args(argv)
-    config = resolve_preset(args, PRESETS)
+    choices = {"models": tuple(T.ALL_DIT_SIZES), "sample_models": tuple(T.ALL_DIT_SIZES)}
+    parser = config_parser(__doc__, ThroughputConfig, PRESETS, "paper", presets_help=PRESETS_HELP, choices=choices)
+    config = resolve_config(parser.parse_args(argv), ThroughputConfig, PRESETS)
     if config.batch_size < 1 or config.sample_batch < 1:
         parser.error(f"--batch-size and --sample-batch must be >= 1; got {config.batch_size}, {config.sample_batch}")
     for model in (*config.models, *config.sample_models):

@@ -1,7 +1,7 @@
 """SoFlow against JVP-based MeanFlow: training-step time and peak memory on the same DiT.
 
     python benchmarks/jvp_vs_soflow.py                        # paper: DiT-B/2, batch 256, bf16, CFG
-    python benchmarks/jvp_vs_soflow.py --config tiny          # seconds on a CPU; CI runs this
+    python benchmarks/jvp_vs_soflow.py --preset tiny          # seconds on a CPU; CI runs this
     python benchmarks/jvp_vs_soflow.py --model DiT-S/4 --batch-size 16 --dtype fp32 --device cpu \
         --compile --interleave --isolate                      # the committed CPU run
 
@@ -43,7 +43,6 @@ Rows (with device, versions, commit and the resolved config) go to
 (PNG) beside them. A variant that runs out of memory becomes a row with status ``oom``.
 """
 
-import argparse
 import contextlib
 import dataclasses
 import gc
@@ -59,12 +58,13 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import comma_list, device_slug, environment, preset_parser, resolve_preset, write_rows
+from _common import config_parser, device_slug, environment, resolve_config, write_rows
 from meanflow import MeanFlowObjective
 
 from soflow_core import SoFlowObjective
@@ -169,7 +169,7 @@ class BenchConfig:
         isolate: Run each row in its own process (needed for CPU memory figures).
         seed: Seed of weights, data and draws.
         out: Results file stem (default ``jvp_vs_soflow-<model>-<device>``).
-        out_dir: Results folder (default ``benchmarks/results``).
+        out_dir: Results folder (default ``runs/benchmarks``; ``benchmarks/results`` holds the committed ones).
     """
 
     model: str = "DiT-B/2"
@@ -177,7 +177,7 @@ class BenchConfig:
     in_channels: int = 4
     num_classes: int = 1000
     batch_size: int = 256
-    dtype: str = "bf16"
+    dtype: Literal["fp32", "bf16"] = "bf16"
     cfg: bool = True
     meanflow_scale: float = 1.0
     meanflow_mix: float = 0.5
@@ -202,6 +202,17 @@ class BenchConfig:
         if self.dtype == "fp32":
             skip.add("ref+bf16")
         return tuple(name for name in VARIANTS if name not in skip)
+
+
+PRESETS_HELP = {
+    "paper": "the GPU setting: DiT-B/2, batch 256, bf16, CFG (minutes per row on a GPU)",
+    "tiny": "a tiny DiT on a CPU (seconds; CI)",
+}
+
+
+def default_preset() -> str:
+    """``paper`` where a CUDA device is visible; on a CPU the tiny run (the paper setting would take hours)."""
+    return "paper" if torch.cuda.is_available() else "tiny"
 
 
 PRESETS = {
@@ -667,7 +678,7 @@ def bar_chart(rows: list[dict], path: Path, title: str) -> None:
 
 
 def parse_config(argv: list[str] | None = None) -> BenchConfig:
-    """The preset named by ``--config`` with command-line overrides.
+    """The preset named by ``--preset`` with command-line overrides.
 
     Args:
         argv: Arguments (default: ``sys.argv[1:]``).
@@ -675,25 +686,21 @@ def parse_config(argv: list[str] | None = None) -> BenchConfig:
     Returns:
         The resolved configuration.
     """
-    parser = preset_parser(__doc__, PRESETS, "paper")
-    parser.add_argument("--model", help=f"DiT-tiny, {', '.join(DIT_SIZES)}")
-    parser.add_argument("--input-size", dest="input_size", type=int)
-    parser.add_argument("--batch-size", dest="batch_size", type=int)
-    parser.add_argument("--dtype", choices=DTYPES)
-    parser.add_argument("--cfg", action=argparse.BooleanOptionalAction, default=None)
-    parser.add_argument("--variants", type=comma_list(), help=",".join(VARIANTS))
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
-    parser.add_argument("--compile-backend", dest="compile_backend")
-    parser.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None)
-    parser.add_argument("--warmup", type=int)
-    parser.add_argument("--iters", type=int)
-    parser.add_argument("--device")
-    parser.add_argument("--threads", type=int)
-    parser.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None)
-    parser.add_argument("--out", help="results file stem")
-    parser.add_argument("--out-dir", dest="out_dir", help="results folder (default benchmarks/results)")
+    parser = config_parser(
+        __doc__,
+        BenchConfig,
+        PRESETS,
+        default_preset(),
+        presets_help=PRESETS_HELP,
+        choices={"variants": tuple(VARIANTS)},
+    )
     args = parser.parse_args(argv)
-    config = resolve_preset(args, PRESETS)
+    config = resolve_config(args, BenchConfig, PRESETS)
+    print(
+        f"jvp_vs_soflow: preset {args.preset} ({PRESETS_HELP[args.preset]}): {config.model}, batch {config.batch_size},"
+        f" {config.dtype}, on {config.device}",
+        flush=True,
+    )
     if config.model != "DiT-tiny" and config.model not in DIT_SIZES:
         parser.error(f"--model: unknown {config.model!r}; choose DiT-tiny or one of {', '.join(DIT_SIZES)}")
     unknown = sorted(set(config.variants) - set(VARIANTS))

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _cli import optional_import
 
 __all__ = [
     "CIFAR10_URL",
@@ -38,11 +39,7 @@ _DATASETS = ("mean", "std", "label")
 
 
 def _h5py():
-    try:
-        import h5py
-    except ImportError as error:  # pragma: no cover - depends on the environment
-        raise ImportError('h5py is needed for latent shards: pip install -e ".[examples]"') from error
-    return h5py
+    return optional_import("h5py", "reading and writing latent shards")
 
 
 def _as_numpy(name: str, x) -> np.ndarray:

@@ -54,13 +54,27 @@ class OpenedModel:
 
 
 def add_source_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that name the model to open (``--help`` shows their defaults: use ``_cli.HelpFormatter``)."""
     parser.add_argument("--ckpt", required=True, help="run folder, step-*.pt, pretrained folder, official .pt, ...")
     parser.add_argument("--ckpt-steps", type=int, default=None, help="step of the checkpoint in <--ckpt>/ckpts/")
-    parser.add_argument("--entry", default=None, help="entry of a training file (default: the EMA weights)")
+    parser.add_argument(
+        "--weights",
+        default="ema",
+        choices=("ema", "raw"),
+        help="the EMA weights, or the raw (last optimizer step) weights of a training checkpoint",
+    )
+    parser.add_argument("--entry", default=None, help="entry of a training file to read (overrides --weights)")
     parser.add_argument("--model", default=None, help=f"DiT size to expect: {', '.join(T.ALL_DIT_SIZES)}")
-    parser.add_argument("--num-classes", type=int, default=1000, help="classes of a DiT label table (default 1000)")
+    parser.add_argument("--num-classes", type=int, default=1000, help="classes of a DiT label table")
     parser.add_argument("--path", default=None, choices=("linear", "trig"), help="noising path (re-noising)")
     parser.add_argument("--param", default=None, choices=("euler", "trig"), help="parameterization")
+
+
+def _entry(args: argparse.Namespace) -> str | None:
+    """The training-file entry to read: ``--entry``, else the one ``--weights`` names (None: the file's EMA one)."""
+    if args.entry is not None:
+        return args.entry
+    return "model" if args.weights == "raw" else None
 
 
 def check_source_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -159,7 +173,7 @@ def open_model(args: argparse.Namespace) -> OpenedModel:
         config = payload["config"]
         net = T.build_net(config)
         try:
-            report = load_weights(net, payload, entry=args.entry or "ema")
+            report = load_weights(net, payload, entry=_entry(args) or "ema")
         except ValueError as error:
             raise SystemExit(f"--ckpt {run_file}: {error}") from error
         objective = SoFlowObjective.from_preset(config["task"])  # the path and parameterization of training
@@ -169,7 +183,7 @@ def open_model(args: argparse.Namespace) -> OpenedModel:
         return OpenedModel(net.float().eval(), path, param, described, metadata)
 
     try:
-        contents = read_state_dict(source, entry=args.entry)
+        contents = read_state_dict(source, entry=_entry(args))
         cls = contents.backbone_class
         hints: dict[str, Any] = {}
         if args.model is not None and cls is not DiT:

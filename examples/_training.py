@@ -22,10 +22,8 @@ What a run guarantees, whatever happens to it (see docs/examples.md, "What a run
   ``IGNORED_ON_RESUME``), before anything is written.
 """
 
-import argparse
 import contextlib
 import copy
-import dataclasses
 import datetime
 import json
 import math
@@ -36,18 +34,18 @@ import socket
 import sys
 import threading
 import time
-import types
 import typing
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from _cli import config_parser, optional_import, resolve_config
 from torch import Tensor, nn
 
 from soflow_core import SoFlowObjective, step_generator
@@ -80,7 +78,7 @@ EXTRA_DIT_SIZES: dict[str, DiTSize] = {
 }
 ALL_DIT_SIZES: dict[str, DiTSize] = {**DIT_SIZES, **EXTRA_DIT_SIZES}
 
-# Baked-in guidance scale ω per size (spec §11.2: B/4 from imagenet.yaml; the others are
+# Baked-in guidance scale ω per size (B/4 from the official imagenet.yaml; the others are
 # reported by the paper text and not confirmed against the released per-model configs).
 GUIDANCE_SCALE = {"DiT-B/4": 3.0, "DiT-B/2": 2.5, "DiT-M/2": 2.25, "DiT-L/2": 2.0, "DiT-XL/2": 2.0}
 # Planned run length K per size: 80 epochs for B/4, 240 epochs (1.2 M steps at batch 256) for the rest.
@@ -101,53 +99,51 @@ class TrainConfig:
     max_steps: int = 0  # stop this invocation after this many steps (0: run to total_steps)
     batch_size: int = 256  # global batch = per-rank batch × world size × grad_accum
     grad_accum: int = 1  # micro-steps per optimizer step
-    lr: float = 1e-4
-    seed: int = 42
-    ema_decay: float = 0.9999
+    lr: float = 1e-4  # learning rate (constant, no warm-up or decay)
+    seed: int = 42  # seed of the initial weights and of every per-step draw
+    ema_decay: float = 0.9999  # EMA decay per EMA update (the paper's rule: constant)
     ema_every: int = 1  # EMA period n (1: every step; 16: the CIFAR-10 rule)
     ema_float64: bool = False  # keep the EMA in float64
+    # cap the EMA's kept weight by (1 + u)/(10 + u) at update u (diffusers' EMAModel rule), so the sample grids of a
+    # short run show what it learned; the paper's rule has no warm-up
+    ema_warmup: bool = False
     ckpt_every: int = 25_000  # checkpoint period in steps (and at the end)
     keep: int = 3  # checkpoints kept
     log_every: int = 100  # metrics.jsonl / progress-bar period in steps
     sample_every: int = 25_000  # sample-grid period in steps (0: only at the end)
     sample_grid: int = 64  # images in the sample grid
-    precision: str = "fp32"  # "fp32" or "bf16" (autocast of the network)
+    precision: Literal["fp32", "bf16"] = "fp32"  # autocast of the network
     tf32: bool = True  # TF32 matmuls and convolutions on CUDA (the reference setting)
     compile: bool = False  # torch.compile the whole step: loss + backward in one graph, the optimizer in another
-    compile_mode: str = ""  # torch.compile mode ("" default, "reduce-overhead" for CUDA graphs, "max-autotune")
+    # torch.compile mode ("": torch's default; "reduce-overhead": CUDA graphs)
+    compile_mode: Literal["", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = ""
     compile_backend: str = "inductor"  # torch.compile backend ("aot_eager" checks tracing without codegen)
     fsdp: bool = False  # FSDP2 (fully_shard per block) instead of DDP
     tensorboard: bool = False  # also write TensorBoard scalars to <out>/tb
-    device: str = "auto"  # "auto", "cpu" or "cuda"
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # where to train ("auto": CUDA when visible)
     progress: bool = True  # tqdm progress bar on rank 0
 
 
 # ----------------------------------------------------------------------------- command line
 
 
-def _field_type(annotation: Any) -> type:
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        return args[0]
-    return annotation
-
-
 def parse_config(
-    config_cls: type, presets: dict[str, Any], argv: list[str] | None, description: str, default_preset: str
+    config_cls: type,
+    presets: dict[str, Any],
+    argv: list[str] | None,
+    description: str,
+    default_preset: str,
+    presets_help: dict[str, str] | None = None,
 ) -> Any:
-    """Build a frozen config from a preset plus ``--field value`` overrides for every field."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(presets), default=default_preset, help="base configuration")
-    for f in dataclasses.fields(config_cls):
-        kind = _field_type(f.type)
-        flag = f"--{f.name.replace('_', '-')}"
-        if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
-        else:
-            parser.add_argument(flag, type=kind, default=None)
-    args = parser.parse_args(argv)
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls)}
-    config = dataclasses.replace(presets[args.preset], **{k: v for k, v in overrides.items() if v is not None})
+    """Build a frozen config from a preset plus ``--field value`` overrides for every field (see ``_cli``)."""
+    parser = config_parser(description, config_cls, presets, default_preset, presets_help=presets_help)
+    config = resolve_config(parser.parse_args(argv), config_cls, presets)
+    # the optional packages this run will need, checked before anything starts
+    optional_import("PIL.Image", "writing the sample grids")
+    if config.progress:
+        optional_import("tqdm", "the progress bar (or pass --no-progress)")
+    if config.tensorboard:
+        optional_import("torch.utils.tensorboard", "--tensorboard")
     problems = check_common(config)
     if problems:
         parser.error("; ".join(problems))
@@ -396,7 +392,7 @@ def load_states(
 
 def save_grid(images: Tensor | np.ndarray, path: Path, columns: int | None = None) -> None:
     """Tile uint8 NHWC images into one PNG."""
-    from PIL import Image
+    Image = optional_import("PIL.Image", "writing the sample grids")
 
     array = images.cpu().numpy() if isinstance(images, Tensor) else np.asarray(images)
     n, h, w, c = array.shape
@@ -708,9 +704,8 @@ class MetricsWriter:
         self.file = open(out / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115 (closed in close())
         self.tb = None
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(out / "tb"))
+            tensorboard_writer = optional_import("torch.utils.tensorboard", "--tensorboard").SummaryWriter
+            self.tb = tensorboard_writer(str(out / "tb"))
 
     def write(self, step: int, values: dict[str, float]) -> None:
         self.file.write(json.dumps({"step": step, **values}) + "\n")
@@ -912,7 +907,13 @@ def train(task: Task, runtime: Runtime, folder: RunFolder) -> dict[str, Any]:
         backend=config.compile_backend,
     )
     wanted = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-    ema = EMA(net, decay=config.ema_decay, every=config.ema_every, dtype=torch.float64 if config.ema_float64 else None)
+    ema = EMA(
+        net,
+        decay=config.ema_decay,
+        every=config.ema_every,
+        dtype=torch.float64 if config.ema_float64 else None,
+        warmup=config.ema_warmup,
+    )
     stream = EpochStream(num_samples=task.num_samples, seed=config.seed)
 
     start_step, position, window = 0, 0, None
@@ -957,8 +958,7 @@ def train(task: Task, runtime: Runtime, folder: RunFolder) -> dict[str, Any]:
     end_step = config.total_steps if not config.max_steps else min(config.total_steps, start_step + config.max_steps)
     bar = None
     if runtime.is_main and config.progress:
-        from tqdm import tqdm
-
+        tqdm = optional_import("tqdm", "the progress bar (or pass --no-progress)").tqdm
         bar = tqdm(total=config.total_steps, initial=start_step, dynamic_ncols=True, file=sys.stdout)
 
     sums: dict[str, Tensor] = {}

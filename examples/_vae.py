@@ -2,7 +2,7 @@
 
 Nothing is downloaded at run time: fetch the VAE once on a machine with internet access,
 
-    huggingface-cli download stabilityai/sd-vae-ft-mse --local-dir checkpoints/sd-vae-ft-mse
+    hf download stabilityai/sd-vae-ft-mse --local-dir checkpoints/sd-vae-ft-mse
 
 and pass that folder (``config.json`` + ``diffusion_pytorch_model.safetensors``) to the scripts.
 """
@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import torch
+from _cli import optional_import
 
 from soflow_core.train import SD_VAE_SCALE_FACTOR
 
@@ -26,7 +27,7 @@ def vae_missing_message(folder: str | os.PathLike, problem: str) -> str:
         f"{problem}. The ImageNet scripts need the VAE {VAE_NAME} in diffusers format "
         f"(config.json + diffusion_pytorch_model.safetensors) in a local folder; nothing is downloaded "
         f"at run time. On a machine with internet access run\n"
-        f"  huggingface-cli download {VAE_NAME} --local-dir {folder}\n"
+        f"  hf download {VAE_NAME} --local-dir {folder}\n"
         f"(or hf download ...), copy the folder here if needed, and pass it with --vae {folder}."
     )
 
@@ -52,11 +53,9 @@ def load_vae(folder: str | os.PathLike, *, device: torch.device | str = "cpu", d
         raise FileNotFoundError(vae_missing_message(folder, f"VAE folder {folder} has no config.json"))
     if not any((folder / name).is_file() for name in _WEIGHTS):
         raise FileNotFoundError(vae_missing_message(folder, f"VAE folder {folder} has no {_WEIGHTS[0]}"))
-    try:
-        from diffusers import AutoencoderKL
-    except ImportError as error:  # pragma: no cover - depends on the environment
-        raise ImportError('diffusers is needed for the VAE: pip install -e ".[examples]"') from error
-    vae = AutoencoderKL.from_pretrained(folder, local_files_only=True, torch_dtype=dtype)
+    vae = optional_import("diffusers", "the SD-VAE").AutoencoderKL.from_pretrained(
+        folder, local_files_only=True, torch_dtype=dtype
+    )
     return vae.to(device).eval().requires_grad_(False)
 
 

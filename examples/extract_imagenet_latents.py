@@ -3,7 +3,7 @@
     python examples/extract_imagenet_latents.py --data /data/imagenet/train \\
         --vae checkpoints/sd-vae-ft-mse --out data/imagenet256_latents
     torchrun --nproc_per_node 8 examples/extract_imagenet_latents.py --data ... --vae ... --out ...
-    python examples/extract_imagenet_latents.py --synthetic --config tiny   # end to end on random JPEGs, no downloads
+    python examples/extract_imagenet_latents.py --synthetic --preset tiny   # end to end on random JPEGs, no downloads
 
 Each image gets the ADM centre crop to ``--resolution`` (repeated 2× BOX downsampling while the
 short side is at least twice the target, a BICUBIC resize of the short side to the target, a
@@ -19,10 +19,9 @@ resolved configuration is saved as ``extract_config.json`` beside the shards. Re
 with ``_data.LatentShards(out)``.
 
 The VAE is ``stabilityai/sd-vae-ft-mse`` in diffusers format, from a local folder (fetch it once:
-``huggingface-cli download stabilityai/sd-vae-ft-mse --local-dir checkpoints/sd-vae-ft-mse``).
+``hf download stabilityai/sd-vae-ft-mse --local-dir checkpoints/sd-vae-ft-mse``).
 """
 
-import argparse
 import dataclasses
 import json
 import os
@@ -31,12 +30,14 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _cli import config_parser, optional_import, resolve_config
 from _data import LatentShardWriter
 from _vae import VAE_NAME, encode_posterior, load_vae, vae_missing_message
 
@@ -51,38 +52,29 @@ class ExtractConfig:
 
     data: str = "data/imagenet/train"  # train/<wnid>/*.JPEG folder, or a list file of "path [label]" lines
     vae: str = "checkpoints/sd-vae-ft-mse"  # local diffusers folder of stabilityai/sd-vae-ft-mse
-    out: str = "data/imagenet256_latents"
-    resolution: int = 256
+    out: str = "data/imagenet256_latents"  # output folder of the .h5 shards
+    resolution: int = 256  # image side after the ADM centre crop (a multiple of 8)
     batch_size: int = 64  # per rank
     num_workers: int = 8  # JPEG-decoding worker processes per rank
-    precision: str = "fp32"  # VAE compute: fp32 or bf16
-    storage: str = "float32"  # shard dtype of mean/std: float32 or float16
+    precision: Literal["fp32", "bf16"] = "fp32"  # VAE compute
+    storage: Literal["float32", "float16"] = "float32"  # shard dtype of mean/std
     limit: int = 0  # encode only the first N images (0 = all)
     synthetic: bool = False  # random JPEGs and a tiny random VAE in a temporary folder
 
 
-CONFIGS = {
+PRESETS_HELP = {
+    "paper": "ImageNet at 256×256, as the paper's latents",
+    "tiny": "64×64, 4 images per batch, no workers (with --synthetic: seconds on a CPU)",
+}
+PRESETS = {
     "paper": ExtractConfig(),
     "tiny": ExtractConfig(resolution=64, batch_size=4, num_workers=0, out="runs/imagenet_latents_tiny"),
 }
 
 
 def parse_config(argv: list[str] | None = None) -> ExtractConfig:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", choices=sorted(CONFIGS), default="paper", help="base configuration")
-    for f in dataclasses.fields(ExtractConfig):
-        flag = f"--{f.name.replace('_', '-')}"
-        if isinstance(f.default, bool):
-            parser.add_argument(flag, action="store_const", const=True, default=None)
-        else:
-            parser.add_argument(flag, type=type(f.default), default=None)
-    args = parser.parse_args(argv)
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(ExtractConfig)}
-    config = dataclasses.replace(CONFIGS[args.config], **{k: v for k, v in overrides.items() if v is not None})
-    if config.precision not in ("fp32", "bf16"):
-        parser.error(f"--precision must be fp32 or bf16; got {config.precision!r}")
-    if config.storage not in ("float32", "float16"):
-        parser.error(f"--storage must be float32 or float16; got {config.storage!r}")
+    parser = config_parser(__doc__, ExtractConfig, PRESETS, "paper", presets_help=PRESETS_HELP)
+    config = resolve_config(parser.parse_args(argv), ExtractConfig, PRESETS)
     if config.resolution < 8 or config.resolution % 8:
         parser.error(f"--resolution must be a positive multiple of 8; got {config.resolution}")
     if config.batch_size < 1 or config.num_workers < 0 or config.limit < 0:
@@ -252,7 +244,7 @@ def extract(config: ExtractConfig) -> list[Path]:
         "world_size": world,
         "precision": config.precision,
     }
-    from tqdm import tqdm
+    tqdm = optional_import("tqdm", "the progress bar").tqdm
 
     start, row = time.perf_counter(), 0
     with LatentShardWriter(path, len(indices), latent_shape, dtype=config.storage, **attrs) as writer:

@@ -7,6 +7,8 @@
     # the size read from the weights, path and parameterization from its config.yaml
     torchrun --nproc_per_node 8 examples/sample.py --ckpt SoFlow/XL-2-cond --ckpt-steps 1200000 \\
         --vae checkpoints/sd-vae-ft-mse --num-samples 50000 --nfe 2 --out samples/xl2_nfe2.npz
+    # the raw (not EMA) weights of a short run: an EMA of a few hundred steps is still mostly the initial weights
+    python examples/sample.py --ckpt runs/dit_imagenet_tiny --weights raw --num-samples 16 --out /tmp/raw.npz
     # a pretrained folder (config.json + model.safetensors)
     python examples/sample.py --ckpt published/dit_b4 --vae checkpoints/sd-vae-ft-mse --out samples/b4.npz
 
@@ -36,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _models as M
 import _training as T
+from _cli import HelpFormatter
 
 from soflow_core import sample_few_step, sample_one_step
 from soflow_core.nets import DiT
@@ -46,16 +49,16 @@ _RENOISE = 1  # key that separates the re-noising seeds from the per-sample seed
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     M.add_source_arguments(parser)
-    parser.add_argument("--num-samples", type=int, default=50_000)
-    parser.add_argument("--nfe", type=int, default=1, choices=(1, 2))
+    parser.add_argument("--num-samples", type=int, default=50_000, help="samples to draw (50 000 for FID)")
+    parser.add_argument("--nfe", type=int, default=1, choices=(1, 2), help="network evaluations per sample")
     parser.add_argument("--batch-size", type=int, default=125, help="samples per batch and rank")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the per-sample noise")
     parser.add_argument("--vae", default=None, help="local SD-VAE-ft-MSE folder (diffusers layout)")
-    parser.add_argument("--out", default="samples/samples.npz")
+    parser.add_argument("--out", default="samples/samples.npz", help="the .npz of uint8 samples to write")
     parser.add_argument("--grid", type=int, default=64, help="samples in the PNG grid")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to sample")
     args = parser.parse_args(argv)
     M.check_source_arguments(parser, args)
     if args.num_samples < 1 or args.batch_size < 1:

@@ -1,4 +1,4 @@
-"""Train a class-conditional SoFlow DiT on ImageNet-256 VAE latents (the reference recipe, spec §10-§11).
+"""Train a class-conditional SoFlow DiT on ImageNet-256 VAE latents (the official recipe).
 
     # 1 GPU / 8 GPUs / several nodes (global batch 256 is split over ranks and --grad-accum)
     python examples/train_dit_imagenet.py --data data/imagenet256_latents --out runs/dit_b4
@@ -21,6 +21,7 @@ import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -41,7 +42,7 @@ PATH is one .h5 file or a folder of .h5 shards with datasets
   label int64 (N,)             class indices 0..999
 Make them from the ImageNet-1k training set (ILSVRC2012 train/, one sub-folder per class) and a
 local copy of stabilityai/sd-vae-ft-mse
-  (huggingface-cli download stabilityai/sd-vae-ft-mse --local-dir checkpoints/sd-vae-ft-mse):
+  (hf download stabilityai/sd-vae-ft-mse --local-dir checkpoints/sd-vae-ft-mse):
   python examples/extract_imagenet_latents.py --data /data/imagenet/train \\
       --vae checkpoints/sd-vae-ft-mse --out data/imagenet256_latents
   (or torchrun --nproc_per_node 8 examples/extract_imagenet_latents.py ... on 8 GPUs)
@@ -50,16 +51,16 @@ then pass --data data/imagenet256_latents."""
 
 @dataclass(frozen=True, kw_only=True)
 class ImageNetConfig(T.TrainConfig):
-    """The ImageNet-256 run; defaults are the reference DiT-B/4 recipe (spec §11.1)."""
+    """The ImageNet-256 run; defaults are the reference DiT-B/4 recipe (the official code's imagenet.yaml)."""
 
     out: str = "runs/dit_imagenet"
     model: str = "DiT-B/4"  # any of DIT_SIZES (B/4, B/2, M/2, L/2, XL/2) or a small extra size
-    num_classes: int = 1000
+    num_classes: int = 1000  # classes of the label table; the null (unconditional) class is num_classes
     cfg_scale: float | None = None  # ω; None takes the per-size value (B/4 3.0, B/2 2.5, M/2 2.25, L/2 2.0, XL/2 2.0)
     vae: str | None = None  # local SD-VAE-ft-MSE folder to decode the sample grids
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute each DiT block in the backward pass (less memory)
     beta2: float = 0.99  # AdamW betas (0.9, beta2), weight decay 0
-    backend: str = "auto"  # loss-path kernels: auto, torch, triton
+    backend: Literal["auto", "torch", "triton"] = "auto"  # loss-path kernels ("auto": Triton on CUDA)
 
 
 PRESETS = {
@@ -74,8 +75,15 @@ PRESETS = {
         log_every=1,
         sample_every=0,
         sample_grid=4,
+        ema_warmup=True,
         out="runs/dit_imagenet_tiny",
     ),
+}
+
+
+PRESETS_HELP = {
+    "paper": "the paper's DiT-B/4 run: 400 000 steps at global batch 256 (a multi-GPU job)",
+    "tiny": "a 6-step smoke run of a tiny DiT on 10 classes (seconds on a CPU; EMA with warm-up)",
 }
 
 
@@ -110,7 +118,7 @@ def build_objective(config: ImageNetConfig, scale: float) -> SoFlowObjective:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    config, parser = T.parse_config(ImageNetConfig, PRESETS, argv, __doc__, "paper")
+    config, parser = T.parse_config(ImageNetConfig, PRESETS, argv, __doc__, "paper", PRESETS_HELP)
     if config.model not in T.ALL_DIT_SIZES:
         parser.error(f"--model must be one of {', '.join(T.ALL_DIT_SIZES)}; got {config.model!r}")
     if not config.synthetic and (config.data is None or not Path(config.data).exists()):

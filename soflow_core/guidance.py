@@ -1,4 +1,4 @@
-r"""Classifier-free guidance baked in at training time (spec §7).
+r"""Classifier-free guidance baked in at training time (SoFlow paper; see the Method page of the docs).
 
 The trained network already produces guided samples: its training target is
 $v_g = v_t + c(t)(\omega - 1)(v_t - v_\theta(x_t, t\mid\varnothing))$, mixed with the model's
@@ -106,7 +106,7 @@ def _check_null_cond(null_cond: object) -> None:
 
 
 def cfg_decay(t: Time, decay_time: float, *, rate: float = CFG_DECAY_RATE) -> Time:
-    r"""The smooth switch-off c(t) of guidance near pure noise (spec §7).
+    r"""The smooth switch-off c(t) of guidance near pure noise (SoFlow paper; see the Method page of the docs).
 
     $$c(t) = \begin{cases} 1 & t \le t_d \\ 1 - \exp\!\left(-k\,\frac{u}{1-u}\right),\;
       u = \mathrm{clamp}\!\left(\frac{1-t}{1-t_d}, 0, 1 - 10^{-6}\right) & t > t_d \end{cases}$$
@@ -134,7 +134,7 @@ def cfg_decay(t: Time, decay_time: float, *, rate: float = CFG_DECAY_RATE) -> Ti
 
 
 def guided_velocity(v_t: Data, v_uncond: Data, t: Time, *, scale: float, decay_time: float) -> Data:
-    r"""The guided velocity target (spec §7).
+    r"""The guided velocity target (SoFlow paper; see the Method page of the docs).
 
     $$v_g = v_t + c(t)\,(\omega - 1)\,(v_t - v_\theta(x_t, t \mid \varnothing)).$$
 
@@ -153,7 +153,7 @@ def guided_velocity(v_t: Data, v_uncond: Data, t: Time, *, scale: float, decay_t
 
 
 def mixed_velocity(v_guided: Data, v_model: Data, *, mix: float) -> Data:
-    r"""Mix the guided target with the model's own detached velocity (spec §7).
+    r"""Mix the guided target with the model's own detached velocity (SoFlow paper; see the Method page of the docs).
 
     $$v_\text{mix} = m\,v_g + (1 - m)\,\mathrm{sg}(v_\theta(x_t, t \mid c)).$$
 

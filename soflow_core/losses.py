@@ -1,4 +1,4 @@
-r"""The Flow Matching loss and the JVP-free solution-consistency loss (spec §5).
+r"""The Flow Matching loss and the JVP-free solution-consistency loss (SoFlow paper; see the Method page of the docs).
 
 Two layers, EDM-style:
 
@@ -161,7 +161,7 @@ def flow_matching_loss(
     weighting: AdaptiveWeighting,
     backend: Backend = "auto",
 ) -> FlowMatchingOutput:
-    r"""The adaptively weighted Flow Matching loss (spec §5.1).
+    r"""The adaptively weighted Flow Matching loss (SoFlow paper; see the Method page of the docs).
 
     $$\mathrm{mse}_i = \tfrac{1}{n}\lVert v_\theta(x_t, t) - \tilde v\rVert^2,\quad
       w_i = \frac{1}{|\partial_s b(t,t)|\,(\mathrm{mse}_i + \varepsilon)^p},\quad
@@ -209,7 +209,7 @@ def flow_matching_loss_from_output(
 ) -> FlowMatchingOutput:
     r"""[`flow_matching_loss`][soflow_core.flow_matching_loss] with v_θ = ∂ₛa·x_t + ∂ₛb·F_θ fused in.
 
-    The velocity of spec §3 is never materialised: the fused rows read F_θ(x_t, t, t) (and x_t
+    The model velocity v_θ(x_t, t) is never materialised: the fused rows read F_θ(x_t, t, t) (and x_t
     only when ∂ₛa(t, t) is not identically zero) and write dF directly in the backward.
 
     Args:
@@ -243,7 +243,7 @@ def flow_matching_loss_from_output(
 
 
 def consistency_quotient(f_t: Data, f_ell: Data, t: Time, ell: Time) -> Data:
-    r"""The finite-difference quotient of the solution-consistency loss (spec §4.3, §5.2).
+    r"""The finite-difference quotient of the solution-consistency loss (SoFlow paper; see the Method page of the docs).
 
     $$q = \frac{f_\theta(x_t, t, s) - f_\theta(x_\ell, \ell, s)}{t - \ell}
         \approx \partial_1 f_\theta\, v + \partial_2 f_\theta .$$
@@ -311,7 +311,7 @@ def solution_consistency_loss(
     weighting: AdaptiveWeighting,
     backend: Backend = "auto",
 ) -> ConsistencyOutput:
-    r"""The solution-consistency loss through its division-free surrogate (spec §5.2).
+    r"""The solution-consistency loss through its division-free surrogate (see the Method page).
 
     With f_t = a(t,s)·x_t + b(t,s)·F_t, q = (f_t − f_ℓ)/(t − ℓ) and w = 1/(mean_d q² + ε)^p
     (q and w detached), the surrogate is
@@ -456,7 +456,7 @@ def consistency_equivalent_loss(
 
 
 def teacher_state(x_t: Data, velocity: Data, t: Time, ell: Time, *, backend: Backend = "auto") -> Data:
-    r"""The teacher's input x_ℓ, one Euler step of the (guided) conditional velocity (spec §14.5).
+    r"""The teacher's input x_ℓ, one Euler step of the (guided) conditional velocity (as the official code builds it).
 
     $$x_\ell = x_t + \tilde v\,(\ell - t).$$
 
@@ -557,7 +557,7 @@ def guided_teacher_state(
 ) -> Data:
     r"""[`teacher_state`][soflow_core.losses.teacher_state] with the guided velocity, in one fused pass.
 
-    $$x_\ell = x_t + (\ell - t)\,\tilde v$$ with ṽ as in
+    \(x_\ell = x_t + (\ell - t)\,\tilde v\) with ṽ as in
     [`guided_target_from_outputs`][soflow_core.losses.guided_target_from_outputs]; ṽ itself is
     never materialised.
 

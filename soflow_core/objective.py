@@ -1,4 +1,4 @@
-r"""`SoFlowObjective`: one training step's loss, composed from the building blocks (spec §5.3, §15).
+r"""`SoFlowObjective`: one training step's loss, composed from the building blocks (see the Method page).
 
 The objective owns no network, optimizer or state. Each call draws noise, times and label
 masks from an explicit ``generator``, evaluates the backbone in as few batched calls as the
@@ -300,7 +300,7 @@ class SoFlowObjective:
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def from_preset(cls, name: str, **overrides: object) -> "SoFlowObjective":
+    def from_preset(cls, name: str, *, num_classes: int | None = None, **overrides: object) -> "SoFlowObjective":
         """One of the two released recipes or the library's toy recipe, with field overrides.
 
         * ``"imagenet"``: DiT-B/4 on ImageNet-256 latents with CFG (ω = 3, m = 0.25, drop 0.1,
@@ -315,20 +315,33 @@ class SoFlowObjective:
 
         Args:
             name: ``"imagenet"``, ``"cifar10"`` or ``"toy"``.
-            **overrides: Fields to replace, e.g. ``guidance=...`` for another class count.
+            num_classes: The class count of a class-conditional model (``"imagenet"``: 1000). Dropped
+                labels become the null class ``num_classes``, the last row of a label table with
+                ``num_classes + 1`` rows, so a model with fewer classes needs it (with 10 classes the
+                preset's null class 1000 would index past the table).
+            **overrides: Fields to replace, e.g. ``backend="torch"``.
 
         Returns:
             The objective.
 
         Raises:
-            ValueError: If the preset is unknown.
+            ValueError: If the preset is unknown, or ``num_classes`` is given for a preset without
+                guidance (``"cifar10"``).
 
         Examples:
             >>> SoFlowObjective.from_preset("imagenet").guidance.scale
             3.0
+            >>> SoFlowObjective.from_preset("imagenet", num_classes=10).guidance.null_cond
+            10
         """
         key = check_choice("preset", name, tuple(PRESETS))
-        return dataclasses.replace(PRESETS[key], **overrides)
+        objective = dataclasses.replace(PRESETS[key], **overrides)
+        if num_classes is None:
+            return objective
+        check_int("num_classes", num_classes, low=1)
+        if objective.guidance is None:
+            raise ValueError(f"num_classes: preset {key!r} has no guidance, so no null class to set; got {num_classes}")
+        return dataclasses.replace(objective, guidance=dataclasses.replace(objective.guidance, null_cond=num_classes))
 
     # ------------------------------------------------------------------ the step
 
@@ -615,7 +628,7 @@ def _combine(
     sc_equivalent: Tensor | None = None,
     differentiable: bool = False,
 ) -> ObjectiveOutput:
-    """L = L_FM·N_fm/B + L_sur·N_c/B with merged metrics (spec §5.3), and L_eq in place of L_sur if asked."""
+    """L = L_FM·N_fm/B + L_sur·N_c/B with merged metrics (see the Method page), and L_eq in place of L_sur if asked."""
     terms: list[Tensor] = []
     explicit: list[Tensor] = []
     metrics: dict[str, Tensor] = {}

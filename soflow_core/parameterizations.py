@@ -1,4 +1,4 @@
-r"""Solution parameterizations f_θ(x_t, t, s) = a(t, s)·x_t + b(t, s)·F_θ(x_t, t, s) (spec §2–3).
+r"""Solution parameterizations f_θ(x_t, t, s) = a(t, s)·x_t + b(t, s)·F_θ(x_t, t, s) (see the Method page).
 
 a(t, t) = 1 and b(t, t) = 0 make f_θ(x_t, t, t) = x_t hold for any network F_θ.
 Sign convention: **b = s − t**, negative during training and sampling, where s < t.
@@ -68,7 +68,7 @@ class AbstractParam(ABC):
         """Partial derivative ∂ₛb(t, s)."""
 
     def combine(self, x_t: Data, network_output: Data, t: Time, s: Time) -> Data:
-        r"""The parameterized solution from a network output (spec §2).
+        r"""The parameterized solution from a network output (SoFlow paper; see the Method page of the docs).
 
         $$f_\theta(x_t, t, s) = a(t, s)\,x_t + b(t, s)\,F_\theta(x_t, t, s).$$
 
@@ -84,7 +84,7 @@ class AbstractParam(ABC):
         return bcast_right(self.a(t, s), x_t) * x_t + bcast_right(self.b(t, s), x_t) * network_output
 
     def velocity_from_output(self, x_t: Data, network_output: Data, t: Time) -> Data:
-        r"""The model velocity from F_θ evaluated at s = t (spec §3).
+        r"""The model velocity from F_θ evaluated at s = t (SoFlow paper; see the Method page of the docs).
 
         $$v_\theta(x_t, t) = \partial_s a(t, t)\,x_t + \partial_s b(t, t)\,F_\theta(x_t, t, t).$$
 
@@ -126,7 +126,7 @@ class AbstractParam(ABC):
         return self.combine(x_t, check_backbone_output(backbone(x_t, t, s, cond), x_t), t, s)
 
     def velocity(self, backbone: Backbone, x_t: Data, t: Time, cond: Cond | None = None) -> Data:
-        """Evaluate the model velocity v_θ(x_t, t): the backbone at s = t (spec §3).
+        """Evaluate the model velocity v_θ(x_t, t): the backbone at s = t (see the Method page).
 
         Args:
             backbone: The network F_θ.

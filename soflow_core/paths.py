@@ -1,4 +1,4 @@
-r"""Noising paths x_t = α(t)·data + β(t)·noise (spec §1).
+r"""Noising paths x_t = α(t)·data + β(t)·noise (SoFlow paper; see the Method page of the docs).
 
 Time runs from data (t = 0) to noise (t = 1): α(0) = 1, β(0) = 0, α(1) = 0, β(1) = 1.
 The conditional velocity, the Flow Matching regression target, is
@@ -85,7 +85,7 @@ class AbstractPath(ABC):
         return torch.stack(rows, dim=1)
 
     def sample(self, data: Data, noise: Data, t: Time, *, backend: str = "auto") -> PathSample:
-        r"""Build $x_t$ and the conditional velocity $v_t$ (spec §1).
+        r"""Build $x_t$ and the conditional velocity $v_t$ (SoFlow paper; see the Method page of the docs).
 
         $$x_t = \alpha(t)\,\text{data} + \beta(t)\,\text{noise},\qquad
           v_t = \alpha'(t)\,\text{data} + \beta'(t)\,\text{noise}.$$

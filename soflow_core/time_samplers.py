@@ -1,4 +1,4 @@
-r"""Time distributions, the (t, s, ℓ) consistency sampler and the ℓ-schedule r(k, K) (spec §6).
+r"""Time distributions, the (t, s, ℓ) consistency sampler and the ℓ-schedule r(k, K) (see the Method page).
 
 Everything here is a pure function of its arguments: the schedule takes the optimizer
 step ``k`` and the planned total ``K`` explicitly, and every draw takes a ``generator``.
@@ -144,7 +144,7 @@ def _check_ratio(name: str, value: float) -> None:
 
 @dataclass(frozen=True, kw_only=True)
 class AbstractRSchedule(ABC):
-    """The ratio r(k, K) ∈ (0, 1] that places ℓ = t + (s − t)·r between t and s (spec §6.1).
+    """The ratio r(k, K) ∈ (0, 1] that places ℓ = t + (s − t)·r between t and s (see the Method page).
 
     Attributes:
         r_init: r at step 0 (reference ``l_init_ratio``).
@@ -266,7 +266,7 @@ class TimeTriple:
 
 
 def consistency_times(t_draw: Time, s_draw: Time, r: float) -> TimeTriple:
-    r"""Clamp raw draws into (t, s, ℓ) exactly as the reference does (spec §6).
+    r"""Clamp raw draws into (t, s, ℓ) exactly as the reference does (SoFlow paper; see the Method page of the docs).
 
     $$t = \max(t_\text{draw}, 10^{-4}),\quad s = \min(s_\text{draw}, t - 10^{-4}),\quad
       \ell = \min\big(t + (s - t)\,r,\; t - 10^{-4}\big).$$
@@ -299,7 +299,7 @@ def consistency_times(t_draw: Time, s_draw: Time, r: float) -> TimeTriple:
 
 @dataclass(frozen=True, kw_only=True)
 class ConsistencyTimeSampler:
-    """Draws (t, s, ℓ) for the solution-consistency loss (spec §6).
+    """Draws (t, s, ℓ) for the solution-consistency loss (SoFlow paper; see the Method page of the docs).
 
     Attributes:
         t_distribution: Distribution of t (reference ``time_mean[2]``, ``time_std[2]``).

@@ -1,4 +1,4 @@
-r"""Adaptive loss weights w = 1 / (mse + ε)^p, always detached (spec §5, §14.7).
+r"""Adaptive loss weights w = 1 / (mse + ε)^p, always detached (SoFlow paper; see the Method page of the docs).
 
 With p = 1 the weighted loss behaves like a log-loss (each sample contributes
 ≈ mse/(mse + ε)); with p = 0 it is the plain mean squared error.

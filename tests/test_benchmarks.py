@@ -33,7 +33,7 @@ def test_bench_loss_kernels_tiny(tmp_path):
     # The interpreter only where there is no GPU; on a CUDA machine the compiled kernels run.
     env = {} if torch.cuda.is_available() else {"TRITON_INTERPRET": "1"}
     result = run_benchmark(
-        "bench_loss_kernels.py", "--config", "tiny", "--out-dir", str(tmp_path), "--out", "t", env=env
+        "bench_loss_kernels.py", "--preset", "tiny", "--out-dir", str(tmp_path), "--out", "t", env=env
     )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads((tmp_path / "t.json").read_text())
@@ -49,12 +49,12 @@ def test_bench_loss_kernels_tiny(tmp_path):
 
 
 def test_bench_loss_kernels_rejects_bad_arguments():
-    result = run_benchmark("bench_loss_kernels.py", "--config", "tiny", "--ops", "softmax", timeout=300)
-    assert result.returncode == 2 and "--ops: unknown ['softmax']" in result.stderr
+    result = run_benchmark("bench_loss_kernels.py", "--preset", "tiny", "--ops", "softmax", timeout=300)
+    assert result.returncode == 2 and "--ops: unknown 'softmax'" in result.stderr
 
 
 def test_jvp_vs_soflow_tiny(tmp_path):
-    result = run_benchmark("jvp_vs_soflow.py", "--config", "tiny", "--out-dir", str(tmp_path), "--out", "t")
+    result = run_benchmark("jvp_vs_soflow.py", "--preset", "tiny", "--out-dir", str(tmp_path), "--out", "t")
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads((tmp_path / "t.json").read_text())
     names = [row["variant"] for row in rows]
@@ -101,7 +101,7 @@ def test_jvp_vs_soflow_compiled_rows_interleaved(tmp_path):
     """Whole-step-compiled rows timed round-robin; the JVP-on-a-subset row cannot compile and says why."""
     variants = "soflow,soflow+compile,meanflow_separate,meanflow_separate+compile,meanflow_subset+compile"
     result = run_benchmark(
-        "jvp_vs_soflow.py", "--config", "tiny", "--out-dir", str(tmp_path), "--out", "t", "--variants", variants,
+        "jvp_vs_soflow.py", "--preset", "tiny", "--out-dir", str(tmp_path), "--out", "t", "--variants", variants,
         "--compile", "--compile-backend", "aot_eager", "--interleave", "--iters", "3",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -122,13 +122,13 @@ def test_jvp_vs_soflow_compiled_rows_interleaved(tmp_path):
 
 
 def test_jvp_vs_soflow_rejects_bad_arguments():
-    result = run_benchmark("jvp_vs_soflow.py", "--config", "tiny", "--variants", "soflow,jvp", timeout=300)
-    assert result.returncode == 2 and "--variants: unknown ['jvp']" in result.stderr
+    result = run_benchmark("jvp_vs_soflow.py", "--preset", "tiny", "--variants", "soflow,jvp", timeout=300)
+    assert result.returncode == 2 and "--variants: unknown 'jvp'" in result.stderr
 
 
 def _run_quality(tmp_path, *extra):
     return run_benchmark(
-        "quality_at_equal_budget.py", "--config", "tiny", "--out-dir", str(tmp_path), "--out", "q", *extra
+        "quality_at_equal_budget.py", "--preset", "tiny", "--out-dir", str(tmp_path), "--out", "q", *extra
     )
 
 
@@ -242,7 +242,7 @@ def test_toy_recipe_ablation_tiny(tmp_path):
 
 
 def test_dit_throughput_tiny_counts_the_step_flops(tmp_path):
-    result = run_benchmark("dit_throughput.py", "--config", "tiny", "--out-dir", str(tmp_path), "--out", "t")
+    result = run_benchmark("dit_throughput.py", "--preset", "tiny", "--out-dir", str(tmp_path), "--out", "t")
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads((tmp_path / "t.json").read_text())
     (flops,) = [r for r in rows if r["kind"] == "train_flops"]

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def tiny_rows(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("compile_step")
-    result = run_benchmark("compile_step.py", "--config", "tiny", "--out-dir", str(out), "--out", "t", timeout=1200)
+    result = run_benchmark("compile_step.py", "--preset", "tiny", "--out-dir", str(out), "--out", "t", timeout=1200)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return json.loads((out / "t.json").read_text())
 

@@ -51,7 +51,7 @@ def imagenet_and_vae(tmp_path_factory):
 def test_extraction_writes_shards_with_the_right_labels_and_resumes(imagenet_and_vae, tmp_path, monkeypatch, capsys):
     data, vae_folder = imagenet_and_vae
     out = tmp_path / "latents"
-    args = ["--config", "tiny", "--data", str(data), "--vae", str(vae_folder), "--out", str(out), "--resolution", "32"]
+    args = ["--preset", "tiny", "--data", str(data), "--vae", str(vae_folder), "--out", str(out), "--resolution", "32"]
     # two torchrun ranks, one after the other
     for rank in (0, 1):
         monkeypatch.setenv("RANK", str(rank))
@@ -97,7 +97,7 @@ def test_list_file_input_and_float16_storage(imagenet_and_vae, tmp_path, monkeyp
     out = tmp_path / "latents"
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    argv = ["--config", "tiny", "--data", str(listing), "--vae", str(vae_folder), "--out", str(out)]
+    argv = ["--preset", "tiny", "--data", str(listing), "--vae", str(vae_folder), "--out", str(out)]
     assert extract.main([*argv, "--resolution", "16", "--storage", "float16", "--precision", "bf16"]) == 0
     shards = LatentShards(out)
     assert len(shards) == 4 and shards.labels().tolist() == [3, 7, 3, 7]
@@ -111,7 +111,7 @@ def test_missing_inputs_exit_with_instructions(imagenet_and_vae, tmp_path, capsy
     assert "ImageNet folder" in capsys.readouterr().err
     assert extract.main(["--data", str(data), "--vae", str(tmp_path / "vae"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
-    assert "huggingface-cli download stabilityai/sd-vae-ft-mse --local-dir" in err
+    assert "hf download stabilityai/sd-vae-ft-mse --local-dir" in err
     assert "diffusion_pytorch_model.safetensors" in err
     with pytest.raises(SystemExit):
         extract.parse_config(["--precision", "fp8"])
@@ -140,7 +140,7 @@ def test_synthetic_mode_runs_end_to_end(tmp_path, monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     out = tmp_path / "synthetic"
-    assert extract.main(["--synthetic", "--config", "tiny", "--resolution", "32", "--out", str(out)]) == 0
+    assert extract.main(["--synthetic", "--preset", "tiny", "--resolution", "32", "--out", str(out)]) == 0
     shards = LatentShards(out)
     assert len(shards) == 6 and sorted(set(shards.labels().tolist())) == [0, 1]
     assert json.loads((out / "extract_config.json").read_text())["synthetic"] is True

@@ -250,6 +250,23 @@ def test_presets_reproduce_reference_recipes():
     assert SoFlowObjective.from_preset("cifar10", fm_fraction=0.5).fm_fraction == 0.5
 
 
+def test_preset_for_a_model_with_fewer_classes():
+    from soflow_core.nets import DiT
+
+    net = DiT(input_size=8, in_channels=2, patch_size=4, hidden_size=16, depth=1, num_heads=2, num_classes=10)
+    objective = SoFlowObjective.from_preset("imagenet", num_classes=10)
+    assert objective.guidance.null_cond == 10 and objective.guidance.scale == 3.0
+    labels = torch.arange(8) % 10
+    out = objective(
+        net, torch.randn(8, 2, 8, 8), labels, step=0, total_steps=4, generator=torch.Generator().manual_seed(0)
+    )
+    assert torch.isfinite(out.backprop)
+    with pytest.raises(ValueError, match="num_classes: preset 'cifar10' has no guidance"):
+        SoFlowObjective.from_preset("cifar10", num_classes=10)
+    with pytest.raises(ValueError, match="num_classes must be >= 1; got 0"):
+        SoFlowObjective.from_preset("imagenet", num_classes=0)
+
+
 def test_toy_preset_is_the_documented_recipe():
     toy = SoFlowObjective.from_preset("toy")
     assert toy.fm_fraction == 0.25 and toy.guidance is None

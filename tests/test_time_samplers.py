@@ -42,7 +42,7 @@ def test_schedules_hit_endpoints_and_are_monotone(cls, r_init, r_end, total):
 @pytest.mark.parametrize(
     ("r_init", "r_end", "expected"),
     [
-        (0.1, 0.002, [0.1, 0.0376, 0.0141, 0.00532, 0.002]),  # ImageNet (spec §6.1)
+        (0.1, 0.002, [0.1, 0.0376, 0.0141, 0.00532, 0.002]),  # ImageNet (the official config)
         (1.0, 0.0003125, [1.0, 0.133, 0.0177, 0.00235, 0.000313]),  # CIFAR-10
     ],
 )

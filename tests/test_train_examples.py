@@ -147,14 +147,19 @@ def test_cifar10_example_runs_with_float64_ema_every_16_steps(tmp_path, net):
 
     torch.manual_seed(config["seed"])
     initial = dict(_training.build_net(config).named_parameters())
-    keep = 0.9999**16
+    from soflow_core.train import ema_coefficient, ema_warmup_coefficient
+
+    keep = ema_coefficient(0.9999, 16)
+    assert config["ema_warmup"]  # the tiny preset warms the EMA up: kept weight min(d¹⁶, 1/10) at the first update
+    keep = ema_warmup_coefficient(keep, 0)
+    assert keep == 0.1
     for name, p in after_one["model"].items():
         if name not in initial:  # buffers are copied, not averaged
             assert torch.equal(last["ema"][name], last["model"][name]), name
             continue
         ema = last["ema"][name]
         assert ema.dtype == torch.float64, name
-        # Only step 0 is due (k mod 16 = 0): ema = d¹⁶·θ_init + (1 − d¹⁶)·θ_1, and no update after it.
+        # Only step 0 is due (k mod 16 = 0): ema = keep·θ_init + (1 − keep)·θ_1, and no update after it.
         expected = initial[name].detach().double().mul_(keep).add_(p.double(), alpha=1 - keep)
         assert torch.equal(ema, expected), name
         assert torch.equal(ema, after_one["ema"][name]), name

@@ -359,3 +359,26 @@ def test_derived_seeds_are_distinct_and_reproducible():
     assert torch.equal(a, torch.rand(3, generator=seeded_generator(1, 2)))
     with pytest.raises(ValueError, match="keys"):
         derive_seed(-1)
+
+
+def test_ema_warmup_follows_the_capped_rule_and_is_off_by_default():
+    from soflow_core.train import ema_warmup_coefficient
+
+    assert [ema_warmup_coefficient(0.9999, u) for u in (0, 80, 890)] == [0.1, 0.9, 0.99]
+    assert ema_warmup_coefficient(0.5, 1000) == 0.5  # the decay caps it once reached
+    net = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        net.weight.fill_(0.0)
+    plain, warm = EMA(net, decay=0.9999), EMA(net, decay=0.9999, warmup=True)
+    with torch.no_grad():
+        net.weight.fill_(1.0)
+    plain.update(net, step=0)
+    warm.update(net, step=0)
+    assert plain.params["weight"].item() == pytest.approx(1e-4)  # the paper's rule: still the initial weights
+    assert warm.params["weight"].item() == pytest.approx(0.9)  # kept weight 0.1 at the first update
+    every = EMA(net, decay=0.9999, every=4, warmup=True)
+    every.params["weight"].zero_()
+    every.update(net, step=8)  # the third update (u = 8 // 4 = 2): kept weight 3/12
+    assert every.params["weight"].item() == pytest.approx(0.75)
+    with pytest.raises(TypeError, match="warmup"):
+        EMA(net, warmup=1)

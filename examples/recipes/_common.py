@@ -21,15 +21,15 @@ OBJECTIVE = SoFlowObjective()
 
 def recipe_arguments(description: str) -> argparse.ArgumentParser:
     """The command line every recipe takes (each may add its own)."""
-    parser = argparse.ArgumentParser(description=description)
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="folder for checkpoints, final weights and traces")
     parser.add_argument("--epochs", type=int, default=2, help="passes over the toy dataset")
     parser.add_argument("--samples", type=int, default=128, help="toy dataset size")
     parser.add_argument("--batch", type=int, default=8, help="samples per micro-batch on each rank")
     parser.add_argument("--accum", type=int, default=2, help="gradient-accumulation micro-batches per optimizer step")
     parser.add_argument("--seed", type=int, default=0, help="run seed: weights, data order and every draw")
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--ema-decay", type=float, default=0.9)
+    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    parser.add_argument("--ema-decay", type=float, default=0.9, help="EMA decay per optimizer step")
     parser.add_argument("--save-every-epoch", action="store_true", help="checkpoint at the end of every epoch")
     parser.add_argument("--resume", type=Path, default=None, help="checkpoint to continue from")
     parser.add_argument("--trace", action="store_true", help="write out/trace-rank<r>.jsonl (what the tests read)")

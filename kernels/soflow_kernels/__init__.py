@@ -6,6 +6,15 @@ traces it without graph breaks. soflow_core selects between the two in ``_dispat
 this package directly only to call the kernels yourself.
 """
 
+import importlib.util
+
+if importlib.util.find_spec("triton") is None:
+    raise ModuleNotFoundError(
+        'soflow_kernels needs Triton: pip install -e ".[triton]" (CUDA builds of torch bring it; Linux only). '
+        'soflow_core runs without it: backend="auto" falls back to the PyTorch references.',
+        name="triton",
+    )
+
 from soflow_kernels._rows import interpreting
 from soflow_kernels.consistency import consistency_rows
 from soflow_kernels.flow_matching import flow_matching_rows

@@ -20,7 +20,7 @@ from soflow_core.train.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
-from soflow_core.train.ema import EMA, ema_coefficient
+from soflow_core.train.ema import EMA, ema_coefficient, ema_warmup_coefficient
 from soflow_core.train.latents import SD_VAE_SCALE_FACTOR, sample_latents, to_uint8_images
 from soflow_core.train.step import TrainingStep, make_training_step
 
@@ -36,6 +36,7 @@ __all__ = [
     "capture_rng_state",
     "checkpoint_path",
     "ema_coefficient",
+    "ema_warmup_coefficient",
     "latest_loadable_checkpoint",
     "latest_valid_checkpoint",
     "list_checkpoints",

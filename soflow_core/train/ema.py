@@ -1,4 +1,4 @@
-r"""Exponential moving average (EMA) of a network's parameters, as the SoFlow recipes use it (spec §10).
+r"""Exponential moving average (EMA) of a network's parameters, as the SoFlow recipes use it (see the Method page).
 
 The EMA keeps a shadow copy of every parameter and buffer of a module. After an optimizer
 step ``k`` (0-based, the number of steps finished before this one), the rule
@@ -9,6 +9,12 @@ $$\theta_{\mathrm{ema}} \leftarrow d^{n}\,\theta_{\mathrm{ema}} + (1 - d^{n})\,\
 is applied, with decay d and period n, and the buffers are copied. The ImageNet recipe uses
 n = 1 in the parameter dtype; the CIFAR-10 recipe uses n = 16 in float64 (d¹⁶ makes the n-step
 rule decay as fast as n single steps would). The shadow starts as a copy of the initial weights.
+
+With d = 0.9999 the shadow is still mostly the initial weights after a few thousand steps, so the
+samples of a short run drawn with the EMA weights look like noise. ``warmup=True`` caps the kept
+weight by (1 + u)/(10 + u) at the u-th update (u = k // n), the rule of diffusers' ``EMAModel``:
+0.1 at the first update, 0.9 at the 80th, 0.99 at the 890th, d from then on. The paper's recipes
+do not use it (the trainers' paper presets keep the constant rule; their tiny presets warm up).
 
 The step is an explicit argument, nothing counts calls. Pass the unwrapped module
 (``ddp.module``, not the DDP wrapper). With FSDP2 (``fully_shard``) the parameters are
@@ -24,7 +30,7 @@ from torch import Tensor, nn
 
 from soflow_core._validation import check_int, check_real
 
-__all__ = ["EMA", "ema_coefficient"]
+__all__ = ["EMA", "ema_coefficient", "ema_warmup_coefficient"]
 
 
 def ema_coefficient(decay: float, every: int) -> float:
@@ -51,6 +57,26 @@ def ema_coefficient(decay: float, every: int) -> float:
     return float(decay) ** int(every)
 
 
+def ema_warmup_coefficient(keep: float, update: int) -> float:
+    r"""The kept weight at the ``update``-th EMA update with warm-up (diffusers' ``EMAModel`` rule).
+
+    $$\mathrm{keep}_u = \min\Bigl(d^{n},\ \frac{1 + u}{10 + u}\Bigr)$$
+
+    Args:
+        keep: d^n, the kept weight without warm-up (``ema_coefficient``).
+        update: u ≥ 0, the index of the update (k // n after optimizer step k).
+
+    Returns:
+        The kept weight, a Python float.
+
+    Examples:
+        >>> ema_warmup_coefficient(0.9999, 0), ema_warmup_coefficient(0.9999, 80)
+        (0.1, 0.9)
+    """
+    update = check_int("update", update, low=0)
+    return min(float(keep), (1.0 + update) / (10.0 + update))
+
+
 def _is_dtensor(x: Tensor) -> bool:
     return hasattr(x, "full_tensor") and hasattr(x, "device_mesh")
 
@@ -69,6 +95,8 @@ class EMA:
         every: n, update every n optimizer steps (1 for ImageNet, 16 for CIFAR-10).
         dtype: dtype of the shadow parameters (``torch.float64`` for CIFAR-10), or None to
             keep each parameter's dtype.
+        warmup: Cap the kept weight by (1 + u)/(10 + u) at the u-th update (see the module
+            docstring); False keeps the recipes' constant rule.
 
     Raises:
         ValueError: If ``decay``/``every`` are out of range or the model has no parameters.
@@ -84,9 +112,20 @@ class EMA:
         >>> ema.copy_to(net)
     """
 
-    def __init__(self, model: nn.Module, *, decay: float = 0.9999, every: int = 1, dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        decay: float = 0.9999,
+        every: int = 1,
+        dtype: torch.dtype | None = None,
+        warmup: bool = False,
+    ):
         self.decay = check_real("decay", decay, low=0.0, high=1.0, high_open=True)
         self.every = check_int("every", every, low=1)
+        if not isinstance(warmup, bool):
+            raise TypeError(f"warmup must be a bool; got {type(warmup).__name__}: {warmup!r}")
+        self.warmup = warmup
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
@@ -132,6 +171,8 @@ class EMA:
         if not self.due(step):
             return False
         keep = ema_coefficient(self.decay, self.every)
+        if self.warmup:
+            keep = ema_warmup_coefficient(keep, step // self.every)
         params = dict(model.named_parameters())
         if params.keys() != self.params.keys():
             raise ValueError("model must have the parameters the EMA was built from; the names differ")

@@ -110,3 +110,17 @@ def _ops_in(explained) -> list[str]:
             if node.op == "call_function":
                 names.append(str(node.target))
     return names
+
+
+def test_importing_the_kernels_without_triton_names_the_extra():
+    code = """
+import sys
+sys.modules["triton"] = None  # as if Triton were not installed
+try:
+    import soflow_kernels
+except ModuleNotFoundError as error:
+    print(error)
+"""
+    result = _run(code)
+    assert result.returncode == 0, result.stderr
+    assert 'soflow_kernels needs Triton: pip install -e ".[triton]"' in result.stdout

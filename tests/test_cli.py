@@ -1,0 +1,199 @@
+"""The command lines explain themselves: every flag of every script has help, its default and its choices.
+
+The flags of the trainers, the latent extractor and the benchmarks come from their config dataclasses through
+``examples/_cli.py``; these tests hold the mechanism and each script's ``--help`` to that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import re
+import sys
+from pathlib import Path
+from typing import Literal
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+
+import _cli  # noqa: E402
+
+# Scripts whose parser is still written by hand, flag by flag, and not yet built by _cli.config_parser.
+HAND_WRITTEN = {
+    "examples/train_toy_2d.py",
+    "benchmarks/quality_at_equal_budget.py",
+    "benchmarks/toy_recipe_ablation.py",
+}
+SCRIPTS = sorted(
+    str(p.relative_to(ROOT))
+    for folder in ("examples", "benchmarks")
+    for p in (ROOT / folder).glob("*.py")
+    if not p.name.startswith("_") and p.name != "meanflow.py"
+)
+RECIPES = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "examples" / "recipes").glob("*.py") if p.name[0] != "_")
+
+
+def _load(script: str):
+    spec = importlib.util.spec_from_file_location(f"cli_{Path(script).stem}", ROOT / script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # inspect.getsource finds the config classes through it
+    spec.loader.exec_module(module)
+    return module
+
+
+def _help_of(script: str, capsys: pytest.CaptureFixture) -> str:
+    module = _load(script)
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--help"])
+    assert exit_info.value.code == 0
+    return capsys.readouterr().out
+
+
+def _options(help_text: str) -> dict[str, str]:
+    """``{flag: its help}`` from the ``options:`` part of an argparse ``--help``."""
+    body = help_text.split("\noptions:\n", 1)[1]
+    entries: dict[str, str] = {}
+    flag = None
+    for line in body.splitlines():
+        match = re.match(r"^  (-\S+)(.*)$", line)
+        if match:
+            flag = match.group(1).rstrip(",")
+            entries[flag] = match.group(2)
+        elif flag is not None:
+            entries[flag] += " " + line.strip()
+    return {flag: re.sub(r"\s+", " ", text) for flag, text in entries.items()}
+
+
+@pytest.mark.parametrize("script", [s for s in SCRIPTS if s not in HAND_WRITTEN])
+def test_every_flag_has_help_and_default(script: str, capsys: pytest.CaptureFixture) -> None:
+    options = _options(_help_of(script, capsys))
+    assert "--preset" in options or script in ("examples/sample.py", "examples/export_pretrained.py")
+    for flag, text in options.items():
+        if flag == "-h":
+            continue
+        # the metavar or choices come first, then at least a few words of help, then the default
+        words = re.sub(r"^(\s*[A-Z_,.{}\[\]|-]+|\s*\{[^}]*\}|\s*A,B,\.\.\.)", "", text).strip()
+        assert len(words.split()) >= 2, f"{script} {flag}: no help ({text!r})"
+        assert "default" in text, f"{script} {flag}: no default shown ({text!r})"
+
+
+@pytest.mark.parametrize("script", RECIPES)
+def test_recipe_flags_have_help_and_default(script: str) -> None:
+    import subprocess
+
+    done = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    if done.returncode != 0 and "No module named" in done.stderr:
+        pytest.skip(f"{script} needs a package that is not installed: {done.stderr.strip().splitlines()[-1]}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    for flag, text in _options(done.stdout).items():
+        if flag != "-h":
+            assert "default" in text or "required" in text or flag in ("--out",), f"{script} {flag}: {text!r}"
+            assert len(text.split()) >= 3, f"{script} {flag}: no help ({text!r})"
+
+
+def test_paper_presets_say_their_size(capsys: pytest.CaptureFixture) -> None:
+    text = re.sub(r"\s+", " ", _help_of("examples/train_dit_imagenet.py", capsys))
+    assert "400 000 steps at global batch 256" in text
+    text = re.sub(r"\s+", " ", _help_of("benchmarks/jvp_vs_soflow.py", capsys))
+    assert "DiT-B/2, batch 256, bf16" in text
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _Base:
+    """A base config.
+
+    Attributes:
+        steps: How many steps, described
+            over two lines.
+    """
+
+    steps: int = 10
+    name: str = "a"  # what it is called
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _Child(_Base):
+    """A config with its own fields."""
+
+    # where it runs
+    device: Literal["cpu", "cuda"] = "cpu"
+    sizes: tuple[int, ...] = (1, 2)  # sizes measured
+    fast: bool = False  # take the short cut
+    label: str | None = None  # an optional label
+    name: str = "b"
+
+
+_PRESETS = {"big": _Child(), "small": _Child(steps=2, sizes=(1,))}
+
+
+def test_field_docs_reads_comments_docstrings_and_bases() -> None:
+    docs = _cli.field_docs(_Child)
+    assert docs == {
+        "steps": "How many steps, described over two lines.",
+        "name": "what it is called",
+        "device": "where it runs",
+        "sizes": "sizes measured",
+        "fast": "take the short cut",
+        "label": "an optional label",
+    }
+
+
+def test_parser_types_choices_and_presets() -> None:
+    parser = _cli.config_parser("demo", _Child, _PRESETS, "big")
+    resolve = lambda argv: _cli.resolve_config(parser.parse_args(argv), _Child, _PRESETS)  # noqa: E731
+    assert resolve([]) == _Child()
+    assert resolve(["--preset", "small"]).steps == 2
+    assert resolve(["--config", "small"]).steps == 2  # the old name of --preset
+    config = resolve(["--preset", "small", "--steps", "7", "--sizes", "3,4", "--fast", "--device", "cuda"])
+    assert config == _Child(steps=7, sizes=(3, 4), fast=True, device="cuda")
+    assert resolve(["--label", "x"]).label == "x"
+    help_text = re.sub(r"\s+", " ", parser.format_help())
+    assert "--device {cpu,cuda}" in help_text and "where it runs; default: cpu" in help_text
+    assert "How many steps, described over two lines; default: 10 (preset big; small: 2)" in help_text
+    assert "--fast, --no-fast take the short cut; default: False" in help_text
+
+
+def test_parser_rejects_values_outside_the_choices(capsys: pytest.CaptureFixture) -> None:
+    parser = _cli.config_parser("demo", _Child, _PRESETS, "big", choices={"sizes": (1, 2, 3)})
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--sizes", "1,5"])
+    assert "argument --sizes: unknown '5'; choose from 1, 2, 3" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--device", "tpu"])
+    assert "argument --device: unknown 'tpu'" in capsys.readouterr().err
+
+
+def test_undocumented_field_is_an_error() -> None:
+    @dataclasses.dataclass(frozen=True)
+    class Bare:
+        steps: int = 1
+
+    with pytest.raises(TypeError, match=r"Bare.steps has no documentation"):
+        _cli.config_parser("demo", Bare, {"only": Bare()}, "only")
+
+
+def test_optional_import_names_the_extra() -> None:
+    assert _cli.optional_import("json", "reading").dumps([]) == "[]"
+    with pytest.raises(ModuleNotFoundError, match=r'the grids needs no_such_pkg_soflow, from the "examples" extra'):
+        _cli.optional_import("no_such_pkg_soflow", "the grids")
+    assert isinstance(argparse.ArgumentParser(formatter_class=_cli.HelpFormatter), argparse.ArgumentParser)
+
+
+def test_jvp_benchmark_without_arguments_on_a_cpu_runs_the_tiny_preset(capsys: pytest.CaptureFixture) -> None:
+    import torch
+
+    module = _load("benchmarks/jvp_vs_soflow.py")
+    expected = "paper" if torch.cuda.is_available() else "tiny"
+    assert module.parse_config([]) == module.PRESETS[expected]
+    assert f"jvp_vs_soflow: preset {expected}" in capsys.readouterr().out  # says what it runs before it starts
+
+
+def test_benchmark_results_go_outside_the_tracked_tree() -> None:
+    common = _load("benchmarks/_common.py")
+    assert common.RESULTS == ROOT / "runs" / "benchmarks"
+    ignored = (ROOT / ".gitignore").read_text().split()
+    assert "runs/" in ignored
+    assert common.PUBLISHED_RESULTS == ROOT / "benchmarks" / "results"
