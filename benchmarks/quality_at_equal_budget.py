@@ -1,7 +1,7 @@
 """Sample quality of SoFlow, MeanFlow and Flow Matching trained for the same wall-clock budget.
 
     python benchmarks/quality_at_equal_budget.py                   # full: 3 toys + digits, 3 seeds
-    python benchmarks/quality_at_equal_budget.py --config tiny     # seconds; CI runs this
+    python benchmarks/quality_at_equal_budget.py --preset tiny     # seconds; CI runs this
     python benchmarks/quality_at_equal_budget.py --budget-s 120 --seeds 0,1 --datasets checkerboard,digits
     python benchmarks/quality_at_equal_budget.py --table-from benchmarks/results/quality_at_equal_budget.json  # redraw
 
@@ -128,7 +128,7 @@ class QualityConfig:
     threads: int = 1
     figure_points: int = 2000  # points per 2-D panel
     out: str = "quality_at_equal_budget"
-    out_dir: str = ""  # default benchmarks/results
+    out_dir: str = ""  # default runs/benchmarks (--out-dir benchmarks/results: the committed results)
 
     @property
     def soflow_nfe(self) -> tuple[int, ...]:
@@ -732,7 +732,7 @@ def _tuples(value: object) -> object:
 
 
 def parse_config(argv: list[str] | None = None) -> tuple[QualityConfig, Path | None]:
-    """The preset named by ``--config`` with command-line overrides.
+    """The preset named by ``--preset`` with command-line overrides.
 
     Args:
         argv: Arguments (default: ``sys.argv[1:]``).
@@ -748,7 +748,7 @@ def parse_config(argv: list[str] | None = None) -> tuple[QualityConfig, Path | N
     parser.add_argument("--methods", type=comma_list(), help=",".join(METHODS))
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--out", help="file stem of the outputs")
-    parser.add_argument("--out-dir", dest="out_dir", help="output folder (default benchmarks/results)")
+    parser.add_argument("--out-dir", dest="out_dir", help="output folder (default runs/benchmarks)")
     parser.add_argument("--skip-digits", action="store_true", help="leave out the scikit-learn digits")
     parser.add_argument(
         "--table-from", dest="table_from", metavar="JSON", help="only redraw the table and NFE plot of a results file"

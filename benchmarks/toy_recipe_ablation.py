@@ -1,7 +1,7 @@
 """The toy recipe, one choice at a time: what each value of the main command's recipe buys.
 
     python benchmarks/toy_recipe_ablation.py                  # every row, seeds 0 and 1 (about 40 CPU minutes)
-    python benchmarks/toy_recipe_ablation.py --config tiny    # seconds; CI runs this
+    python benchmarks/toy_recipe_ablation.py --preset tiny    # seconds; CI runs this
     python benchmarks/toy_recipe_ablation.py --rows recipe,p=0 --seeds 0
 
 Each row trains the main command (``examples/train_toy_2d.py``, checkerboard) with its defaults
@@ -115,7 +115,7 @@ class AblationConfig:
     base: str = "default"  # "tiny": a few steps of a tiny model, to check the script
     threads: int = 1
     out: str = "toy_recipe_ablation"
-    out_dir: str = ""  # default benchmarks/results
+    out_dir: str = ""  # default runs/benchmarks (--out-dir benchmarks/results: the committed results)
 
 
 PRESETS = {"full": AblationConfig(), "tiny": AblationConfig(rows=("before", "recipe", "p=0"), seeds=(0,), base="tiny")}
@@ -173,7 +173,7 @@ def markdown_table(rows: list[dict], config: AblationConfig) -> str:
 
 
 def parse_config(argv: list[str] | None = None) -> AblationConfig:
-    """The preset named by ``--config`` with command-line overrides.
+    """The preset named by ``--preset`` with command-line overrides.
 
     Args:
         argv: Arguments (default: ``sys.argv[1:]``).
@@ -186,7 +186,7 @@ def parse_config(argv: list[str] | None = None) -> AblationConfig:
     parser.add_argument("--seeds", type=comma_list(int), help="comma-separated, e.g. 0,1")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--out", help="file stem of the outputs")
-    parser.add_argument("--out-dir", dest="out_dir", help="output folder (default benchmarks/results)")
+    parser.add_argument("--out-dir", dest="out_dir", help="output folder (default runs/benchmarks)")
     args = parser.parse_args(argv)
     config = resolve_preset(args, PRESETS)
     unknown = sorted(set(config.rows) - set(ROW_NAMES))

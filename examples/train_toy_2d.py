@@ -1,11 +1,11 @@
 """Train a one-step SoFlow generator on a 2-D toy distribution and draw its samples beside the data.
 
-    python examples/train_toy_2d.py                       # checkerboard, about a minute on a 2-core CPU
+    python examples/train_toy_2d.py                       # checkerboard, about 100 s on one CPU core
     python examples/train_toy_2d.py --toy eight_gaussians --steps 2000
     python examples/train_toy_2d.py --recipe imagenet     # class-conditional, guidance ω = 3 baked in
                                                           # (strong guidance pushes classes apart: by design
                                                           # the samples then differ from the data)
-    python examples/train_toy_2d.py --config tiny         # a few seconds (smoke test)
+    python examples/train_toy_2d.py --preset tiny         # a few seconds (smoke test)
 
 Writes into ``--out`` (default ``runs/toy_2d``): ``samples.png`` (data | 1-step | 2-step samples),
 ``metrics.json`` (energy distances with the real-vs-real floor, each the mean over
@@ -13,9 +13,9 @@ Writes into ``--out`` (default ``runs/toy_2d``): ``samples.png`` (data | 1-step 
 squares; timings) and ``config.json`` (the resolved configuration).
 
 ``--recipe`` names the training objective (``SoFlowObjective.from_preset``); the run size is
-``--config`` (``default`` or ``tiny``). ``--threads`` sets torch's CPU threads (default 1: this
-small MLP gains nothing from more, and on cores shared with other work extra threads only wait
-for each other). Training shows a progress line with the step rate and the time left (a tqdm
+``--preset`` (``default`` or ``tiny``), as in the other trainers. ``--threads`` sets torch's CPU
+threads (default 1: this small MLP gains nothing from more, and on cores shared with other work
+extra threads only wait for each other). Training shows a progress line with the step rate and the time left (a tqdm
 bar on a terminal when tqdm is installed).
 
 The defaults are the library's recipe for low-dimensional data: ``SoFlowObjective.from_preset("toy")``
@@ -25,7 +25,6 @@ input, batch 2048, Adam at 2e-3 decaying linearly to 0 over the last 30 % of 400
 behind each value.
 """
 
-import argparse
 import copy
 import dataclasses
 import json
@@ -34,8 +33,10 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
+from _cli import config_parser, resolve_config
 
 from soflow_core import SoFlowObjective, sample_few_step, sample_one_step
 from soflow_core.data import TOY_DISTRIBUTIONS, on_checkerboard, sample_toy_2d
@@ -49,59 +50,46 @@ NUM_CLASSES = {"checkerboard": 8, "eight_gaussians": 8, "two_moons": 2}
 class ToyConfig:
     """Everything that defines a run; saved beside its outputs."""
 
-    toy: str = "checkerboard"
-    # "toy": SoFlowObjective.from_preset("toy"), the library's recipe for low-dimensional data;
-    # "imagenet" (with CFG) and "cifar10": the released recipes
-    recipe: str = "toy"
+    toy: str = "checkerboard"  # the 2-D distribution to learn
+    # the training objective: "toy", SoFlowObjective.from_preset("toy"), the library's recipe for
+    # low-dimensional data; "imagenet" (with CFG) and "cifar10": the released recipes
+    recipe: Literal["toy", "imagenet", "cifar10"] = "toy"
     p: float | None = None  # overrides the recipe's adaptive-weight power when given
     eps: float | None = None  # overrides the recipe's adaptive-weight offset when given
     fm_fraction: float | None = None  # overrides the recipe's Flow Matching share λ when given
-    steps: int = 4000
-    batch_size: int = 2048
-    width: int = 96
-    depth: int = 3
+    steps: int = 4000  # optimizer steps
+    batch_size: int = 2048  # samples per step
+    width: int = 96  # hidden width of the MLP
+    depth: int = 3  # hidden layers of the MLP
     fourier_features: int = 32  # random Fourier features of the input (0: the plain coordinates)
     fourier_scale: float = 0.5  # their frequencies' standard deviation, in cycles per unit
-    lr: float = 2e-3
+    lr: float = 2e-3  # Adam's learning rate
     lr_decay_fraction: float = 0.3  # the learning rate decays linearly to 0 over this last share of steps
-    ema_decay: float = 0.995
+    ema_decay: float = 0.995  # decay of the weights' exponential moving average (the samples use it)
     two_step_time: float = 0.3  # the 2-step sampler re-noises to this time (the paper's grid: 0.5)
-    eval_samples: int = 4000
+    eval_samples: int = 4000  # points per draw when measuring the energy distances
     eval_repeats: int = 5  # metrics are means over this many independent draws of noise and data
-    seed: int = 0
+    seed: int = 0  # seeds the model's initialisation and every draw
     threads: int = 1  # torch CPU threads
     progress: bool = True  # a progress line (a tqdm bar on a terminal when installed) during training
-    out: str = "runs/toy_2d"
+    out: str = "runs/toy_2d"  # the run folder: samples.png, metrics.json, config.json
 
 
 CONFIGS = {
     "default": ToyConfig(),
     "tiny": ToyConfig(steps=30, batch_size=64, width=32, depth=1, fourier_features=4, eval_samples=256, eval_repeats=1),
 }
+CONFIGS_HELP = {
+    "default": "the main job: 4000 steps at batch 2048, about 100 CPU seconds",
+    "tiny": "a smoke test of a few seconds (the objective is --recipe, not --preset)",
+}
 
 
 def parse_config(argv: list[str] | None = None) -> ToyConfig:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", choices=sorted(CONFIGS), default="default", help="base configuration")
-    parser.add_argument("--preset", help=argparse.SUPPRESS)  # the old name of --recipe: refused with a pointer
-    for f in dataclasses.fields(ToyConfig):
-        flag = f"--{f.name.replace('_', '-')}"
-        if isinstance(f.default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
-        else:
-            parser.add_argument(flag, type=float if f.default is None else type(f.default), default=None)
-    args = parser.parse_args(argv)
-    if args.preset is not None:
-        parser.error(
-            f"--preset {args.preset}: this script's objective is --recipe (toy, imagenet or cifar10) and its run "
-            "size --config (default or tiny); --preset names a run size in the other trainers"
-        )
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(ToyConfig)}
-    config = dataclasses.replace(CONFIGS[args.config], **{k: v for k, v in overrides.items() if v is not None})
-    if config.toy not in TOY_DISTRIBUTIONS:
-        parser.error(f"--toy must be one of {', '.join(TOY_DISTRIBUTIONS)}; got {config.toy!r}")
-    if config.recipe not in ("toy", "imagenet", "cifar10"):
-        parser.error(f"--recipe must be toy, imagenet or cifar10; got {config.recipe!r}")
+    parser = config_parser(
+        __doc__, ToyConfig, CONFIGS, "default", presets_help=CONFIGS_HELP, choices={"toy": tuple(TOY_DISTRIBUTIONS)}
+    )
+    config = resolve_config(parser.parse_args(argv), ToyConfig, CONFIGS)
     if config.threads < 1:
         parser.error(f"--threads must be >= 1; got {config.threads}")
     if config.steps < 1 or config.batch_size < 2:

@@ -1,4 +1,4 @@
-r"""One-step and few-step sampling with a trained solution function (spec §10).
+r"""One-step and few-step sampling with a trained solution function.
 
 Sampling runs from noise (t = 1) to data (t = 0). Every function is stateless and takes an
 explicit ``generator`` where it draws noise.

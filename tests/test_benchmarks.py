@@ -227,7 +227,7 @@ def test_quality_at_equal_budget_rejects_bad_arguments(tmp_path):
 
 
 def test_toy_recipe_ablation_tiny(tmp_path):
-    result = run_benchmark("toy_recipe_ablation.py", "--config", "tiny", "--out-dir", str(tmp_path), "--out", "a")
+    result = run_benchmark("toy_recipe_ablation.py", "--preset", "tiny", "--out-dir", str(tmp_path), "--out", "a")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     rows = json.loads((tmp_path / "a.json").read_text())
     assert [r["row"] for r in rows] == ["before", "recipe", "p=0"]

@@ -23,7 +23,6 @@ import _cli  # noqa: E402
 
 # Scripts whose parser is still written by hand, flag by flag, and not yet built by _cli.config_parser.
 HAND_WRITTEN = {
-    "examples/train_toy_2d.py",
     "benchmarks/quality_at_equal_budget.py",
     "benchmarks/toy_recipe_ablation.py",
 }

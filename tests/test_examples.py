@@ -15,7 +15,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 def test_toy_example_runs_end_to_end(tmp_path, recipe):
     out = tmp_path / "toy"
     result = subprocess.run(
-        [sys.executable, "examples/train_toy_2d.py", "--config", "tiny", "--recipe", recipe, "--out", str(out)],
+        [sys.executable, "examples/train_toy_2d.py", "--preset", "tiny", "--recipe", recipe, "--out", str(out)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -37,8 +37,9 @@ def test_toy_example_runs_end_to_end(tmp_path, recipe):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--preset", "imagenet"], "--preset imagenet: this script's objective is --recipe"),
-        (["--recipe", "tiny"], "--recipe must be toy, imagenet or cifar10; got 'tiny'"),
+        (["--preset", "imagenet"], "argument --preset: invalid choice: 'imagenet' (choose from 'default', 'tiny')"),
+        (["--recipe", "tiny"], "argument --recipe: unknown 'tiny'; choose from toy, imagenet, cifar10"),
+        (["--config", "tiny", "--steps", "0"], "--steps must be >= 1"),
         (["--threads", "0"], "--threads must be >= 1; got 0"),
     ],
 )
@@ -105,4 +106,4 @@ def test_toy_example_rejects_bad_arguments(tmp_path):
         text=True,
         timeout=120,
     )
-    assert result.returncode == 2 and "--toy must be one of" in result.stderr
+    assert result.returncode == 2 and "argument --toy: unknown 'spiral'" in result.stderr

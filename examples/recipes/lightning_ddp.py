@@ -73,7 +73,12 @@ class SoFlowModule(L.LightningModule):
 
 def main() -> None:
     parser = common.recipe_arguments(__doc__.splitlines()[0])
-    parser.add_argument("--devices", type=int, default=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    parser.add_argument(
+        "--devices",
+        type=int,
+        default=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
+        help="processes per node, as torchrun started them (its LOCAL_WORLD_SIZE)",
+    )
     args = parser.parse_args()
     loader = DataLoader(TensorDataset(common.toy_data(args.seed, args.samples)), batch_size=args.batch, shuffle=True)
     callbacks = []
