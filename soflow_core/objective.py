@@ -152,7 +152,13 @@ class ObjectiveOutput:
         metrics: Detached 0-dim tensors for logging (no device sync until you read them):
             ``fm_loss``, ``fm_mse``, ``fm_weight``, ``consistency_mse``, ``consistency_weight``,
             ``consistency_loss`` (the value of the loss the surrogate's gradient belongs to),
-            and ``finite`` (1.0 when every loss term is finite, else 0.0).
+            and ``finite`` (1.0 when every loss term is finite, else 0.0). A part's keys are
+            present only when it has samples: with N_fm = 0 (λ = 0, as in the CIFAR-10 recipe,
+            or a batch of 1) there are no ``fm_*`` keys, with N_c = 0 no ``consistency_*`` keys.
+            The split depends only on the batch size and λ, so at a fixed batch size the keys
+            are the same on every step and every rank; read them with ``metrics.get(key)``. (By design: a filler
+            would be NaN, which finiteness checks must then special-case, or 0, which reads as
+            a perfect loss.)
         differentiable_loss: With ``SoFlowObjective(differentiable_loss=True)``, L_FM·N_fm/B +
             L_eq·N_c/B with gradient, where L_eq is the explicit weighted MSE
             ([`consistency_equivalent_loss`][soflow_core.losses.consistency_equivalent_loss]):
