@@ -167,13 +167,42 @@ def comma_list(kind: Callable[[str], object] = str) -> Callable[[str], tuple]:
     return lambda text: tuple(kind(v) for v in text.split(",") if v)
 
 
+class _PresetParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose ``--help`` shows, after each flag's help, its value in the default preset."""
+
+    def __init__(self, *args: object, preset: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.preset = preset
+
+    def format_help(self) -> str:
+        for action in self._actions:
+            if action.help in (None, argparse.SUPPRESS) or "default:" in action.help:
+                continue
+            if dataclasses.is_dataclass(self.preset) and hasattr(self.preset, action.dest):
+                value = getattr(self.preset, action.dest)
+                shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
+                action.help += f" (default: {shown or 'none'})".replace("%", "%%")
+            elif action.nargs == 0 and action.default is False:  # a store_true switch
+                action.help += " (default: off)"
+            elif action.default is None:
+                action.help += " (default: none)"
+        return super().format_help()
+
+
 def preset_parser(doc: str | None, presets: dict, default: str) -> argparse.ArgumentParser:
     """A parser with ``--preset`` naming one of ``presets``, for scripts that add their flags by hand.
 
-    ``config_parser`` (from ``examples/_cli.py``) builds the whole parser from the config dataclass instead.
+    ``--help`` shows each flag's value in the ``default`` preset. ``config_parser`` (from
+    ``examples/_cli.py``) builds the whole parser from the config dataclass instead.
     """
-    parser = argparse.ArgumentParser(description=(doc or "").split("\n\n")[0])
-    parser.add_argument("--preset", choices=sorted(presets), default=default, help="base configuration")
+    parser = _PresetParser(description=(doc or "").split("\n\n")[0], preset=presets[default])
+    names = ", ".join(sorted(presets))
+    parser.add_argument(
+        "--preset",
+        choices=sorted(presets),
+        default=default,
+        help=f"base configuration, one of {names} (default: {default})",
+    )
     parser.add_argument("--config", dest="preset", choices=sorted(presets), help=argparse.SUPPRESS)  # old name
     return parser
 

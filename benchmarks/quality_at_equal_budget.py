@@ -744,11 +744,11 @@ def parse_config(argv: list[str] | None = None) -> tuple[QualityConfig, Path | N
     parser = preset_parser(__doc__, PRESETS, "full")
     parser.add_argument("--budget-s", dest="budget_s", type=float, help="training seconds per method")
     parser.add_argument("--seeds", type=comma_list(int), help="comma-separated, e.g. 0,1,2")
-    parser.add_argument("--datasets", type=comma_list(), help=",".join(DATASETS))
-    parser.add_argument("--methods", type=comma_list(), help=",".join(METHODS))
+    parser.add_argument("--datasets", type=comma_list(), help="comma-separated, from " + ", ".join(DATASETS))
+    parser.add_argument("--methods", type=comma_list(), help="comma-separated, from " + ", ".join(METHODS))
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--out", help="file stem of the outputs")
-    parser.add_argument("--out-dir", dest="out_dir", help="output folder (default runs/benchmarks)")
+    parser.add_argument("--out-dir", dest="out_dir", help="output folder; empty: runs/benchmarks")
     parser.add_argument("--skip-digits", action="store_true", help="leave out the scikit-learn digits")
     parser.add_argument(
         "--table-from", dest="table_from", metavar="JSON", help="only redraw the table and NFE plot of a results file"

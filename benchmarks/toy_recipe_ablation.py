@@ -182,11 +182,11 @@ def parse_config(argv: list[str] | None = None) -> AblationConfig:
         The resolved configuration.
     """
     parser = preset_parser(__doc__, PRESETS, "full")
-    parser.add_argument("--rows", type=comma_list(), help=",".join(ROW_NAMES))
+    parser.add_argument("--rows", type=comma_list(), help="comma-separated, from " + ", ".join(ROW_NAMES))
     parser.add_argument("--seeds", type=comma_list(int), help="comma-separated, e.g. 0,1")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--out", help="file stem of the outputs")
-    parser.add_argument("--out-dir", dest="out_dir", help="output folder (default runs/benchmarks)")
+    parser.add_argument("--out-dir", dest="out_dir", help="output folder; empty: runs/benchmarks")
     args = parser.parse_args(argv)
     config = resolve_preset(args, PRESETS)
     unknown = sorted(set(config.rows) - set(ROW_NAMES))
