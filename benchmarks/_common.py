@@ -32,7 +32,7 @@ RESULTS = ROOT / "runs" / "benchmarks"
 PUBLISHED_RESULTS = Path(__file__).resolve().parent / "results"
 
 sys.path.insert(0, str(ROOT / "examples"))
-from _cli import config_parser, resolve_config  # noqa: E402  (the shared --help mechanism)
+from _cli import config_parser, resolve_config, show_value  # noqa: E402  (the shared --help mechanism)
 
 __all__ = ["config_parser", "resolve_config"]
 
@@ -179,9 +179,7 @@ class _PresetParser(argparse.ArgumentParser):
             if action.help in (None, argparse.SUPPRESS) or "default:" in action.help:
                 continue
             if dataclasses.is_dataclass(self.preset) and hasattr(self.preset, action.dest):
-                value = getattr(self.preset, action.dest)
-                shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
-                action.help += f" (default: {shown or 'none'})".replace("%", "%%")
+                action.help += f" (default: {show_value(getattr(self.preset, action.dest))})".replace("%", "%%")
             elif action.nargs == 0 and action.default is False:  # a store_true switch
                 action.help += " (default: off)"
             elif action.default is None:

@@ -116,7 +116,8 @@ def flag_name(field: str) -> str:
     return "--" + field.replace("_", "-")
 
 
-def _show(value: Any) -> str:
+def show_value(value: Any) -> str:
+    """A config value as ``--help`` shows it (tuples as ``a,b,c``, large ints with ``_``)."""
     if isinstance(value, tuple):
         return ",".join(str(v) for v in value) or "(empty)"
     if isinstance(value, str):
@@ -158,8 +159,8 @@ def _comma_list(kind: Callable[[str], Any], choices: Sequence[Any] | None) -> Ca
 def _default_text(name: str, presets: Mapping[str, Any], default_preset: str) -> str:
     values = {preset: getattr(config, name) for preset, config in presets.items()}
     default = values[default_preset]
-    others = [f"{preset}: {_show(value)}" for preset, value in values.items() if value != default]
-    text = f"default: {_show(default)}"
+    others = [f"{preset}: {show_value(value)}" for preset, value in values.items() if value != default]
+    text = f"default: {show_value(default)}"
     if others:
         text += f" (preset {default_preset}; " + "; ".join(others) + ")"
     return text.replace("%", "%%")
