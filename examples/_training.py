@@ -55,7 +55,7 @@ from soflow_core.nets.dit import DiTSize
 from soflow_core.parameterizations import param_name
 from soflow_core.paths import path_name
 from soflow_core.seeding import seeded_generator
-from soflow_core.train import EpochStream
+from soflow_core.train import EpochStream, destroy_process_group
 from soflow_core.train.checkpoint import (
     CheckpointError,
     capture_rng_state,
@@ -238,9 +238,10 @@ def init_runtime(device: str) -> Runtime:
 
 
 def shutdown(runtime: Runtime) -> None:
+    """Leave the process group; the script's model and optimizer are already released (``run`` returned)."""
     if runtime.distributed and dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
+        destroy_process_group()  # ends gloo's worker threads before Python shuts down
 
 
 def barrier(runtime: Runtime) -> None:

@@ -4,8 +4,6 @@ import contextlib
 import faulthandler
 import hashlib
 import json
-import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +14,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from soflow_core.nets import MLPBackbone
+from soflow_core.train import destroy_process_group
 from soflow_core.train.checkpoint import checkpoint_path
 
 
@@ -132,12 +131,11 @@ def spawn_gloo_ranks(worker: Callable[..., None], *args: object, world: int, tmp
       in between (by another test run, or by gloo's own connections), and rank 0 dies with
       EADDRINUSE. The ranks meet through a file store in ``tmp_path`` instead; gloo still
       connects them over TCP, on ports it binds and holds itself.
-    * Teardown: after a DDP or FSDP2 model has used the group, gloo's threads outlive
-      ``destroy_process_group`` and are torn down during interpreter finalization, where a
-      rank was seen to abort (SIGABRT, "terminate called without an active exception"). A
-      rank whose work succeeded therefore leaves with ``os._exit(0)`` once the group is
-      destroyed and its output flushed; a failing rank still raises, and ``mp.spawn``
-      reports its traceback.
+    * Teardown: after an FSDP2 model has used the group, PyTorch's DTensor caches keep it alive
+      past ``torch.distributed.destroy_process_group``, so gloo's threads were still running at
+      interpreter shutdown, where a rank was seen to abort (SIGABRT, "terminate called without
+      an active exception"). Each rank leaves through ``soflow_core.train.destroy_process_group``,
+      which ends those threads first (``tests/test_process_group.py``).
     """
     store = tmp_path / "gloo_rendezvous"
     if store.exists():
@@ -150,13 +148,10 @@ def _gloo_rank(rank: int, world: int, store: str, worker: Callable[..., None], a
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
-        worker(rank, world, *args)
+        worker(rank, world, *args)  # returns with the worker's models and optimizers released
         dist.barrier()  # every rank is done before any tears gloo down
     finally:
-        dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+        destroy_process_group()
 
 
 def write_with_manifest(directory, step: int, obj: object) -> None:

@@ -9,6 +9,7 @@ state to save. ``step`` counts optimizer steps, never micro-batches. The data or
 and the step only. Both live in ``_common.StepDraws``, shared with the FSDP2 recipe.
 """
 
+import argparse
 import contextlib
 
 import _common as common
@@ -16,12 +17,20 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from soflow_core.train import EMA, load_checkpoint, save_checkpoint
+from soflow_core.train import EMA, destroy_process_group, load_checkpoint, save_checkpoint
 
 
 def main() -> None:
     args = common.recipe_arguments(__doc__.splitlines()[0]).parse_args()
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        train(args)  # returns with its DDP wrapper (and the reducer's hold on the group) released
+        dist.barrier()
+    finally:
+        destroy_process_group()  # soflow_core.train's: ends gloo's worker threads before Python does
+
+
+def train(args: argparse.Namespace) -> None:
     batches = common.StepDraws(args, dist.get_rank(), dist.get_world_size())
 
     model = common.tiny_backbone(args.seed)
@@ -51,9 +60,6 @@ def main() -> None:
 
     if dist.get_rank() == 0:
         common.save_final_weights(args.out, model.state_dict())
-    del ddp  # its reducer is torn down while the process group still exists
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ switched off on all but the last micro-batch. Checkpoints hold full (gathered) s
 by rank 0 and read by every rank; the EMA tracks the sharded parameters and gathers them to save.
 """
 
+import argparse
+
 import _common as common
 import torch
 import torch.distributed as dist
@@ -20,7 +22,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import fully_shard
 
-from soflow_core.train import EMA, load_checkpoint, save_checkpoint
+from soflow_core.train import EMA, destroy_process_group, load_checkpoint, save_checkpoint
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
@@ -28,6 +30,14 @@ FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 def main() -> None:
     args = common.recipe_arguments(__doc__.splitlines()[0]).parse_args()
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        train(args)  # returns with the sharded model, optimizer and EMA released
+        dist.barrier()
+    finally:
+        destroy_process_group()  # soflow_core.train's: ends gloo's worker threads before Python does
+
+
+def train(args: argparse.Namespace) -> None:
     rank = dist.get_rank()
     batches = common.StepDraws(args, rank, dist.get_world_size())
 
@@ -66,8 +76,6 @@ def main() -> None:
     weights = get_model_state_dict(model, options=FULL)
     if rank == 0:
         common.save_final_weights(args.out, weights)
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The training toolkit the examples use: EMA, atomic checkpoints, batch order, augmentation, latents, the step.
+"""The training toolkit the examples use: EMA, atomic checkpoints, batch order, augmentation, latents, the step,
+leaving a process group.
 
 Optional for library users: the losses and samplers at the top of ``soflow_core`` never
 import this package. Import from here, e.g. ``from soflow_core.train import EMA, save_checkpoint``.
@@ -20,6 +21,7 @@ from soflow_core.train.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
+from soflow_core.train.distributed import destroy_process_group
 from soflow_core.train.ema import EMA, ema_coefficient, ema_warmup_coefficient
 from soflow_core.train.latents import SD_VAE_SCALE_FACTOR, sample_latents, to_uint8_images
 from soflow_core.train.step import TrainingStep, make_training_step
@@ -35,6 +37,7 @@ __all__ = [
     "TrainingStep",
     "capture_rng_state",
     "checkpoint_path",
+    "destroy_process_group",
     "ema_coefficient",
     "ema_warmup_coefficient",
     "latest_loadable_checkpoint",
