@@ -115,6 +115,7 @@ class QualityConfig:
     meanflow_jvp: str = "shared_primal"
     # evaluation
     toy_samples: int = 4096
+    toy_eval_draws: int = 5  # toy metrics and floors: the mean over this many independent draws
     digit_samples: int = 2000
     mmd_bandwidths: tuple[float, ...] = (0.1, 0.2, 0.5, 1.0, 2.0)
     sw_projections: int = 256
@@ -151,6 +152,7 @@ PRESETS = {
         digits_depth=2,
         digits_batch_size=64,
         toy_samples=256,
+        toy_eval_draws=2,
         digit_samples=200,
         sw_projections=32,
         classifier_epochs=20,
@@ -324,6 +326,11 @@ def train(method: Method, dataset: str, seed: int, config: QualityConfig, digits
 # ------------------------------------------------------------------------------------- metrics
 
 
+def mean_metrics(scores: list[dict[str, float]]) -> dict[str, float]:
+    """Each metric's mean over ``scores`` (one dict per evaluation draw)."""
+    return {key: sum(score[key] for score in scores) / len(scores) for key in scores[0]}
+
+
 def toy_metrics(samples: Tensor, real: Tensor, config: QualityConfig) -> dict[str, float]:
     return {
         "energy_distance": energy_distance(samples, real),
@@ -430,24 +437,33 @@ def run(config: QualityConfig) -> tuple[list[dict], dict]:
             if dataset == "digits":
                 assert digits is not None and classifier is not None
                 n = config.digit_samples
-                noise = torch.randn(n, 64, generator=eval_generator)
+                noises = [torch.randn(n, 64, generator=eval_generator)]
                 # the held-out split, halved: half B is the reference, half A gives the floor
                 order = torch.randperm(digits.test.shape[0], generator=eval_generator)
                 half = min(digits.test.shape[0] // 2, n)
                 real_a, real_b = digits.test[order[:half]], digits.test[order[half : 2 * half]]
                 with torch.no_grad():
                     reference = classifier(real_b)[0]
-                score = lambda x, ref=reference: digit_scores(x, classifier, ref, config)  # noqa: E731
-                floor = score(real_a)
+                score = lambda xs, ref=reference: digit_scores(xs[0], classifier, ref, config)  # noqa: E731
+                floor = score([real_a])
                 real_view = real_a
             else:
+                # independent draws of (noise, real, second real); every score is the mean over them
                 n = config.toy_samples
-                noise = torch.randn(n, 2, generator=eval_generator)
-                real = sample_toy_2d(dataset, n, generator=eval_generator)[0]
-                real_again = sample_toy_2d(dataset, n, generator=eval_generator)[0]
-                score = lambda x, ref=real: toy_metrics(x, ref, config)  # noqa: E731
-                floor = score(real_again)
-                real_view = real_again
+                draws = [
+                    (
+                        torch.randn(n, 2, generator=eval_generator),
+                        sample_toy_2d(dataset, n, generator=eval_generator)[0],
+                        sample_toy_2d(dataset, n, generator=eval_generator)[0],
+                    )
+                    for _ in range(config.toy_eval_draws)
+                ]
+                noises = [noise for noise, _, _ in draws]
+                score = lambda xs, d=draws: mean_metrics(  # noqa: E731
+                    [toy_metrics(x, real, config) for x, (_, real, _) in zip(xs, d, strict=True)]
+                )
+                floor = mean_metrics([toy_metrics(again, real, config) for _, real, again in draws])
+                real_view = draws[0][2]
             rows.append({"kind": "floor", "dataset": dataset, "seed": seed, "samples": n, **floor, **base})
             if seed_index == 0:
                 figures[dataset] = {"real": real_view}
@@ -461,10 +477,11 @@ def run(config: QualityConfig) -> tuple[list[dict], dict]:
                 )
                 for nfe in method.nfe:
                     sample_generator = torch.Generator().manual_seed(20_000 + seed)
-                    samples = method.sample(trained.model, noise, nfe, sample_generator).detach()
-                    finite = bool(torch.isfinite(samples).all())
+                    draws_samples = [method.sample(trained.model, z, nfe, sample_generator).detach() for z in noises]
+                    samples = draws_samples[0]
+                    finite = all(bool(torch.isfinite(x).all()) for x in draws_samples)
                     keys = DIGIT_METRICS if dataset == "digits" else TOY_METRICS
-                    metrics = score(samples) if finite else dict.fromkeys(keys, float("nan"))
+                    metrics = score(draws_samples) if finite else dict.fromkeys(keys, float("nan"))
                     rows.append(
                         {
                             "kind": "sample",
@@ -593,7 +610,9 @@ def markdown_table(rows: list[dict], config: QualityConfig) -> str:
         means = [r for r in rows if r["dataset"] == dataset and r.get("seed") == "mean"]
         samples = next((r["samples"] for r in means), 0)
         lines += [
-            f"### {dataset} ({samples} samples{', 64-dim' if digits else ', 2-D'})",
+            f"### {dataset} ({samples} samples, 64-dim)"
+            if digits
+            else f"### {dataset} (2-D; each value the mean over {config.toy_eval_draws} draws of {samples} samples)",
             "",
             "| method | NFE | steps in budget | " + " | ".join(names[k] for k in keys) + " |",
             "|---|---|---|" + "---|" * len(keys),

@@ -169,6 +169,8 @@ def test_quality_at_equal_budget_tiny(tmp_path):
     table = (tmp_path / "q.md").read_text()
     assert "real vs real (floor)" in table and "SoFlow 1-NFE vs MeanFlow 1-NFE" in table
     assert "SoFlow 1-NFE vs the best Flow Matching result: energy distance" in table
+    # toy scores and floors are means over independent evaluation draws, and the table says so
+    assert config["toy_eval_draws"] == 2 and "each value the mean over 2 draws of 256 samples" in table
     for name in [f"q-samples-{d}.png" for d in toys] + ["q-vs-nfe.png"]:
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     # the table can be redrawn from the JSON alone, identically
