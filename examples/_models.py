@@ -34,6 +34,7 @@ from typing import Any
 
 import _training as T
 import torch
+from _resume import load_run_checkpoint
 from torch import nn
 
 from soflow_core import SoFlowObjective
@@ -167,7 +168,7 @@ def open_model(args: argparse.Namespace) -> OpenedModel:
     if released is None and args.ckpt_steps is not None:
         raise SystemExit(f"--ckpt-steps needs a released model folder (config.yaml + ckpts/); {source} is not one")
     source = released or source
-    run = T.load_run_checkpoint(source)  # verified, loadable and complete; unusable ones reported and skipped
+    run = load_run_checkpoint(source)  # verified, loadable and complete; unusable ones reported and skipped
     if run is not None:
         run_file, payload = run
         config = payload["config"]

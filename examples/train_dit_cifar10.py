@@ -31,6 +31,8 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _training as T
+from _run_folder import RunFolder, run_folder
+from _runtime import Runtime, distributed_runtime
 
 from soflow_core import SoFlowObjective, sample_one_step
 from soflow_core.train.augment import EDMAugment
@@ -113,11 +115,11 @@ def main(argv: list[str] | None = None) -> dict:
     if not config.synthetic and (config.data is None or not Path(config.data).is_dir()):
         where = "" if config.data is None else f"\n(--data {config.data} is not a folder)"
         T.missing_data(NEEDS_DATA + where)
-    with T.distributed_runtime(config.device) as runtime, T.run_folder(runtime, Path(config.out)) as folder:
+    with distributed_runtime(config.device) as runtime, run_folder(runtime, Path(config.out)) as folder:
         return run(config, runtime, folder)
 
 
-def run(config: CifarConfig, runtime: T.Runtime, folder: T.RunFolder) -> dict:
+def run(config: CifarConfig, runtime: Runtime, folder: RunFolder) -> dict:
     config_dict = resolve(config)
     if config.synthetic:
         images, _ = synthetic_cifar(config.synthetic_size)

@@ -30,6 +30,9 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _training as T
+from _images import latent_preview
+from _run_folder import RunFolder, run_folder
+from _runtime import Runtime, distributed_runtime
 
 from soflow_core import SoFlowObjective, sample_one_step
 from soflow_core.train.latents import sample_latents
@@ -124,11 +127,11 @@ def main(argv: list[str] | None = None) -> dict:
     if not config.synthetic and (config.data is None or not Path(config.data).exists()):
         where = "" if config.data is None else f"\n(--data {config.data} does not exist)"
         T.missing_data(NEEDS_DATA + where)
-    with T.distributed_runtime(config.device) as runtime, T.run_folder(runtime, Path(config.out)) as folder:
+    with distributed_runtime(config.device) as runtime, run_folder(runtime, Path(config.out)) as folder:
         return run(config, runtime, folder)
 
 
-def run(config: ImageNetConfig, runtime: T.Runtime, folder: T.RunFolder) -> dict:
+def run(config: ImageNetConfig, runtime: Runtime, folder: RunFolder) -> dict:
     config_dict = resolve(config)
     if config.synthetic:
         dataset = SyntheticLatents(config.synthetic_size, config.num_classes)
@@ -158,7 +161,7 @@ def run(config: ImageNetConfig, runtime: T.Runtime, folder: T.RunFolder) -> dict
         labels = torch.randint(0, config.num_classes, (count,), generator=generator).to(device)
         z = sample_one_step(eval_net, noise, param=objective.param, cond=labels)
         if vae is None:
-            return T.latent_preview(z)
+            return latent_preview(z)
         from _vae import decode_latents
 
         from soflow_core.train.latents import to_uint8_images
