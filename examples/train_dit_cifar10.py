@@ -120,6 +120,15 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def run(config: CifarConfig, runtime: Runtime, folder: RunFolder) -> dict:
+    """Train in ``folder`` (locked) and print a summary on rank 0."""
+    summary = T.train(build_task(config, runtime), runtime, folder)
+    if runtime.is_main:
+        print(f"done: {summary['steps_done']} steps; last metrics {summary['last']}; run folder {config.out}")
+    return summary
+
+
+def build_task(config: CifarConfig, runtime: Runtime) -> T.Task:
+    """What this trainer plugs into the shared loop: the network (on the device), objective, data and sampling."""
     config_dict = resolve(config)
     if config.synthetic:
         images, _ = synthetic_cifar(config.synthetic_size)
@@ -146,7 +155,7 @@ def run(config: CifarConfig, runtime: Runtime, folder: RunFolder) -> dict:
         noise = torch.randn(count, 3, 32, 32, generator=generator).to(device)
         return to_uint8_images(sample_one_step(eval_net, noise, param=objective.param))
 
-    task = T.Task(
+    return T.Task(
         config=config,
         config_dict=config_dict,
         net=net,
@@ -157,10 +166,6 @@ def run(config: CifarConfig, runtime: Runtime, folder: RunFolder) -> dict:
         sample_images=sample_images,
         augment_labels=augment is not None,
     )
-    summary = T.train(task, runtime, folder)
-    if runtime.is_main:
-        print(f"done: {summary['steps_done']} steps; last metrics {summary['last']}; run folder {config.out}")
-    return summary
 
 
 if __name__ == "__main__":

@@ -132,6 +132,15 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def run(config: ImageNetConfig, runtime: Runtime, folder: RunFolder) -> dict:
+    """Train in ``folder`` (locked) and print a summary on rank 0."""
+    summary = T.train(build_task(config, runtime), runtime, folder)
+    if runtime.is_main:
+        print(f"done: {summary['steps_done']} steps; last metrics {summary['last']}; run folder {config.out}")
+    return summary
+
+
+def build_task(config: ImageNetConfig, runtime: Runtime) -> T.Task:
+    """What this trainer plugs into the shared loop: the network (on the device), objective, data and sampling."""
     config_dict = resolve(config)
     if config.synthetic:
         dataset = SyntheticLatents(config.synthetic_size, config.num_classes)
@@ -168,7 +177,7 @@ def run(config: ImageNetConfig, runtime: Runtime, folder: RunFolder) -> dict:
 
         return to_uint8_images(decode_latents(vae, z))
 
-    task = T.Task(
+    return T.Task(
         config=config,
         config_dict=config_dict,
         net=net,
@@ -181,10 +190,6 @@ def run(config: ImageNetConfig, runtime: Runtime, folder: RunFolder) -> dict:
         sample_images=sample_images,
         read_indices=dataset.read,
     )
-    summary = T.train(task, runtime, folder)
-    if runtime.is_main:
-        print(f"done: {summary['steps_done']} steps; last metrics {summary['last']}; run folder {config.out}")
-    return summary
 
 
 if __name__ == "__main__":
