@@ -285,7 +285,8 @@ class NonFiniteGuard:
 
 
 class Checkpointer:
-    """Checkpoints every ``every`` steps and at the end of the invocation, the newest ``keep`` kept.
+    """Checkpoints every ``every`` steps and at the end of the invocation; the newest ``keep`` kept, and multiples of
+    ``keep_every``.
 
     A save first lets the guard check the steps and the state (it stops the run instead of
     saving anything non-finite), then rank 0 writes the file atomically with its manifest
@@ -295,12 +296,16 @@ class Checkpointer:
         folder: The run's checkpoint folder.
         every: ``--ckpt-every``.
         keep: ``--keep``.
+        keep_every: ``--keep-every`` (0: none).
         runtime: This process.
         guard: The run's non-finite guard.
     """
 
-    def __init__(self, folder: Path, every: int, keep: int, runtime: Runtime, guard: NonFiniteGuard) -> None:
-        self.folder, self.every, self.keep, self.runtime, self.guard = folder, every, keep, runtime, guard
+    def __init__(
+        self, folder: Path, every: int, keep: int, keep_every: int, runtime: Runtime, guard: NonFiniteGuard
+    ) -> None:
+        self.folder, self.every, self.keep, self.keep_every = folder, every, keep, keep_every or None
+        self.runtime, self.guard = runtime, guard
 
     def due(self, done: int, end_step: int) -> bool:
         return done % self.every == 0 or done == end_step
@@ -309,7 +314,7 @@ class Checkpointer:
         """Check, then write ``state`` as the checkpoint of ``step`` (every rank calls it with its state)."""
         self.guard.check_state(step, state, log)
         if self.runtime.is_main:
-            save_checkpoint(self.folder, step, state, keep=self.keep)
+            save_checkpoint(self.folder, step, state, keep=self.keep, keep_every=self.keep_every)
         barrier(self.runtime)
 
 

@@ -114,13 +114,17 @@ def initialize_from(net: nn.Module, source: str, objective: SoFlowObjective) -> 
 # value holds from the resumed step on, is written to config.json and to later checkpoints, and
 # reaches the restored state (optimizer hyperparameters such as --lr and --beta2 are written into
 # the restored optimizer). IGNORED: only meaningful for a fresh run; the run keeps its recorded
-# value. Every other setting (the network, the objective, the data, the seed, the global batch,
-# the EMA rule) must match: a resume with another value is refused before anything is written.
+# value. Every other setting (the network, the objective's recipe, the data, the seed, the global
+# batch, the EMA rule) must match: a resume with another value is refused before anything is
+# written. The recipe (path, parameterization, λ, times, r schedule, p, ε, ω, m, t_d, label drop)
+# defines what the network learns, so changing it midway would train another model under the
+# run's name; of the objective's settings only --backend (where the same maths runs) and
+# --total-steps (K: a longer run, the schedule's documented dependence on it) are applied.
 APPLIED_ON_RESUME = frozenset(
     {
-        "out", "data", "max_steps", "total_steps", "grad_accum", "lr", "beta2", "ckpt_every", "keep", "log_every",
-        "sample_every", "sample_grid", "precision", "tf32", "compile", "tensorboard", "device", "progress", "vae",
-        "gradient_checkpointing", "backend",
+        "out", "data", "max_steps", "total_steps", "grad_accum", "lr", "beta2", "ckpt_every", "keep", "keep_every",
+        "log_every", "sample_every", "sample_grid", "precision", "tf32", "compile", "tensorboard", "device",
+        "progress", "vae", "gradient_checkpointing", "backend",
     }
 )  # fmt: skip
 IGNORED_ON_RESUME = frozenset({"init"})

@@ -40,7 +40,7 @@ import copy
 import json
 import math
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,14 +69,16 @@ from _run_folder import RunFolder, run_folder_problems
 from _runtime import Runtime, all_gather_object, barrier, cuda_missing
 from torch import Tensor, nn
 
-from soflow_core import SoFlowObjective, step_generator
+from soflow_core import ClassifierFreeGuidance, SoFlowObjective, step_generator
 from soflow_core._files import atomic_write
 from soflow_core.nets import DIT_SIZES, DiT, SongUNet
 from soflow_core.nets.dit import DiTSize
+from soflow_core.time_samplers import ConsistencyTimeSampler, LogitNormal, make_schedule
 from soflow_core.train import EpochStream
 from soflow_core.train.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state
 from soflow_core.train.ema import EMA
 from soflow_core.train.step import TrainingStep, make_training_step
+from soflow_core.weighting import AdaptiveWeighting
 
 # Sizes beyond soflow_core's DIT_SIZES (which has S/4 and S/2 for small CIFAR-10 transformers), for smoke runs.
 EXTRA_DIT_SIZES: dict[str, DiTSize] = {
@@ -84,13 +86,6 @@ EXTRA_DIT_SIZES: dict[str, DiTSize] = {
     "DiT-tiny/2": DiTSize(patch_size=2, hidden_size=32, depth=2, num_heads=2),
 }
 ALL_DIT_SIZES: dict[str, DiTSize] = {**DIT_SIZES, **EXTRA_DIT_SIZES}
-
-# Baked-in guidance scale ω per size (B/4 from the official imagenet.yaml; the others are
-# reported by the paper text and not confirmed against the released per-model configs).
-GUIDANCE_SCALE = {"DiT-B/4": 3.0, "DiT-B/2": 2.5, "DiT-M/2": 2.25, "DiT-L/2": 2.0, "DiT-XL/2": 2.0}
-# Planned run length K per size: 80 epochs for B/4, 240 epochs (1.2 M steps at batch 256) for the rest.
-TOTAL_STEPS = {"DiT-B/4": 400_000, "DiT-B/2": 1_200_000, "DiT-M/2": 1_200_000, "DiT-L/2": 1_200_000}
-TOTAL_STEPS["DiT-XL/2"] = 1_200_000
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -115,7 +110,10 @@ class TrainConfig:
     # short run show what it learned; the paper's rule has no warm-up
     ema_warmup: bool = False
     ckpt_every: int = 25_000  # checkpoint period in steps (and at the end)
-    keep: int = 3  # checkpoints kept
+    keep: int = 3  # newest checkpoints kept
+    # also keep every checkpoint whose step is a multiple of this, for curves of a score against steps (0: none;
+    # a multiple of --ckpt-every; --keep-every equal to --ckpt-every keeps all)
+    keep_every: int = 0
     log_every: int = 100  # metrics.jsonl / progress-bar period in steps
     sample_every: int = 25_000  # sample-grid period in steps (0: only at the end)
     sample_grid: int = 64  # images in the sample grid
@@ -129,6 +127,26 @@ class TrainConfig:
     tensorboard: bool = False  # also write TensorBoard scalars to <out>/tb
     device: Literal["auto", "cpu", "cuda"] = "auto"  # where to train ("auto": CUDA when visible)
     progress: bool = True  # tqdm progress bar on rank 0
+    # The objective (SoFlowObjective), one flag per setting; the defaults are the trainer's released recipe.
+    path: Literal["linear", "trig"] = "linear"  # noising path x_t = α(t)·data + β(t)·noise (official noising_type)
+    # solution parameterization f(x_t, t, s) = a(t, s)·x_t + b(t, s)·F (official coefficient_type)
+    param: Literal["euler", "trig"] = "euler"
+    # λ, the share of each micro-batch trained with Flow Matching; the rest trains solution consistency (official
+    # velocity_loss_ratio)
+    fm_fraction: float = 0.75
+    fm_time_mean: float = -0.2  # μ of the logit-normal Flow Matching time t (official time_mean[0])
+    fm_time_std: float = 1.0  # σ of the logit-normal Flow Matching time t (official time_std[0])
+    s_time_mean: float = -1.0  # μ of the logit-normal consistency target time s (official time_mean[1])
+    s_time_std: float = 0.8  # σ of the logit-normal consistency target time s (official time_std[1])
+    t_time_mean: float = 0.2  # μ of the logit-normal consistency start time t (official time_mean[2])
+    t_time_std: float = 0.8  # σ of the logit-normal consistency start time t (official time_std[2])
+    # the schedule r(k, K) that places the teacher time ℓ = t + (s − t)·r, k the step, K --total-steps (official
+    # l_schedule)
+    schedule: Literal["const", "linear", "cosine", "exponent"] = "exponent"
+    r_init: float = 0.1  # r at step 0 (official l_init_ratio)
+    r_end: float = 0.002  # r at step K (official l_end_ratio)
+    p: float = 1.0  # power p of both adaptive loss weights 1/(mse + ε)^p (official p)
+    eps: float = 0.01  # ε of both adaptive loss weights 1/(mse + ε)^p (official eps)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -140,11 +158,30 @@ def parse_config(
     argv: list[str] | None,
     description: str,
     default_preset: str,
-    presets_help: dict[str, str] | None = None,
+    presets_help: dict[str, str],
+    resolve: Callable[[Any], Any],
+    record: Callable[[Any], dict[str, Any]],
 ) -> Any:
-    """Build a frozen config from a preset plus ``--field value`` overrides for every field (see ``_cli``)."""
+    """A preset plus ``--field value`` overrides (see ``_cli``), resolved and checked before anything starts.
+
+    ``resolve`` fills the fields a trainer derives (it raises ValueError naming the flag when it
+    cannot), ``record`` gives what config.json holds. The objective is built from the record
+    here once, so a recipe that makes no objective is an error of the command line. With
+    ``--print-config`` the record is printed as config.json would hold it, and the script exits
+    without creating anything.
+    """
     parser = config_parser(description, config_cls, presets, default_preset, presets_help=presets_help)
-    config = resolve_config(parser.parse_args(argv), config_cls, presets)
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved configuration (what <out>/config.json would hold) and exit without creating "
+        "anything; default: off",
+    )
+    args = parser.parse_args(argv)
+    try:
+        config = resolve(resolve_config(args, config_cls, presets))
+    except ValueError as error:
+        parser.error(str(error))
     # the optional packages this run will need, checked before anything starts
     optional_import("PIL.Image", "writing the sample grids")
     if config.progress:
@@ -154,7 +191,19 @@ def parse_config(
     problems = check_common(config)
     if problems:
         parser.error("; ".join(problems))
-    return config, parser
+    try:
+        build_objective(record(config))
+    except ValueError as error:
+        parser.error(str(error))
+    if args.print_config:
+        print(config_text(record(config)), end="")
+        raise SystemExit(0)
+    return config
+
+
+def config_text(record: dict[str, Any]) -> str:
+    """config.json's text: the resolved configuration as sorted, indented JSON."""
+    return json.dumps(record, indent=2, sort_keys=True) + "\n"
 
 
 def check_common(config: TrainConfig) -> list[str]:
@@ -166,9 +215,14 @@ def check_common(config: TrainConfig) -> list[str]:
     for name in ("ema_every", "synthetic_size"):
         if getattr(config, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be >= 1; got {getattr(config, name)}")
-    for name in ("max_steps", "sample_every", "seed"):
+    for name in ("max_steps", "sample_every", "seed", "keep_every"):
         if getattr(config, name) < 0:
             problems.append(f"--{name.replace('_', '-')} must be >= 0; got {getattr(config, name)}")
+    if config.keep_every > 0 and config.ckpt_every >= 1 and config.keep_every % config.ckpt_every:
+        problems.append(
+            f"--keep-every {config.keep_every} must be a multiple of --ckpt-every {config.ckpt_every} (checkpoints "
+            "are written at multiples of --ckpt-every)"
+        )
     if not (math.isfinite(config.lr) and config.lr >= 0):
         problems.append(f"--lr must be a finite number >= 0; got {config.lr}")
     if config.precision not in ("fp32", "bf16"):
@@ -188,7 +242,10 @@ def check_common(config: TrainConfig) -> list[str]:
 # ----------------------------------------------------------------------------- networks
 
 
-def build_dit(name: str, *, in_channels: int, input_size: int, num_classes: int | None, **kwargs: Any) -> DiT:
+def build_dit(
+    name: str, *, in_channels: int, input_size: int, num_classes: int | None, null_class: bool = True, **kwargs: Any
+) -> DiT:
+    """A DiT of size ``name``; a class-conditional one has the null row (index ``num_classes``) if ``null_class``."""
     if name not in ALL_DIT_SIZES:
         raise ValueError(f"unknown DiT size {name!r}; choose one of {', '.join(ALL_DIT_SIZES)}")
     size = ALL_DIT_SIZES[name]
@@ -200,7 +257,7 @@ def build_dit(name: str, *, in_channels: int, input_size: int, num_classes: int 
         depth=size.depth,
         num_heads=size.num_heads,
         num_classes=num_classes,
-        null_class=bool(num_classes),
+        null_class=bool(num_classes) and null_class,
         **kwargs,
     )
 
@@ -213,6 +270,7 @@ def build_net(config: dict[str, Any]) -> nn.Module:
             in_channels=4,
             input_size=32,
             num_classes=config["num_classes"],
+            null_class=config.get("null_class", True),  # runs recorded before the key existed had the null row
             gradient_checkpointing=config.get("gradient_checkpointing", False),
         )
     if config["net"] == "unet":
@@ -227,6 +285,73 @@ def build_net(config: dict[str, Any]) -> nn.Module:
             dropout=config["dropout"],
         )
     return build_dit(config["net"], in_channels=3, input_size=32, num_classes=None)
+
+
+def build_objective(config: Mapping[str, Any]) -> SoFlowObjective:
+    """The objective a run's resolved configuration describes: the one place both trainers build it.
+
+    The recipe fields of ``TrainConfig`` give the path, parameterization, λ, the three logit-normal
+    time distributions, the r(k, K) schedule and the adaptive weights; a configuration with
+    ``cfg_scale`` (the ImageNet trainer's) adds training-time guidance over its labels, whose
+    null class is ``num_classes``.
+
+    Args:
+        config: A record of a resolved configuration (what config.json holds).
+
+    Returns:
+        The objective.
+
+    Raises:
+        ValueError: Settings that make no objective, naming their flags.
+    """
+
+    def part(flags: str, make: Callable[[], Any]) -> Any:
+        try:
+            return make()
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"{flags}: {error}") from None
+
+    guidance = None
+    if config.get("cfg_scale") is not None:
+        guidance = part(
+            "--cfg-scale, --cfg-mix, --cfg-drop-rate, --cfg-decay-time",
+            lambda: ClassifierFreeGuidance(
+                scale=config["cfg_scale"],
+                mix=config["cfg_mix"],
+                drop_rate=config["cfg_drop_rate"],
+                decay_time=config["cfg_decay_time"],
+                null_cond=config["num_classes"],
+            ),
+        )
+    times = ConsistencyTimeSampler(
+        t_distribution=part(
+            "--t-time-mean, --t-time-std", lambda: LogitNormal(mean=config["t_time_mean"], std=config["t_time_std"])
+        ),
+        s_distribution=part(
+            "--s-time-mean, --s-time-std", lambda: LogitNormal(mean=config["s_time_mean"], std=config["s_time_std"])
+        ),
+        schedule=part(
+            "--schedule, --r-init, --r-end",
+            lambda: make_schedule(config["schedule"], r_init=config["r_init"], r_end=config["r_end"]),
+        ),
+    )
+    fm_time = part(
+        "--fm-time-mean, --fm-time-std", lambda: LogitNormal(mean=config["fm_time_mean"], std=config["fm_time_std"])
+    )
+    weighting = part("--p, --eps", lambda: AdaptiveWeighting(p=config["p"], eps=config["eps"]))
+    return part(
+        "--path, --param, --fm-fraction",
+        lambda: SoFlowObjective(
+            path=config["path"],
+            param=config["param"],
+            fm_fraction=config["fm_fraction"],
+            fm_time=fm_time,
+            consistency_times=times,
+            weighting=weighting,
+            guidance=guidance,
+            backend=config["backend"],
+        ),
+    )
 
 
 def shard_targets(net: nn.Module) -> list[nn.Module]:
@@ -564,7 +689,7 @@ def checkpoint_state(
 
 def record_start(out: Path, plan: ResumePlan, start: Resumed, tensorboard: bool) -> MetricsWriter:
     """On rank 0: write config.json, drop the log rows past the resumed step, open the log, note a resume."""
-    text = json.dumps(plan.config, indent=2, sort_keys=True) + "\n"
+    text = config_text(plan.config)
     atomic_write(out / "config.json", lambda f: f.write(text.encode()))
     dropped = truncate_metrics(out / "metrics.jsonl", start.step)
     writer = MetricsWriter(out, tensorboard)
@@ -610,7 +735,7 @@ def train(task: Task, runtime: Runtime, folder: RunFolder) -> dict[str, Any]:
     log = MetricLog(runtime, config.log_every, start.window)
     guard = NonFiniteGuard(runtime, checkpoints, writer)
     evaluator = Evaluator(task.evaluation, config.total_steps, runtime)
-    saver = Checkpointer(checkpoints, config.ckpt_every, config.keep, runtime, guard)
+    saver = Checkpointer(checkpoints, config.ckpt_every, config.keep, config.keep_every, runtime, guard)
     grid = SampleGrid(out / "samples", config.sample_every, config.sample_grid, config.seed, task.sample_images)
     bar = ProgressBar(runtime.is_main and config.progress, config.total_steps, start.step)
 
