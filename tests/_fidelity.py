@@ -59,7 +59,7 @@ def torchvision_placeholder(root: Path) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         children = [child for child in _MODULES if "." in child and child.rsplit(".", 1)[0] == name]
         header = "".join(f"from . import {child.rsplit('.', 1)[1]}\n" for child in children)
-        (folder / "__init__.py").write_text(header + _PLACEHOLDER)
+        (folder / "__init__.py").write_text(_PLACEHOLDER + header)  # the docstring first
     return root
 
 
@@ -90,6 +90,18 @@ def import_torch_fidelity(placeholder_root: Path):
             sys.modules.pop(name, None)
         sys.path.insert(0, str(torchvision_placeholder(placeholder_root)))
     return importlib.import_module("torch_fidelity")
+
+
+def placeholder_root() -> Path | None:
+    """The folder to put on a subprocess's path for the placeholder torchvision this process uses, or None.
+
+    Returns:
+        The folder holding the placeholder package, or None where the real torchvision is in use (or none yet).
+    """
+    module = sys.modules.get("torchvision")
+    if module is None or not (module.__doc__ or "").startswith("Placeholder torchvision written by"):
+        return None
+    return Path(module.__file__).resolve().parents[1]
 
 
 def random_inception_state(seed: int = 0) -> dict[str, torch.Tensor]:
