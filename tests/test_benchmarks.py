@@ -254,3 +254,26 @@ def test_dit_throughput_tiny_counts_the_step_flops(tmp_path):
     assert flops["flops_per_step"] == flops["flops_per_image"] * flops["batch"] > 0
     (sampling,) = [r for r in rows if r["kind"] == "sampling"]
     assert sampling["images_per_s"] > 0 and sampling["device"] and sampling["commit"]
+
+
+def test_toy_training_metrics_tiny_records_the_curves_and_probes_the_quotient(tmp_path):
+    result = run_benchmark("toy_training_metrics.py", "--preset", "tiny", "--out-dir", str(tmp_path), "--out", "m")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    rows = json.loads((tmp_path / "m.json").read_text())
+    assert all(row["device"] and row["commit"] for row in rows)
+    training = [row for row in rows if row["kind"] == "training"]
+    assert [row["step"] for row in training] == [*range(0, 30, 2), 29]
+    assert training[0]["r"] == 1.0 and training[-1]["r"] < training[0]["r"] and training[-1]["finite"] == 1.0
+    probes = {(row["step"], row["r"]): row for row in rows if row["kind"] == "probe"}
+    assert sorted({step for step, _ in probes}) == [0, 2, 8, 15, 22, 30]
+    # untrained, F ≡ 0 makes f(x, t, s) = x: the quotient along the conditional velocity is that velocity at any r
+    # (mean of (noise − data)², about 1 + E[data²] = 2.33 on the checkerboard), and along the network's own
+    # velocity (0) it is 0
+    initial = [probes[0, r] for r in (1.0, 0.1, 0.002)]
+    assert all(abs(row["conditional"] - initial[0]["conditional"]) < 1e-4 for row in initial)
+    assert 1.9 < initial[0]["conditional"] < 2.8 and all(row["model_velocity"] == 0.0 for row in initial)
+    assert probes[30, 0.002]["conditional"] != initial[0]["conditional"]  # trained copies differ
+    (evaluation,) = [row for row in rows if row["kind"] == "evaluation"]
+    assert evaluation["energy_distance_1_step"] > 0 and evaluation["steps"] == 30
+    assert "| optimizer steps done | r = 1 | r = 0.1 | r = 0.002 |" in (tmp_path / "m.md").read_text()
+    assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"
