@@ -277,3 +277,17 @@ def test_toy_training_metrics_tiny_records_the_curves_and_probes_the_quotient(tm
     assert evaluation["energy_distance_1_step"] > 0 and evaluation["steps"] == 30
     assert "| optimizer steps done | r = 1 | r = 0.1 | r = 0.002 |" in (tmp_path / "m.md").read_text()
     assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cpu_threads_tiny_times_each_count_in_turns(tmp_path):
+    result = run_benchmark(
+        "cpu_threads.py", "--preset", "tiny", "--threads", "1,2,0", "--out-dir", str(tmp_path), "--out", "c"
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    rows = json.loads((tmp_path / "c.json").read_text())
+    assert [row["threads"] for row in rows][:2] == [1, 2] and [row["torch_default"] for row in rows] == [0, 0, 1]
+    assert all(row["steps_timed"] == 6 and row["median_step_ms"] > 0 and row["device"] for row in rows)
+    assert rows[0]["wall_vs_one_thread"] == 1.0 and rows[1]["wall_vs_one_thread"] > 0
+    assert "| 1 | " in (tmp_path / "c.md").read_text()
+    result = run_benchmark("cpu_threads.py", "--threads", "1,-1", "--out-dir", str(tmp_path))
+    assert result.returncode == 2 and "--threads: give thread counts >= 0" in result.stderr
