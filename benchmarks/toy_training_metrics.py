@@ -172,6 +172,12 @@ def markdown_table(rows: list[dict], config: MetricsConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
+def device_words(row: dict) -> str:
+    """The device and torch version of a row, in words (``x86-64 CPU, one thread, torch 2.13.0+cpu``)."""
+    device = row["device"].replace("CPU x86_64 (1 threads)", "x86-64 CPU, one thread")
+    return f"{device}, torch {row['torch']}"
+
+
 def running_mean(values: list[float], width: int) -> list[float]:
     """The mean of each value and the ``width − 1`` before it (fewer at the start)."""
     return [statistics.fmean(values[max(0, i + 1 - width) : i + 1]) for i in range(len(values))]
@@ -193,6 +199,9 @@ def draw(rows: list[dict], config: MetricsConfig, path: Path) -> Path:
             values = [row[name] for row in training if name in row]
             if not values:
                 continue
+            if name in ("r", "lr"):  # set by the schedules, nothing to smooth
+                ax.plot(steps, values, color=color, linewidth=1.8, label=name)
+                continue
             ax.plot(steps, values, color=color, alpha=0.25, linewidth=0.8)
             ax.plot(steps, running_mean(values, config.smooth), color=color, linewidth=1.8, label=name)
         if names == ("r", "lr"):
@@ -205,7 +214,8 @@ def draw(rows: list[dict], config: MetricsConfig, path: Path) -> Path:
     fig.suptitle(
         f"The main command's training metrics ({evaluation['steps']} steps; one-step energy distance "
         f"{distance:.5f}, {ratio:.1f}× the floor)\n"
-        f"{rows[0]['device']}, torch {rows[0]['torch']}; solid: running mean of {config.smooth} recorded steps",
+        f"{device_words(rows[0])}; faint: every {config.metrics_every}th step, solid: their running mean over "
+        f"{config.smooth}",
         fontsize=10,
     )
     fig.tight_layout()
@@ -241,9 +251,11 @@ def main(argv: list[str] | None = None) -> int:
     """Train, probe and evaluate, then write the rows, the probe table and the curves."""
     config = parse_config(argv)
     torch.set_num_threads(config.threads)
-    env = {**environment(torch.device("cpu")), "config": dataclasses.asdict(config)}
+    env = environment(torch.device("cpu"))
     found, evaluation = run(config)
+    # every row names its device and commit; the configuration goes with the evaluation row only
     rows = [{**env, **row} for row in found]
+    rows[-1]["config"] = dataclasses.asdict(config)
     table = markdown_table(rows, config)
     json_path, md_path = write_rows(config.out, rows, table, directory=config.out_dir or None)
     png_path = draw(rows, config, md_path.with_suffix(".png"))

@@ -291,3 +291,32 @@ def test_cpu_threads_tiny_times_each_count_in_turns(tmp_path):
     assert "| 1 | " in (tmp_path / "c.md").read_text()
     result = run_benchmark("cpu_threads.py", "--threads", "1,-1", "--out-dir", str(tmp_path))
     assert result.returncode == 2 and "--threads: give thread counts >= 0" in result.stderr
+
+
+def test_summary_is_read_from_the_committed_results(tmp_path):
+    result = run_benchmark("summary.py", "--out-dir", str(tmp_path))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    rows = json.loads((tmp_path / "summary.json").read_text())
+    speed = {(row["run"], row["soflow_variant"]): row for row in rows if row["kind"] == "speed"}
+    results = ROOT / "benchmarks" / "results"
+    h100 = {r["variant"]: r for r in json.loads((results / "jvp_vs_soflow-dit-b-2-h100.json").read_text())}
+    row = speed["jvp_vs_soflow-dit-b-2-h100", "soflow"]  # there the shared-primal MeanFlow ran out of memory
+    assert row["fastest_meanflow"] == "meanflow_separate" and h100["meanflow_shared_primal"]["status"] == "oom"
+    assert row["time_ratio"] == pytest.approx(h100["soflow"]["time_vs_meanflow_separate"])
+    cpu = {r["variant"]: r for r in json.loads((results / "jvp_vs_soflow-dit-s-4-bs16-cpu.json").read_text())}
+    for variant in ("soflow", "soflow+compile"):  # the benchmark's own "fastest MeanFlow row" and ratio
+        row = speed["jvp_vs_soflow-dit-s-4-bs16-cpu", variant]
+        assert row["fastest_meanflow"] == cpu[variant]["fastest_meanflow"] == "meanflow_subset"
+        assert row["time_ratio"] == pytest.approx(cpu[variant]["time_vs_fastest_meanflow"])
+    assert speed["jvp_vs_soflow-dit-s-4-bs16-cpu", "soflow"]["memory_ratio"] == pytest.approx(
+        cpu["soflow"]["memory_vs_leanest_meanflow"]
+    )
+    quality = {row["dataset"]: row for row in rows if row["kind"] == "quality"}
+    assert quality["checkerboard"]["soflow_1"] == pytest.approx(0.0012343345, rel=1e-6)
+    assert (
+        quality["checkerboard"]["flow_matching_best_nfe"] == 100 and quality["digits"]["metric"] == "frechet_distance"
+    )
+    # the summary the docs include is the one these results give
+    assert (tmp_path / "summary.md").read_text() == (results / "summary.md").read_text()
+    for chart in ("summary-speed.png", "summary-quality.png"):
+        assert (tmp_path / chart).read_bytes()[:4] == b"\x89PNG"
