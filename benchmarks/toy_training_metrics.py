@@ -41,8 +41,8 @@ from train_toy_2d import CONFIGS, build_model, evaluate, train
 
 from soflow_core import SoFlowObjective
 from soflow_core.data import sample_toy_2d
-from soflow_core.losses import consistency_quotient, teacher_state
-from soflow_core.time_samplers import consistency_times
+from soflow_core.losses import consistency_quotient, solution_consistency_loss, teacher_state
+from soflow_core.time_samplers import MIN_TIME_GAP, consistency_times
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -78,30 +78,38 @@ PLOTTED = (
 
 @torch.no_grad()
 def quotient_mse(model: torch.nn.Module, objective: SoFlowObjective, probe: dict, r: float) -> dict[str, float]:
-    """Mean q² on the probe at ratio r: teacher stepped along the conditional velocity, and along the model's own.
+    """Mean q² on the probe at ratio r, teacher stepped along the conditional velocity and along the model's own.
 
     Args:
         model: A copy of the trained (not EMA) network.
-        objective: The objective it was trained with (path, parameterization).
+        objective: The objective it was trained with (path, parameterization, weighting).
         probe: Fixed ``data``, ``noise``, ``t_draw`` and ``s_draw`` tensors.
         r: The ratio that places ℓ = t + (s − t)·r.
 
     Returns:
-        ``conditional`` (what training logs as ``consistency_mse``) and ``model_velocity``.
+        ``conditional``: mean q² with the teacher stepped along the conditional velocity, what
+        training logs as ``consistency_mse``; ``loss``: the loss value training logs as
+        ``consistency_loss`` there; ``loss_share_pinned``: the share of that loss from draws whose
+        s was clamped to t − 10⁻⁴ (where t − ℓ = |b(t, s)|, whatever r); ``model_velocity``: mean q²
+        with the teacher stepped along the network's own velocity v_θ(x_t, t).
     """
     times = consistency_times(probe["t_draw"], probe["s_draw"], r)
     on_path = objective.path.sample(probe["data"], probe["noise"], times.t)
+    output = model(on_path.x_t, times.t, times.s, None)
+    x_ell = teacher_state(on_path.x_t, on_path.v_t, times.t, times.ell)
+    f_ell = objective.param.solution(model, x_ell, times.ell, times.s)
+    options = {"param": objective.param, "weighting": objective.weighting, "backend": "torch"}
+    result = solution_consistency_loss(output, on_path.x_t, f_ell, times.t, times.s, times.ell, **options)
+    pinned = probe["s_draw"] > times.t - MIN_TIME_GAP
     f_t = objective.param.solution(model, on_path.x_t, times.t, times.s)
-    result = {}
-    velocities = {
-        "conditional": on_path.v_t,
-        "model_velocity": objective.param.velocity(model, on_path.x_t, times.t),
+    x_own = teacher_state(on_path.x_t, objective.param.velocity(model, on_path.x_t, times.t), times.t, times.ell)
+    f_own = objective.param.solution(model, x_own, times.ell, times.s)
+    return {
+        "conditional": float(result.quotient_mse.mean()),
+        "loss": float(result.equivalent_loss.mean()),
+        "loss_share_pinned": float(result.equivalent_loss[pinned].sum() / result.equivalent_loss.sum()),
+        "model_velocity": float(consistency_quotient(f_t, f_own, times.t, times.ell).pow(2).mean()),
     }
-    for name, velocity in velocities.items():
-        x_ell = teacher_state(on_path.x_t, velocity, times.t, times.ell)
-        f_ell = objective.param.solution(model, x_ell, times.ell, times.s)
-        result[name] = float(consistency_quotient(f_t, f_ell, times.t, times.ell).pow(2).mean())
-    return result
 
 
 def run(config: MetricsConfig) -> tuple[list[dict], dict]:
@@ -167,6 +175,20 @@ def markdown_table(rows: list[dict], config: MetricsConfig) -> str:
     for step in steps:
         cells = " | ".join(
             f"{at[step, r]['conditional']:.3f} / {at[step, r]['model_velocity']:.3f}" for r in config.ratios
+        )
+        lines.append(f"| {step} | {cells} |")
+    first, last = steps[0], steps[-1]
+    lines += [
+        "",
+        f"`consistency_loss` on the same draws, the network after {first} and after {last} optimizer steps "
+        "(in brackets: the share of it from the draws whose s was clamped to t − 10⁻⁴):",
+        "",
+        f"| optimizer steps done | {head} |",
+        "|---|" + "---|" * len(config.ratios),
+    ]
+    for step in (first, last):
+        cells = " | ".join(
+            f"{at[step, r]['loss']:.4f} ({100 * at[step, r]['loss_share_pinned']:.0f} %)" for r in config.ratios
         )
         lines.append(f"| {step} | {cells} |")
     return "\n".join(lines) + "\n"

@@ -273,6 +273,9 @@ def test_toy_training_metrics_tiny_records_the_curves_and_probes_the_quotient(tm
     assert all(abs(row["conditional"] - initial[0]["conditional"]) < 1e-4 for row in initial)
     assert 1.9 < initial[0]["conditional"] < 2.8 and all(row["model_velocity"] == 0.0 for row in initial)
     assert probes[30, 0.002]["conditional"] != initial[0]["conditional"]  # trained copies differ
+    # consistency_loss carries (t − ℓ)/(2|b(t, s)|) = r/2 (Euler) except where s was clamped: it falls with r untrained
+    assert initial[0]["loss"] > 5 * initial[1]["loss"] > 5 * initial[2]["loss"] > 0
+    assert initial[0]["loss_share_pinned"] < initial[2]["loss_share_pinned"] <= 1
     (evaluation,) = [row for row in rows if row["kind"] == "evaluation"]
     assert evaluation["energy_distance_1_step"] > 0 and evaluation["steps"] == 30
     assert "| optimizer steps done | r = 1 | r = 0.1 | r = 0.002 |" in (tmp_path / "m.md").read_text()
