@@ -627,10 +627,17 @@ def markdown_table(rows: list[dict], config: BenchConfig) -> str:
         )
     lines += ["", *setup, "", *measured, "", *headline(rows)]
     failed = [row for row in rows if row.get("status") not in ("ok", None)]
-    if failed:
+    if failed:  # in words; the exception's own text stays in the row's "error" field of the JSON file
         lines += ["", "Rows that did not run:", ""]
-        lines += [f"* `{row['variant']}` ({row['status']}): {row.get('error', '')}" for row in failed]
+        lines += [f"* `{row['variant']}` ({row['status']}): {_STATUS_WORDS.get(row['status'], '')}" for row in failed]
     return "\n".join(lines) + "\n"
+
+
+_STATUS_WORDS = {
+    "oom": "ran out of device memory.",
+    "unsupported": "torch.compile cannot compile this step; the error is in the JSON row.",
+    "error": "the step raised an error; it is in the JSON row.",
+}
 
 
 def _giga(value: float | None) -> float | None:
