@@ -27,9 +27,9 @@ from _common import PUBLISHED_RESULTS, config_parser, resolve_config, write_rows
 
 # The committed runs the summary reads: (file stem in the results folder, how the table names the setting).
 SPEED_RUNS = (
-    ("jvp_vs_soflow-dit-b-2-h100", "H100, DiT-B/2, batch 256, bf16, CFG"),
-    ("jvp_vs_soflow-dit-xl-2-h100", "H100, DiT-XL/2, batch 64, bf16, CFG"),
-    ("jvp_vs_soflow-dit-s-4-bs16-cpu", "CPU, DiT-S/4, batch 16, fp32, CFG"),
+    ("jvp_vs_soflow-dit-b-2-h100", "H100, DiT-B/2, batch 256, bf16"),
+    ("jvp_vs_soflow-dit-xl-2-h100", "H100, DiT-XL/2, batch 64, bf16"),
+    ("jvp_vs_soflow-dit-s-4-bs16-cpu", "CPU, DiT-S/4, batch 16, fp32"),
 )
 QUALITY_RUN = "quality_at_equal_budget"
 DATASETS = {
@@ -39,7 +39,7 @@ DATASETS = {
     "digits": ("frechet_distance", "8×8 digits"),
 }
 STATUS_WORDS = {
-    "oom": "out of memory",
+    "oom": "out of memory at this batch",
     "unsupported": "cannot be compiled",
     "error": "failed",
 }
@@ -78,7 +78,7 @@ def speed_rows(folder: Path) -> list[dict]:
         leanest = min(measured, key=lambda r: r["peak_memory_mb"]) if measured else None
         soflow = {r["variant"]: r for r in rows if r["method"] == "soflow" and r["status"] == "ok"}
         failed = [
-            f"{r['variant']}: {STATUS_WORDS.get(r['status'], r['status'])}"
+            f"`{r['variant']}` ({_short_device(r['device'])}): {STATUS_WORDS.get(r['status'], r['status'])}"
             for r in rows
             if r["method"] == "meanflow" and r["status"] != "ok"
         ]
@@ -145,34 +145,36 @@ def quality_rows(folder: Path) -> list[dict]:
 def markdown(speed: list[dict], quality: list[dict]) -> str:
     """The two summary tables."""
     devices = "; ".join(sorted({_device_words(row) for row in speed}))
-    lines = [
-        f"Training step, SoFlow against the fastest and the leanest MeanFlow row measured ({devices}):",
+    lines = [  # the section markers let the docs include each table on its own (pymdownx.snippets)
+        "<!-- --8<-- [start:speed] -->",
+        f"Training step with CFG; SoFlow against the fastest and the leanest MeanFlow row of each run ({devices}):",
         "",
-        "| setting | SoFlow step | fastest MeanFlow row | time | SoFlow peak memory | leanest MeanFlow row | memory |",
-        "|---|---|---|---|---|---|---|",
+        "| setting | SoFlow step | fastest MeanFlow row | time | peak memory vs the leanest MeanFlow row |",
+        "|---|---|---|---|---|",
     ]
     for row in speed:
-        name = row["setting"] + (", whole step compiled" if row["soflow_variant"] == "soflow+compile" else "")
+        name = row["setting"].replace(", CFG", "") + (", compiled" if row["soflow_variant"] == "soflow+compile" else "")
         if row["soflow_memory_mib"] is None or row["memory_ratio"] is None:
-            memory = ("n/a", "", "n/a")
+            memory = "not measured"
         else:
             memory = (
-                f"{row['soflow_memory_mib'] / 1024:.1f} GiB",
-                f"`{row['leanest_meanflow']}` {row['leanest_meanflow_mib'] / 1024:.1f} GiB",
-                f"**{row['memory_ratio']:.2f}×**",
+                f"**{row['memory_ratio']:.2f}×** ({row['soflow_memory_mib'] / 1024:.1f} GiB; "
+                f"`{row['leanest_meanflow']}`)"
             )
         lines.append(
-            f"| {name} | {row['soflow_ms']:.0f} ms | `{row['fastest_meanflow']}` {row['fastest_meanflow_ms']:.0f} ms "
-            f"| **{row['time_ratio']:.2f}×** | {' | '.join(memory)} |"
+            f"| {name} | {row['soflow_ms']:.0f} ms | `{row['fastest_meanflow']}`, {row['fastest_meanflow_ms']:.0f} ms "
+            f"| **{row['time_ratio']:.2f}×** | {memory} |"
         )
-    notes = sorted({f"{row['setting'].split(',')[0]} {note}" for row in speed for note in row["meanflow_rows_not_run"]})
+    notes = sorted({note for row in speed for note in row["meanflow_rows_not_run"]})
     lines += ["", "MeanFlow rows that did not run: " + "; ".join(notes) + "." if notes else ""]
     first = quality[0]
     lines += [
+        "<!-- --8<-- [end:speed] -->",
         "",
-        f"Quality at equal training budget ({first['budget_cpu_s']:.0f} s of process CPU time per method; "
-        f"{_device_words(first)}; means of {first['seeds']} seeds), each score over its dataset's floor, so "
-        "1.00× is real data:",
+        "<!-- --8<-- [start:quality] -->",
+        f"Each score over its dataset's floor (real data against real data), so 1.00× is perfect; "
+        f"{first['budget_cpu_s']:.0f} s of process CPU time per method ({_device_words(first)}), means of "
+        f"{first['seeds']} seeds:",
         "",
         "| dataset (metric) | SoFlow, 1 step | MeanFlow, 1 step | Flow Matching, best (Euler steps) | floor |",
         "|---|---|---|---|---|",
@@ -184,6 +186,7 @@ def markdown(speed: list[dict], quality: list[dict]) -> str:
             f"| {row['name']} ({metric}) | **{row['soflow_1'] / floor:.2f}×** | {row['meanflow_1'] / floor:.2f}× "
             f"| {row['flow_matching_best'] / floor:.2f}× ({row['flow_matching_best_nfe']}) | {floor:.3g} |"
         )
+    lines.append("<!-- --8<-- [end:quality] -->")
     return "\n".join(lines) + "\n"
 
 
@@ -194,11 +197,8 @@ def draw_speed(speed: list[dict], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8.5, 3.0))
-    labels = [
-        row["setting"].replace(", CFG", "") + (", compiled" if row["soflow_variant"] == "soflow+compile" else "")
-        for row in speed
-    ]
+    fig, ax = plt.subplots(figsize=(8.5, 2.5))
+    labels = [row["setting"] + (", compiled" if row["soflow_variant"] == "soflow+compile" else "") for row in speed]
     ratios = [row["time_ratio"] for row in speed]
     colors = ["#1f4e79" if _short_device(row["device"]) == "H100" else "#7f9fbf" for row in speed]
     bars = ax.barh(range(len(speed)), ratios, color=colors)
@@ -211,7 +211,7 @@ def draw_speed(speed: list[dict], path: Path) -> Path:
     ax.set_xlim(0, 1.3)
     ax.set_xlabel("SoFlow's step time ÷ the fastest MeanFlow row's (orange line; lower is faster)", fontsize=9)
     names = sorted({_device_words(row) for row in speed})
-    ax.set_title("Speed, with CFG: " + "; ".join(names), fontsize=9)
+    ax.set_title("Training step with CFG\n" + "; ".join(names), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -225,7 +225,7 @@ def draw_quality(quality: list[dict], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8.5, 3.4))
+    fig, ax = plt.subplots(figsize=(8.5, 2.9))
     series = (
         ("soflow_1", "SoFlow, 1 step", "#1f4e79"),
         ("meanflow_1", "MeanFlow, 1 step", "#c55a11"),
@@ -245,8 +245,8 @@ def draw_quality(quality: list[dict], path: Path) -> Path:
     ax.legend(fontsize=8, frameon=False, ncol=3, loc="upper center")
     first = quality[0]
     ax.set_title(
-        f"Quality at equal budget: {_device_words(first)}; {first['budget_cpu_s']:.0f} CPU s per method, "
-        f"{first['seeds']} seeds (lower is better; 1 = real data)",
+        f"Quality at equal budget, lower is better (1 = real data)\n{_device_words(first)}; "
+        f"{first['budget_cpu_s']:.0f} CPU s per method, {first['seeds']} seeds",
         fontsize=9,
     )
     fig.tight_layout()

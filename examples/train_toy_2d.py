@@ -23,7 +23,7 @@ bar on a terminal when tqdm is installed).
 The defaults are the library's recipe for low-dimensional data: ``SoFlowObjective.from_preset("toy")``
 with an ``MLPBackbone`` of width 96 and depth 3 that sees 32 random Fourier features of its
 input, batch 2048, Adam at 2e-3 decaying linearly to 0 over the last 30 % of 4000 steps, EMA
-0.995, and a 2-step sampler that re-noises to t = 0.3. docs/benchmarks.md holds the ablation
+0.995, and a 2-step sampler that re-noises to t = 0.3. docs/benchmarks/toy-recipe.md holds the ablation
 behind each value.
 """
 
