@@ -199,3 +199,15 @@ def test_cifar_trainer_starts_from_a_pretrained_folder_and_resumes_over_it(tmp_p
     printed = capsys.readouterr().out
     assert "resuming from" in printed and "initialised" not in printed
     assert "--total-steps: 1 -> 2 (applied from step 1 on)" in printed
+
+
+def test_samples_go_under_runs_without_out(files: dict[str, Path], tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the default is relative to where the command runs, as runs/ of the other scripts
+    written = sample.main(
+        ["--ckpt", str(files["dit"]), *DIT_SIZE, "--num-samples", "2", "--device", "cpu", "--nfe", "2"]
+    )
+    assert written == Path("runs/samples/dit-nfe2.npz") and written.is_file()
+    assert sample.default_out("SoFlow/XL-2-cond/", 1200000, 1) == "runs/samples/XL-2-cond-1200000-nfe1.npz"
+    assert (
+        sample.default_out("runs/dit_b4/checkpoints/step-0000400.pt", None, 1) == "runs/samples/step-0000400-nfe1.npz"
+    )
