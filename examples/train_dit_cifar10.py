@@ -1,5 +1,8 @@
 """Train an unconditional one-step SoFlow generator on CIFAR-10: the released UNet run is the default preset.
 
+By default the network is the paper's SongUNet (``--net unet``); ``--net DiT-S/2`` (or any DiT
+size) trains a DiT instead, despite the file's name.
+
     torchrun --nproc_per_node 8 examples/train_dit_cifar10.py --data data/cifar-10-batches-py   # UNet-uncond
     python examples/train_dit_cifar10.py --print-config                     # what that run would be
     python examples/train_dit_cifar10.py --net DiT-S/2 --data data/cifar-10-batches-py --out runs/cifar_dit

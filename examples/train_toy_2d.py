@@ -10,7 +10,9 @@
 Writes into ``--out`` (default ``runs/toy_2d``): ``samples.png`` (data | 1-step | 2-step samples),
 ``metrics.json`` (energy distances with the real-vs-real floor, each the mean over
 ``--eval-repeats`` independent draws; on the checkerboard also the share of samples on its
-squares; timings) and ``config.json`` (the resolved configuration).
+squares; timings), ``train_metrics.jsonl`` (the training metrics every ``--metrics-every``
+steps) and ``config.json`` (the resolved configuration). The quick start's "Reading the
+training metrics" says what each metric means and which to watch.
 
 ``--recipe`` names the training objective (``SoFlowObjective.from_preset``); the run size is
 ``--preset`` (``default`` or ``tiny``), as in the other trainers. ``--threads`` sets torch's CPU
@@ -21,7 +23,7 @@ bar on a terminal when tqdm is installed).
 The defaults are the library's recipe for low-dimensional data: ``SoFlowObjective.from_preset("toy")``
 with an ``MLPBackbone`` of width 96 and depth 3 that sees 32 random Fourier features of its
 input, batch 2048, Adam at 2e-3 decaying linearly to 0 over the last 30 % of 4000 steps, EMA
-0.995, and a 2-step sampler that re-noises to t = 0.3. docs/benchmarks.md holds the ablation
+0.995, and a 2-step sampler that re-noises to t = 0.3. docs/benchmarks/toy-recipe.md holds the ablation
 behind each value.
 """
 
@@ -31,6 +33,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -72,7 +75,8 @@ class ToyConfig:
     seed: int = 0  # seeds the model's initialisation and every draw
     threads: int = 1  # torch CPU threads
     progress: bool = True  # a progress line (a tqdm bar on a terminal when installed) during training
-    out: str = "runs/toy_2d"  # the run folder: samples.png, metrics.json, config.json
+    metrics_every: int = 10  # append the training metrics to train_metrics.jsonl every this many steps (0: never)
+    out: str = "runs/toy_2d"  # the run folder: samples.png, metrics.json, train_metrics.jsonl, config.json
 
 
 CONFIGS = {
@@ -107,6 +111,8 @@ def parse_config(argv: list[str] | None = None) -> ToyConfig:
         )
     if config.fm_fraction is not None and not 0.0 <= config.fm_fraction <= 1.0:
         parser.error(f"--fm-fraction must lie in [0, 1]; got {config.fm_fraction}")
+    if config.metrics_every < 0:
+        parser.error(f"--metrics-every must be >= 0; got {config.metrics_every}")
     return config
 
 
@@ -188,12 +194,19 @@ def lr_factor(step: int, config: ToyConfig) -> float:
 
 
 def train(
-    config: ToyConfig, objective: SoFlowObjective | None = None
+    config: ToyConfig,
+    objective: SoFlowObjective | None = None,
+    *,
+    metrics_path: Path | None = None,
+    on_step: Callable[[int, torch.nn.Module], None] | None = None,
 ) -> tuple[torch.nn.Module, SoFlowObjective, dict[str, float]]:
     """Train with the config's objective (or ``objective``).
 
-    Returns the EMA model, the objective and the training time: ``train_seconds`` (wall clock)
-    and ``train_cpu_seconds`` (process CPU time, all threads together).
+    Every ``config.metrics_every`` steps (and at the last) a row goes to ``metrics_path`` (JSON
+    lines): the step, r(k, K), the learning rate, the seconds so far and every metric of the
+    step. ``on_step(step, model)`` is called after each optimizer step with the trained (not
+    EMA) model. Returns the EMA model, the objective and the training time: ``train_seconds``
+    (wall clock) and ``train_cpu_seconds`` (process CPU time, all threads together).
     """
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
@@ -203,6 +216,7 @@ def train(
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     progress = Progress(config.steps, config.progress)
+    log = open(metrics_path, "w", buffering=1) if metrics_path and config.metrics_every else None  # noqa: SIM115
     start, cpu_start = time.perf_counter(), time.process_time()
     for step in range(config.steps):
         data, labels = sample_toy_2d(config.toy, config.batch_size, generator=generator)
@@ -217,13 +231,21 @@ def train(
         with torch.no_grad():
             for p_ema, p in zip(ema.parameters(), model.parameters()):
                 p_ema.lerp_(p, 1.0 - config.ema_decay)
+        if on_step is not None:
+            on_step(step, model)
         if not bool(out.metrics["finite"]):
             raise FloatingPointError(f"non-finite loss at step {step}: {out.metrics}")
+        if log is not None and (step % config.metrics_every == 0 or step == config.steps - 1):
+            row = {"step": step, "r": objective.consistency_times.schedule(step, config.steps)}
+            row |= {"lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - start}
+            log.write(json.dumps(row | {k: v.item() for k, v in out.metrics.items()}) + "\n")
         if step % max(1, config.steps // 10) == 0 or step == config.steps - 1:
             shown = " ".join(f"{k}={v.item():.4g}" for k, v in out.metrics.items() if k != "finite")
             progress.write(f"step {step:>6}/{config.steps}  {shown}")
         progress.step()
     progress.close()
+    if log is not None:
+        log.close()
     seconds = {"train_seconds": time.perf_counter() - start, "train_cpu_seconds": time.process_time() - cpu_start}
     return ema, objective, seconds
 
@@ -323,7 +345,7 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
     torch.set_num_threads(config.threads)
-    model, objective, seconds = train(config)
+    model, objective, seconds = train(config, metrics_path=out / "train_metrics.jsonl")
     metrics, samples = evaluate(model, objective, config)
     metrics.update(
         **seconds,

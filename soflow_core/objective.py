@@ -317,7 +317,7 @@ class SoFlowObjective:
         * ``"toy"``: not from the paper; this library's recipe for low-dimensional data (the 2-D
           toys), tuned on the checkerboard: λ = 0.25, p = 0.35, ε = 1, FM times logit-normal
           (−0.2, 1.0), t uniform on [0, 1], s logit-normal (−3.0, 1.5), r Exponent 1.0 → 0.002,
-          no guidance. See [Benchmarks](../benchmarks.md#a-recipe-for-low-dimensional-data).
+          no guidance. See [Benchmarks](../benchmarks/toy-recipe.md).
 
         Args:
             name: ``"imagenet"``, ``"cifar10"`` or ``"toy"``.
@@ -679,7 +679,7 @@ PRESETS: dict[str, SoFlowObjective] = {
         weighting=AdaptiveWeighting(p=0.75, eps=1e-3),
         guidance=None,
     ),
-    # Not the paper's: tuned for 2-D data with the ablation in docs/benchmarks.md.
+    # Not the paper's: tuned for 2-D data with the ablation in docs/benchmarks/toy-recipe.md.
     "toy": SoFlowObjective(
         fm_fraction=0.25,
         fm_time=LogitNormal(mean=-0.2, std=1.0),
