@@ -77,8 +77,9 @@ def _field_comments(cls: type) -> dict[str, str]:
     for node in ast.parse(source).body[0].body:
         if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
             continue
-        if node.end_lineno in comment_at:  # name: type = value  # doc
-            comments[node.target.id] = comment_at[node.end_lineno]
+        inside = [row for row in range(node.lineno, node.end_lineno + 1) if row in comment_at]
+        if inside:  # name: type = value  # doc (or a comment inside a value that the formatter wrapped)
+            comments[node.target.id] = " ".join(comment_at[row] for row in inside)
             continue
         above, row = [], node.lineno - 1  # or the comment lines right above the field
         while row in comment_at and lines[row - 1].lstrip().startswith("#"):

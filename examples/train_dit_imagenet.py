@@ -96,9 +96,8 @@ LABEL_DROP = 0.1  # the released label-drop rate with guidance (imagenet.yaml cf
 class ImageNetConfig(T.TrainConfig):
     """The ImageNet-256 run; defaults are the released DiT-B/4 recipe (the official code's imagenet.yaml)."""
 
-    out: str | None = (
-        None  # run folder; None: runs/<size>-<cond|uncond>, as the released runs are named (runs/XL-2-cond)
-    )
+    # run folder; None: runs/<size>-<cond|uncond>, as the released runs are named (runs/XL-2-cond)
+    out: str | None = None
     model: str = "DiT-B/4"  # any of DIT_SIZES (B/4, B/2, M/2, L/2, XL/2) or a small extra size
     num_classes: int = 1000  # classes of the label table; the null (unconditional) class is num_classes
     # K, the planned number of optimizer steps (drives r(k, K)); None: the released run's for --model (B/4 400 000;

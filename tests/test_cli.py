@@ -122,6 +122,9 @@ class _Child(_Base):
     fast: bool = False  # take the short cut
     label: str | None = None  # an optional label
     name: str = "b"
+    rounds: int | None = (
+        None  # a comment long enough to make the formatter wrap the field in parentheses, kept as the field's doc
+    )
 
 
 _PRESETS = {"big": _Child(), "small": _Child(steps=2, sizes=(1,))}
@@ -136,6 +139,7 @@ def test_field_docs_reads_comments_docstrings_and_bases() -> None:
         "sizes": "sizes measured",
         "fast": "take the short cut",
         "label": "an optional label",
+        "rounds": "a comment long enough to make the formatter wrap the field in parentheses, kept as the field's doc",
     }
 
 
@@ -242,6 +246,9 @@ def _shown_default(help_text: str) -> str | None:
 def _effective_default(flag: str, help_text: str) -> str | None:
     """Where a flag's default points: an empty ``--out-dir`` means ``runs/benchmarks`` (benchmarks/_common.py)."""
     value = _shown_default(help_text)
+    derived = re.search(r"\bNone: ((?:runs|/)[^\s,;]*)", help_text)  # a default derived from other flags
+    if value is None and derived:
+        return derived.group(1)
     if flag == "--out-dir" and value in ("", "''", '""', None):
         assert "runs/benchmarks" in help_text, f"--out-dir's help does not say where an empty value writes: {help_text}"
         return "runs/benchmarks"
