@@ -6,10 +6,12 @@
     python examples/fid.py samples/xl2_nfe1.npz samples/xl2_nfe2.npz --reference refs/imagenet256.npz \\
         --inception-weights weights/weights-inception-2015-12-05-6726825d.pth
 
-The job of the ADM evaluator (openai/guided-diffusion, evaluations/evaluator.py) in PyTorch: every
-sample file holds uint8 images (n, h, w, 3) in ``arr_0`` (what examples/sample.py writes); they are
-read in batches, run through torch-fidelity's port of the TensorFlow Inception-v3 (2015-12-05), and
-scored against the reference. One row per file is printed and, with --out, written as JSON.
+The job of the ADM evaluator (evaluations/evaluator.py of the guided-diffusion repository) in
+PyTorch. Every sample file holds uint8 images (n, h, w, 3) in ``arr_0``, as examples/sample.py
+makes them; they are read in batches, run through torch-fidelity's port of the TensorFlow
+Inception-v3 (2015-12-05), and scored against the reference. One row per file is printed, and the
+rows are written as JSON to --out (by default runs/fid/<first sample name>.json, outside the
+tracked tree).
 
 The reference is an ADM reference batch (its stored ``mu``/``sigma``/``mu_s``/``sigma_s`` are used,
 as ADM does; its images ``arr_0`` only for precision and recall), a file of examples/fid_reference.py
@@ -45,6 +47,7 @@ from _cli import HelpFormatter
 from soflow_core._files import atomic_write
 from soflow_core.metrics import fid
 
+DEFAULT_OUT = "runs/fid/<first sample name>.json"  # filled in from the first sample path
 _COLUMNS = (
     ("fid", "FID"),
     ("sfid", "sFID"),
@@ -60,7 +63,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--reference", required=True, help="reference .npz: ADM reference batch, fid_reference.py output, or images"
     )
-    parser.add_argument("--out", default=None, help="write the rows as JSON here (atomically)")
+    parser.add_argument("--out", default=DEFAULT_OUT, help="the JSON file of the rows (written atomically)")
     parser.add_argument(
         "--precision-recall",
         action=argparse.BooleanOptionalAction,
@@ -70,7 +73,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     _fid.add_inception_arguments(parser)
     args = parser.parse_args(argv)
     _fid.check_inception_arguments(parser, args)
-    if args.out is not None and Path(args.out).is_dir():
+    if args.out == DEFAULT_OUT:
+        args.out = f"runs/fid/{Path(args.samples[0].rstrip('/')).stem or 'samples'}.json"
+    if Path(args.out).is_dir():
         parser.error(f"--out {args.out!r} is a folder; name the JSON file to write")
     return args
 
@@ -103,7 +108,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(_format_row(row), flush=True)
         if ref_shape and list(ref_shape) != [height, width]:
             _fid.log(f"note: {path} holds {height}x{width} images, the reference {ref_shape[0]}x{ref_shape[1]}")
-    if args.out is not None:
+    if args.out:
         report = {
             "reference": str(reference_file),
             "reference_metadata": reference.metadata,

@@ -21,10 +21,11 @@ active, so student and teacher draw the same dropout masks. ``--net DiT-S/2`` (o
 size) trains an unconditional DiT on 32×32×3 with patch 2 instead; a DiT has no input for
 augmentation labels, so augmentation is off for it (``--augment`` would leak augmentations).
 
-In-loop FID (docs/fid.md): with ``--fid-reference`` (the training set's statistics from
+In-loop FID: with ``--fid-reference`` (the training set's statistics from
 ``examples/fid_reference.py --cifar10``), every ``--fid-every`` steps the EMA weights draw
 ``--fid-samples`` (50 000) samples at 1 and 2 NFE, scored with the ADM evaluator's Inception (the
-"fid" extra); ``fid_1nfe`` and ``fid_2nfe`` go to metrics.jsonl and a plot to fid.png.
+"fid" extra); ``fid_1nfe`` and ``fid_2nfe`` are logged in metrics.jsonl of the run folder and
+plotted in its fid.png. The FID page of the docs has the details.
 """
 
 import dataclasses

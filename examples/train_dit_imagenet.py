@@ -25,11 +25,12 @@ The run folder ``--out`` holds config.json, metrics.jsonl, checkpoints/step-*.pt
 manifests) and samples/step-*.png (1-NFE samples of the EMA weights). Starting again with the
 same ``--out`` resumes from the newest valid checkpoint, skipping (and reporting) damaged ones.
 
-In-loop FID (docs/fid.md): with ``--fid-reference`` (statistics of examples/fid_reference.py or
-ADM's VIRTUAL_imagenet256_labeled.npz) and ``--vae``, every ``--fid-every`` steps the EMA weights
-draw ``--fid-samples`` samples at 1 and 2 NFE, decoded and scored with the ADM evaluator's
-Inception (the "fid" extra; weights from ``--inception-weights``); ``fid_1nfe`` and ``fid_2nfe`` go
-to metrics.jsonl and a plot to fid.png.
+In-loop FID: with ``--fid-reference`` (statistics of examples/fid_reference.py or ADM's
+VIRTUAL_imagenet256_labeled.npz) and ``--vae``, every ``--fid-every`` steps the EMA weights draw
+``--fid-samples`` samples at 1 and 2 NFE, decoded and scored with the ADM evaluator's Inception
+(the "fid" extra; weights from ``--inception-weights``); ``fid_1nfe`` and ``fid_2nfe`` are logged
+in metrics.jsonl of the run folder and plotted in its fid.png. The FID page of the docs has the
+details.
 """
 
 import dataclasses
