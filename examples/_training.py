@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import _fid
 import numpy as np
 import torch
 from _cli import config_parser, optional_import, resolve_config
@@ -128,6 +129,19 @@ class TrainConfig:
     tensorboard: bool = False  # also write TensorBoard scalars to <out>/tb
     device: Literal["auto", "cpu", "cuda"] = "auto"  # where to train ("auto": CUDA when visible)
     progress: bool = True  # tqdm progress bar on rank 0
+    # In-loop FID (docs/fid.md): samples of the EMA weights scored against --fid-reference with the ADM evaluator's
+    # Inception; on only when a reference is given
+    fid_every: int = 25_000  # in-loop FID period in steps, and at the run's last planned step (0: off)
+    fid_samples: int = 10_000  # samples per in-loop FID and NFE, spread over the ranks
+    fid_nfe: tuple[int, ...] = (1, 2)  # network evaluations per sample scored: fid_1nfe, fid_2nfe in metrics.jsonl
+    fid_batch_size: int = 125  # samples per batch and rank of in-loop FID (sampling and Inception)
+    # reference statistics: a file of examples/fid_reference.py or the ADM reference batch (None: no in-loop FID)
+    fid_reference: str | None = None
+    # torch-fidelity's Inception weights file (weights-inception-2015-12-05-6726825d.pth); None:
+    # $SOFLOW_INCEPTION_WEIGHTS, then torch.hub's checkpoint folder (a run never downloads)
+    inception_weights: str | None = None
+    # accept Inception weights whose SHA-256 does not start with 6726825d (their FIDs are not comparable with papers)
+    allow_other_inception_weights: bool = False
     # The objective (SoFlowObjective), one flag per setting; the defaults are the trainer's released recipe.
     path: Literal["linear", "trig"] = "linear"  # noising path x_t = α(t)·data + β(t)·noise (official noising_type)
     # solution parameterization f(x_t, t, s) = a(t, s)·x_t + b(t, s)·F (official coefficient_type)
@@ -250,6 +264,7 @@ def check_common(config: TrainConfig) -> list[str]:
             "does not compile. Use --precision fp32, --compile-backend aot_eager, no --compile, or a CUDA device"
         )
     problems += run_folder_problems(Path(config.out))
+    problems += _fid.config_problems(config)
     return problems
 
 

@@ -41,13 +41,11 @@ import _models as M
 from _cli import HelpFormatter
 from _images import latent_preview, save_grid
 from _runtime import Runtime, barrier, distributed_runtime
+from _sampling import draw_samples
 
-from soflow_core import sample_few_step, sample_one_step
 from soflow_core.nets import DiT
-from soflow_core.seeding import seeded_generator
 from soflow_core.train.latents import to_uint8_images
 
-_RENOISE = 1  # key that separates the re-noising seeds from the per-sample seeds
 DEFAULT_OUT = "runs/samples/<checkpoint name>-nfe<N>.npz"  # filled in from --ckpt, --ckpt-steps and --nfe
 
 
@@ -79,33 +77,34 @@ def default_out(ckpt: str, ckpt_steps: int | None, nfe: int) -> str:
     return f"runs/samples/{name or 'model'}{steps}-nfe{nfe}.npz"
 
 
-@torch.no_grad()
 def sample_batch(model: M.OpenedModel, first: int, count: int, args, device: torch.device, vae) -> np.ndarray:
+    """Samples ``first`` … ``first + count − 1`` as uint8 NHWC (``_sampling``: the in-loop FID draws the same)."""
     net = model.net
     shape = M.image_shape(net)
-    classes = net.num_classes if isinstance(net, DiT) else None
-    noises, labels = [], []
-    for i in range(first, first + count):
-        generator = seeded_generator(args.seed, i)
-        noises.append(torch.randn(shape, generator=generator))
-        if classes:
-            labels.append(torch.randint(0, classes, (), generator=generator))
-    noise = torch.stack(noises).to(device)
-    cond = torch.stack(labels).to(device) if classes else None
-    if args.nfe == 1:
-        x = sample_one_step(net, noise, param=model.param, cond=cond)
-    else:
-        renoise = seeded_generator(args.seed, _RENOISE, first)
-        x = sample_few_step(
-            net, noise, param=model.param, path=model.path, num_steps=args.nfe, cond=cond, generator=renoise
-        )
-    if shape[0] != 4:  # pixels in [-1, 1]
-        return to_uint8_images(x).cpu().numpy()
-    if vae is None:
-        return latent_preview(x).cpu().numpy()
-    from _vae import decode_latents
 
-    return to_uint8_images(decode_latents(vae, x)).cpu().numpy()
+    def to_images(x: torch.Tensor) -> torch.Tensor:
+        if shape[0] != 4:  # pixels in [-1, 1]
+            return to_uint8_images(x)
+        if vae is None:
+            return latent_preview(x)
+        from _vae import decode_latents
+
+        return to_uint8_images(decode_latents(vae, x))
+
+    images = draw_samples(
+        net,
+        first=first,
+        count=count,
+        nfe=args.nfe,
+        seed=args.seed,
+        shape=shape,
+        num_classes=net.num_classes if isinstance(net, DiT) else None,
+        param=model.param,
+        path=model.path,
+        device=device,
+        to_images=to_images,
+    )
+    return images.cpu().numpy()
 
 
 def main(argv: list[str] | None = None) -> Path | None:

@@ -245,6 +245,31 @@ def test_toy_recipe_ablation_tiny(tmp_path):
     assert result.returncode == 2 and "--rows: unknown or empty ['nope']" in result.stderr
 
 
+def test_fid_cost_counts_the_evaluation_and_the_training_flops(tmp_path, monkeypatch):
+    pytest.importorskip("diffusers")
+    sys.path.insert(0, str(ROOT / "tests"))
+    from _fidelity import import_torch_fidelity, placeholder_root
+
+    import_torch_fidelity(tmp_path / "placeholder")
+    placeholder = placeholder_root()  # torch-fidelity imports torchvision: the placeholder where there is none
+    if placeholder is not None:
+        monkeypatch.setenv(
+            "PYTHONPATH", os.pathsep.join(p for p in (str(placeholder), os.environ.get("PYTHONPATH")) if p)
+        )
+    result = run_benchmark("fid_cost.py", "--preset", "tiny", "--out-dir", str(tmp_path), "--fid-samples", "5000")
+    assert result.returncode == 0, result.stderr[-3000:]
+    [row] = json.loads((tmp_path / "fid_cost.json").read_text())
+    # DiT-B/4: forward and training step as dit_throughput.py counted them; the SD-VAE decoder and the
+    # Inception (5.7 G multiply-adds) counted on the meta device
+    assert row["forward_gflop_per_image"] == pytest.approx(11.13, rel=1e-3)
+    assert row["train_gflop_per_image"] == pytest.approx(50.13, rel=1e-3)
+    assert row["vae_decoder_gflop_per_image"] == pytest.approx(622.2, rel=1e-3)
+    assert row["inception_gflop_per_image"] == pytest.approx(11.43, rel=1e-3)
+    evaluation = 5000 * (3 * row["forward_gflop_per_image"] + 2 * (622.2 + 11.43)) / 1e6
+    assert row["fid_pflop_per_evaluation"] == pytest.approx(evaluation, rel=1e-3)
+    assert row["flop_share"] == pytest.approx(evaluation / (evaluation + 25_000 * 256 * 50.13e-6), rel=1e-3)
+
+
 def test_dit_throughput_tiny_counts_the_step_flops(tmp_path):
     result = run_benchmark("dit_throughput.py", "--preset", "tiny", "--out-dir", str(tmp_path), "--out", "t")
     assert result.returncode == 0, result.stderr[-3000:]
