@@ -15,6 +15,8 @@ call and a consistency call, and the teacher replays the consistency call's mask
 """
 
 import dataclasses
+import functools
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -40,6 +42,7 @@ from soflow_core._validation import (
     checked_backbone,
     class_count,
     finite_check,
+    is_tracing,
     label_checks,
     labels_unchecked,
 )
@@ -373,6 +376,15 @@ class SoFlowObjective:
     ) -> ObjectiveOutput:
         """Draw a training batch from ``data`` and evaluate the objective on ``model``.
 
+        Under a ``torch.compile`` of your own around this call, the draws run eagerly, outside
+        the graph (one graph break per step, with a warning the first time): dynamo can trace
+        neither an explicit ``torch.Generator`` nor the Python float r(k, K) of the schedule
+        without guarding on it, and a guard on a value that moves every step would recompile
+        every step. So the draws are exactly the eager ones, and the loss after them compiles
+        once and is reused at every step. For one graph without a break, draw with
+        ``sample_batch`` outside the compiled function and compile ``loss``, as
+        [`make_training_step`][soflow_core.train.make_training_step] does.
+
         Args:
             model: The backbone F_θ (a module, a DDP/FSDP wrapper or any callable).
             data: Clean samples, batch first.
@@ -389,7 +401,8 @@ class SoFlowObjective:
             ValueError: On bad shapes, non-finite data, bad step counts, or guidance without ``cond``.
             TypeError: On non-tensor inputs or non-integer step counts.
         """
-        batch = self.sample_batch(data, cond, step=step, total_steps=total_steps, generator=generator, noise=noise)
+        draw = _sample_batch_eagerly if is_tracing() else SoFlowObjective.sample_batch
+        batch = draw(self, data, cond, step=step, total_steps=total_steps, generator=generator, noise=noise)
         return self.loss(model, batch)
 
     def sample_batch(
@@ -650,6 +663,32 @@ class SoFlowObjective:
                 sc_out, sc.x_t, f_ell, sc.t, sc.s, sc.ell, sc_result.weight, param=param
             )
         return _combine(fm_result, sc_result, batch.batch_size, sc_equivalent, self.differentiable_loss)
+
+
+_EAGER_DRAWS_WARNING = (
+    "SoFlowObjective(...) is being compiled with torch.compile: its random draws run eagerly, outside the graph "
+    "(one graph break per step; explicit generators and the moving schedule r(k, K) cannot be traced without "
+    "recompiling every step). For one graph without a break, draw with objective.sample_batch(...) outside the "
+    "compiled function and compile objective.loss(model, batch), as soflow_core.train.make_training_step does."
+)
+
+
+@torch.compiler.disable
+def _sample_batch_eagerly(objective: SoFlowObjective, data: Data, cond: Cond | None, **kwargs: object) -> TrainingBatch:
+    """``objective.sample_batch``, kept out of a user's ``torch.compile`` of ``objective(...)``.
+
+    dynamo breaks the graph here and runs the draws eagerly: the explicit generator cannot be
+    traced, and the schedule's float r(k, K), were it traced, would be guarded on and recompile
+    the step whenever it moves. Warns once per process.
+    """
+    _warn_eager_draws()
+    return objective.sample_batch(data, cond, **kwargs)  # type: ignore[arg-type]
+
+
+@functools.cache
+def _warn_eager_draws() -> None:
+    # Cached rather than left to the default warnings filter, which dynamo's catch_warnings blocks reset.
+    warnings.warn(_EAGER_DRAWS_WARNING, UserWarning, stacklevel=2)
 
 
 def _combine(
