@@ -304,6 +304,15 @@ def check_no_labels_for(backbone: object, cond: object) -> None:
             return
 
 
+def _declared_sample_shape(backbone: object) -> tuple[int, ...] | None:
+    """The per-sample input shape a backbone declares (``sample_shape``, as the library's do), or None."""
+    for candidate in _unwrapped(backbone):
+        shape = getattr(candidate, "sample_shape", None)
+        if isinstance(shape, tuple):
+            return shape
+    return None
+
+
 def _first_parameter(backbone: object) -> Tensor | None:
     """A backbone's first floating-point parameter, looked through DDP and ``torch.compile`` wrappers.
 
@@ -319,10 +328,11 @@ def _first_parameter(backbone: object) -> Tensor | None:
     return None
 
 
-def check_backbone_input(name: str, x: Tensor, backbone: object) -> None:
-    """Raise, before the call, if ``x`` is not where and in what dtype the backbone computes.
+def check_backbone_input(name: str, x: Tensor, backbone: object, *, shape: bool = True) -> None:
+    """Raise, before the call, if ``x`` is not what the backbone takes: its sample shape, device and dtype.
 
-    Outside autocast a network whose parameters are float32 cannot take float64 input (torch
+    The sample shape is checked where the backbone declares one (``sample_shape``, as the
+    library's backbones do). Outside autocast a network whose parameters are float32 cannot take float64 input (torch
     fails inside the first layer with "mat1 and mat2 must have the same dtype"), and a network
     on one kind of device cannot take input on another (or any input while its parameters are
     on the meta device). The device check compares device types only, so a model spread over
@@ -332,13 +342,20 @@ def check_backbone_input(name: str, x: Tensor, backbone: object) -> None:
         name: The argument the input came from (``data``, ``noise``, ``x``).
         x: The input.
         backbone: The network, or a wrapper around it.
+        shape: Check the sample shape too (the backbones' own ``forward`` checks it with its own message).
 
     Raises:
         TypeError: If the dtypes differ outside autocast.
-        ValueError: If the devices differ in type, or the parameters are on the meta device.
+        ValueError: If the sample shape differs, the devices differ in type, or the parameters
+            are on the meta device.
     """
     if is_tracing():
         return
+    expected = _declared_sample_shape(backbone) if shape else None
+    if expected is not None and tuple(x.shape[1:]) != expected:
+        raise ValueError(
+            f"{name} holds samples of shape {tuple(x.shape[1:])}, but the backbone takes samples of shape {expected}"
+        )
     parameter = _first_parameter(backbone)
     if parameter is None:
         return
@@ -394,14 +411,16 @@ def check_time_order(lower_name: str, lower: Tensor, upper_name: str, upper: Ten
         )
 
 
-def check_cond(name: str, cond: object, batch: int) -> None:
-    """Check that a conditioning tensor (or None) has one entry per sample."""
+def check_cond(name: str, cond: object, batch: int, *, device: torch.device | None = None) -> None:
+    """Check that a conditioning tensor (or None) has one entry per sample, on ``device`` when given."""
     if cond is None:
         return
     if not isinstance(cond, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or None; got {type(cond).__name__}")
     if cond.ndim == 0 or cond.shape[0] != batch:
         raise ValueError(f"{name} must have batch size {batch} in its first dimension; got {tuple(cond.shape)}")
+    if device is not None and cond.device != device:
+        raise ValueError(f"{name} must be on the device of the samples ({device}); got {name} on {cond.device}")
 
 
 def check_real(

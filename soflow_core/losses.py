@@ -587,7 +587,7 @@ def _check_batch(x_t: object, v: object, v_name: str, cond: object) -> Tensor:
     x_t = _check_like("x_t", x_t, {}, **{v_name: v})
     check_finite("x_t", x_t)
     check_finite(v_name, v)  # type: ignore[arg-type]
-    check_cond("cond", cond, x_t.shape[0])
+    check_cond("cond", cond, x_t.shape[0], device=x_t.device)
     return x_t
 
 

@@ -486,7 +486,7 @@ class SoFlowObjective:
     def _check_draw_inputs(self, data: object, cond: object, noise: object) -> None:
         """Types, shapes and dtypes, then finiteness and label ranges with one device sync."""
         data = check_tensor("data", data, min_ndim=2)
-        check_cond("cond", cond, data.shape[0])
+        check_cond("cond", cond, data.shape[0], device=data.device)
         checks = [finite_check("data", data)]
         if noise is not None:
             noise = check_tensor("noise", noise, min_ndim=2)

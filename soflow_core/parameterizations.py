@@ -37,7 +37,7 @@ def _check_call(x_t: Tensor, t: Tensor, s: Tensor, cond: object) -> None:
     check_time("t", t, x_t.shape[0])
     check_time("s", s, x_t.shape[0])
     check_time_order("s", s, "t", t, strict=False)
-    check_cond("cond", cond, x_t.shape[0])
+    check_cond("cond", cond, x_t.shape[0], device=x_t.device)
 
 
 @dataclass(frozen=True, kw_only=True)

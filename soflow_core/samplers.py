@@ -60,7 +60,7 @@ def _check_inputs(backbone: Backbone, noise: object, cond: object, param: object
     """
     check_instance("param", param, AbstractParam, "EulerParam()")
     noise = check_tensor("noise", noise, min_ndim=2)
-    check_cond("cond", cond, noise.shape[0])
+    check_cond("cond", cond, noise.shape[0], device=noise.device)
     return prepared_backbone(backbone, "noise", noise, cond, checks=[finite_check("noise", noise)]), noise
 
 

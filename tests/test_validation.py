@@ -53,6 +53,12 @@ class NeverCalledUnconditional(NeverCalled):
     num_classes = None
 
 
+class NeverCalledShaped(NeverCalled):
+    """A backbone that declares the shape of its samples, as the library's do."""
+
+    sample_shape = (2,)
+
+
 class Returns:
     """A backbone that returns ``make(x)``: the wrong shape, dtype, device or nothing at all."""
 
@@ -142,6 +148,9 @@ CASES = {
     "label sampler": (lambda: sample_one_step(CLASSES, X, param=EulerParam(), cond=torch.tensor([0, 6, 1, 2])), "cond"),
     "label loss object": (lambda: FlowMatchingLoss()(CLASSES, X, X, T, torch.tensor([0, 1, 2, 9])), "cond"),
     "label for unconditional": (objective_call(net=NeverCalledUnconditional(), cond=LABELS), "cond"),
+    "cond on another device": (objective_call(cond=torch.zeros(4, dtype=torch.long, device="meta")), "cond"),
+    "sample shape objective": (objective_call(net=NeverCalledShaped()), "data"),
+    "sample shape sampler": (lambda: sample_one_step(NeverCalledShaped(), X, param=EulerParam()), "noise"),
     "label sampler unconditional": (
         lambda: sample_one_step(NeverCalledUnconditional(), X, param=EulerParam(), cond=LABELS),
         "cond",
@@ -245,11 +254,16 @@ def test_a_dit_error_inside_the_objective_names_the_users_batch():
     """The objective concatenates sub-batches; errors speak of per-sample shapes and say which call raised."""
     net = DiT(input_size=8, in_channels=4, patch_size=4, hidden_size=32, depth=1, num_heads=2, num_classes=5)
     data = torch.randn(8, 3, 8, 8)  # three channels for a four-channel DiT
+    with pytest.raises(
+        ValueError, match=r"data holds samples of shape \(3, 8, 8\).*takes samples of shape \(4, 8, 8\)"
+    ):
+        GUIDED(net, data, torch.arange(8) % 5, step=0, total_steps=10)  # refused before any call: the DiT declares it
+    hidden = CountingWrapper(net)  # behind a wrapper the DiT's own forward refuses it, at the first call
     with pytest.raises(ValueError, match=r"images of shape \(4, 8, 8\).*got images of shape \(3, 8, 8\)") as info:
-        GUIDED(net, data, torch.arange(8) % 5, step=0, total_steps=10)
+        GUIDED(hidden, data, torch.arange(8) % 5, step=0, total_steps=10)
     assert "(10, 3, 8, 8)" not in str(info.value)  # the guidance call's concatenated batch is not the user's
     notes = getattr(info.value, "__notes__", [])
-    assert not notes or "step over 8 samples" in notes[0]
+    assert hidden.calls == 1 and "step over 8 samples" in notes[0]
 
 
 def test_epoch_stream_arrays_are_the_callers_own():

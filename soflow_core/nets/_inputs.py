@@ -22,7 +22,7 @@ def _check_x(x: object, model: nn.Module) -> Tensor:
     if not isinstance(x, Tensor) or not x.is_floating_point():
         kind = f"dtype {x.dtype}" if isinstance(x, Tensor) else type(x).__name__
         raise TypeError(f"x must be a floating-point tensor; got {kind}")
-    check_backbone_input("x", x, model)
+    check_backbone_input("x", x, model, shape=False)
     return x
 
 

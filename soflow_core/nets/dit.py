@@ -321,6 +321,11 @@ class DiT(AbstractBackbone):
     signature_keys = frozenset({"x_embedder.proj.weight", "t_embedder.mlp.0.weight"})
 
     @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """The shape of one input sample (the objective and the samplers check data against it)."""
+        return (self.in_channels, self.input_size, self.input_size)
+
+    @property
     def config(self) -> dict[str, Any]:
         """The constructor arguments that rebuild this DiT (``gradient_checkpointing``, a runtime switch, left out)."""
         return {

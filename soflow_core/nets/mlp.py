@@ -148,6 +148,11 @@ class MLPBackbone(AbstractBackbone):
     signature_keys = frozenset({"input.weight", "time_mlp.0.weight", "output.weight"})
 
     @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """The shape of one input sample (the objective and the samplers check data against it)."""
+        return (self.dim,)
+
+    @property
     def config(self) -> dict[str, Any]:
         """The constructor arguments that rebuild this MLP."""
         return {

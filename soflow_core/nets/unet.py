@@ -351,6 +351,11 @@ class SongUNet(AbstractBackbone):
     num_classes = None  # unconditional: the objective and the samplers refuse a cond before calling it
 
     @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """The shape of one input sample (the objective and the samplers check data against it)."""
+        return (self.in_channels, self.img_resolution, self.img_resolution)
+
+    @property
     def config(self) -> dict[str, Any]:
         """The constructor arguments that rebuild this SongUNet."""
         return {
