@@ -401,7 +401,8 @@ class SoFlowObjective:
             ValueError: On bad shapes, non-finite data, bad step counts, or guidance without ``cond``.
             TypeError: On non-tensor inputs or non-integer step counts.
         """
-        draw = _sample_batch_eagerly if is_tracing() else SoFlowObjective.sample_batch
+        # torch.compiler.disable is applied here, only while tracing: at import it would load dynamo (and Triton).
+        draw = torch.compiler.disable(_sample_batch_eagerly) if is_tracing() else SoFlowObjective.sample_batch
         batch = draw(self, data, cond, step=step, total_steps=total_steps, generator=generator, noise=noise)
         return self.loss(model, batch)
 
@@ -673,7 +674,6 @@ _EAGER_DRAWS_WARNING = (
 )
 
 
-@torch.compiler.disable
 def _sample_batch_eagerly(objective: SoFlowObjective, data: Data, cond: Cond | None, **kwargs: object) -> TrainingBatch:
     """``objective.sample_batch``, kept out of a user's ``torch.compile`` of ``objective(...)``.
 
