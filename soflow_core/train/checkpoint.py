@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from soflow_core._files import atomic_save, atomic_write, sha256_file, temporary_names
-from soflow_core._validation import check_int
+from soflow_core._validation import check_bool, check_int
 
 __all__ = [
     "CheckpointError",
@@ -332,7 +332,7 @@ def load_checkpoint(
         CheckpointError: If the file is missing, incomplete, corrupt or does not unpickle.
     """
     path = Path(path)
-    if verify:
+    if check_bool("verify", verify):
         verify_checkpoint(path)
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
