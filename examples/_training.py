@@ -414,8 +414,14 @@ class TrainingBackbone(nn.Module):
 
     @property
     def num_classes(self) -> int | None:
-        """The network's class count, so that the objective checks labels against it before any call."""
-        return None if self.augment_labels else getattr(self.net, "num_classes", None)
+        """The network's class count, so that the objective checks labels against it before any call.
+
+        Absent (AttributeError) when the condition is augmentation labels: they are no class labels,
+        and ``num_classes = None`` would declare an unconditional network, which refuses any condition.
+        """
+        if self.augment_labels:
+            raise AttributeError("num_classes: the condition is augmentation labels, not class labels")
+        return getattr(self.net, "num_classes", None)
 
     @property
     def null_class(self) -> bool:
