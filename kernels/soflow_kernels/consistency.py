@@ -51,7 +51,8 @@ def _quotient(
     f_ell = a_ell * tl.load(teacher_state + row * s_ts + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_TEACHER_OUTPUT:
         f_ell += b_ell * tl.load(teacher_output + row * s_to + cols, mask=mask, other=0.0).to(tl.float32)
-    return f, (f_t - f_ell) / gap
+    # Lanes past the row's end load zeros, and 0/0 is NaN when the gap is 0: they must add nothing.
+    return f, tl.where(mask, (f_t - f_ell) / gap, 0.0)
 
 
 @triton.jit
