@@ -224,13 +224,17 @@ class GuidanceScaleDistribution:
     with ``base`` a distribution on [0, 1]: [`Uniform`][soflow_core.Uniform] (the default)
     makes ω uniform on [low, high); [`LogitNormal`][soflow_core.LogitNormal] concentrates it
     in the middle of the range. ``low == high`` draws that one value for every sample (an
-    ω-conditioned model trained, or fine-tuned, at one scale).
+    ω-conditioned model trained, or fine-tuned, at one scale). With ``unguided_share`` = q > 0,
+    a share q of the samples takes ω = 1 exactly instead: those are trained as a model without
+    guidance is (plain target v_t, no mix), so the conditional model at ω = 1 is learned as
+    directly as by a model trained for ω = 1 alone.
 
     Attributes:
         low: The smallest ω, ≥ 0 (ω = 1 is the plain conditional model, ω = 0 the
             unconditional one).
         high: The largest ω, ≥ low.
         base: The distribution of u ∈ [0, 1].
+        unguided_share: The share q ∈ [0, 1) of samples drawn at ω = 1 (needs low ≤ 1 ≤ high).
 
     Examples:
         >>> import torch
@@ -242,11 +246,18 @@ class GuidanceScaleDistribution:
     low: float = 1.0
     high: float = 4.0
     base: AbstractTimeDistribution = field(default_factory=Uniform)
+    unguided_share: float = 0.0
 
     def __post_init__(self) -> None:
         check_real("low", self.low, low=0.0)
         check_real("high", self.high, low=self.low)
         check_instance("base", self.base, AbstractTimeDistribution, "Uniform()")
+        check_real("unguided_share", self.unguided_share, low=0.0, high=1.0, high_open=True)
+        if self.unguided_share > 0 and not self.low <= 1.0 <= self.high:
+            raise ValueError(
+                f"unguided_share draws ω = 1, which must lie in [low, high] = [{self.low}, {self.high}]; "
+                f"got unguided_share={self.unguided_share}"
+            )
 
     @property
     def range(self) -> tuple[float, float]:
@@ -273,7 +284,11 @@ class GuidanceScaleDistribution:
             One ω per sample, in [low, high].
         """
         u = self.base.sample(batch_size, device=device, dtype=dtype, generator=generator)
-        return (self.low + (self.high - self.low) * u).clamp(self.low, self.high)
+        omega = (self.low + (self.high - self.low) * u).clamp(self.low, self.high)
+        if self.unguided_share > 0:
+            unguided = rand((batch_size,), device=torch.device(device), dtype=dtype, generator=generator)
+            omega = torch.where(unguided < self.unguided_share, torch.ones_like(omega), omega)
+        return omega
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -384,12 +399,14 @@ def guided_target(
 ) -> Data:
     r"""The full training target with guidance: mix of v_g and the model, plain v_t where dropped.
 
-    $$\tilde v = \begin{cases} v_t & \text{condition dropped} \\
+    $$\tilde v = \begin{cases} v_t & \text{condition dropped, or } \omega = 1 \\
       m\,v_g + (1 - m)\,\mathrm{sg}(v_\theta(x_t, t\mid c)) & \text{otherwise,}\end{cases}$$
 
     with v_g from [`guided_velocity`][soflow_core.guidance.guided_velocity] at the fixed
     ``guidance.scale`` or, for an ω-conditioned model, at each sample's ``omega`` (and then
-    v_uncond and v_model are the model's outputs at that same ω).
+    v_uncond and v_model are the model's outputs at that same ω). A sample at ω = 1 gets no
+    guidance terms, neither v_g nor the mix: it is trained as a model without guidance is, which
+    is what the objective has always done for a fixed ω = 1.
 
     Args:
         v_t: Conditional velocity of the path.
@@ -407,7 +424,14 @@ def guided_target(
     v_uncond = v_uncond.detach()
     v_g = guided_velocity(v_t, v_uncond, t, scale=scale, decay_time=guidance.decay_time)
     v_mix = mixed_velocity(v_g, v_model, mix=guidance.mix)
-    return torch.where(bcast_right(mask, v_t), v_t, v_mix).detach()
+    return torch.where(bcast_right(_plain_target(mask, scale), v_t), v_t, v_mix).detach()
+
+
+def _plain_target(mask: DropMask, scale: float | Tensor) -> DropMask:
+    """The samples whose target is the plain v_t: condition dropped, or ω = 1 (no guidance terms at all)."""
+    if isinstance(scale, Tensor):
+        return mask | (scale == 1.0).to(mask.device)
+    return mask | (scale == 1.0)
 
 
 def guidance_coefficients(
@@ -419,7 +443,7 @@ def guidance_coefficients(
     g = c(t)(ω − 1) of [`guidance_gain`][soflow_core.guidance.guidance_gain]:
 
     $$\tilde v = k_v\,v_t + k_u\,v_\theta(x_t,t\mid\varnothing) + k_m\,\mathrm{sg}(v_\theta(x_t,t\mid c)),\quad
-      (k_v, k_u, k_m) = \begin{cases} (1, 0, 0) & \text{condition dropped} \\
+      (k_v, k_u, k_m) = \begin{cases} (1, 0, 0) & \text{condition dropped, or } \omega = 1 \\
       (m(1 + g),\ -m g,\ 1 - m) & \text{otherwise.} \end{cases}$$
 
     The columns are per sample, so a per-sample ω costs the fused kernels nothing.
@@ -439,8 +463,9 @@ def guidance_coefficients(
         >>> guidance_coefficients(torch.tensor([False, True]), torch.tensor([0.5, 0.5]), g).tolist()
         [[1.5, -1.0, 0.5], [1.0, 0.0, 0.0]]
     """
-    g = guidance_gain(t, guidance.resolve_scale(omega, t.shape[0]), guidance.decay_time)
+    scale = guidance.resolve_scale(omega, t.shape[0])
+    g = guidance_gain(t, scale, guidance.decay_time)
     m = guidance.mix
     kept = torch.stack([m * (1.0 + g), -m * g, torch.full_like(g, 1.0 - m)], dim=1)
-    dropped = torch.tensor([1.0, 0.0, 0.0], dtype=kept.dtype, device=kept.device).expand_as(kept)
-    return torch.where(mask[:, None], dropped, kept)
+    plain = torch.tensor([1.0, 0.0, 0.0], dtype=kept.dtype, device=kept.device).expand_as(kept)
+    return torch.where(_plain_target(mask, scale)[:, None], plain, kept)

@@ -52,22 +52,52 @@ def _draws(n: int, dim: int, dtype: torch.dtype, seed: int = 0):
 # ---------------------------------------------------------------------------------------- the target
 
 
+def _target_before_per_sample_omega(v_t, v_unc, v_mod, mask, t, guidance):
+    """guided_target as it was before ω could vary per sample (kept here verbatim as the reference)."""
+    c = cfg_decay(t, guidance.decay_time)[:, None]
+    v_g = v_t + c * (guidance.scale - 1.0) * (v_t - v_unc.detach())
+    v_mix = guidance.mix * v_g + (1.0 - guidance.mix) * v_mod.detach()
+    return torch.where(mask[:, None], v_t, v_mix).detach()
+
+
 @pytest.mark.parametrize("distribution", DISTRIBUTIONS, ids=["uniform", "logit-normal", "one-value"])
-@pytest.mark.parametrize("omega0", [1.0, 1.7, 2.5, 3.0])
+@pytest.mark.parametrize("omega0", [1.7, 2.5, 3.0])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_per_sample_target_at_a_fixed_omega_is_the_fixed_scale_target_bit_for_bit(distribution, omega0, dtype):
     v_t, v_unc, v_mod, mask, t = _draws(13, 5, dtype)
     fixed = ClassifierFreeGuidance(scale=omega0, mix=0.25, drop_rate=0.1, decay_time=0.8, null_cond=4)
     conditioned = dataclasses.replace(fixed, scale=distribution)
     omega = torch.full((13,), omega0, dtype=torch.float64)
-    expected = guided_target(v_t, v_unc, v_mod, mask, t, fixed)
+    expected = _target_before_per_sample_omega(v_t, v_unc, v_mod, mask, t, fixed)
+    assert torch.equal(guided_target(v_t, v_unc, v_mod, mask, t, fixed), expected)
     assert torch.equal(guided_target(v_t, v_unc, v_mod, mask, t, conditioned, omega=omega), expected)
     assert torch.equal(guidance_coefficients(mask, t, conditioned, omega=omega), guidance_coefficients(mask, t, fixed))
-    # The hand-written formula at that scale (what the function held before ω could vary).
-    v_g = v_t + cfg_decay(t, 0.8)[:, None] * (omega0 - 1.0) * (v_t - v_unc)
-    torch.testing.assert_close(
-        expected, torch.where(mask[:, None], v_t, 0.25 * v_g + 0.75 * v_mod), rtol=1e-6, atol=1e-6
+
+
+@pytest.mark.parametrize("omega", [1.0, torch.ones(13, dtype=torch.float64)], ids=["float", "per-sample"])
+def test_omega_one_is_the_plain_target_as_the_objective_trains_a_fixed_omega_of_one(omega):
+    """No guidance terms at ω = 1, neither v_g nor the mix: what the objective does for a fixed scale of 1."""
+    v_t, v_unc, v_mod, mask, t = _draws(13, 5, torch.float32)
+    scale = 1.0 if isinstance(omega, float) else GuidanceScaleDistribution(low=1.0, high=2.0)
+    guidance = ClassifierFreeGuidance(scale=scale, null_cond=4)
+    extra = {} if isinstance(omega, float) else {"omega": omega}
+    assert torch.equal(guided_target(v_t, v_unc, v_mod, mask, t, guidance, **extra), v_t)
+    assert guidance_coefficients(mask, t, guidance, **extra).tolist() == [[1.0, 0.0, 0.0]] * 13
+    # the fixed-ω objective at ω = 1 trains on v_t: its Flow Matching mse is that of v_t
+    data = torch.randn(12, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    labels = torch.randint(0, 3, (12,), generator=torch.Generator().manual_seed(1))
+    fixed_one = _objective(1.0)
+    batch = fixed_one.sample_batch(data, labels, step=0, total_steps=10, generator=torch.Generator().manual_seed(2))
+    net = random_mlp(3, num_classes=3)
+    expected = fixed_one.loss(net, batch)
+    sampled = dataclasses.replace(
+        batch,
+        flow_matching=dataclasses.replace(batch.flow_matching, omega=torch.ones(6, dtype=torch.float64)),
+        consistency=dataclasses.replace(batch.consistency, omega=torch.ones(6, dtype=torch.float64)),
     )
+    got = _objective(GuidanceScaleDistribution(low=1.0, high=2.0)).loss(OmegaBackbone(net), sampled)
+    torch.testing.assert_close(got.flow_matching.per_sample, expected.flow_matching.per_sample, rtol=0, atol=0)
+    torch.testing.assert_close(got.consistency.per_sample, expected.consistency.per_sample, rtol=0, atol=0)
 
 
 def test_each_sample_gets_its_own_scale():
@@ -125,6 +155,14 @@ def test_distribution_draws_and_settings():
     assert omega.dtype == torch.float64 and float(omega.min()) >= 1.0 and float(omega.max()) <= 3.0
     assert abs(float(omega.mean()) - 2.0) < 0.05  # uniform: mean (low + high) / 2
     assert GuidanceScaleDistribution(low=2.0, high=2.0).sample(3).tolist() == [2.0, 2.0, 2.0]
+    atom = GuidanceScaleDistribution(low=1.0, high=3.0, unguided_share=0.25).sample(
+        4000, generator=torch.Generator().manual_seed(1)
+    )
+    assert abs(float((atom == 1.0).double().mean()) - 0.25) < 0.03 and float(atom.max()) <= 3.0
+    with pytest.raises(ValueError, match=r"unguided_share draws ω = 1, which must lie in \[low, high\]"):
+        GuidanceScaleDistribution(low=1.5, high=3.0, unguided_share=0.1)
+    with pytest.raises(ValueError, match="unguided_share"):
+        GuidanceScaleDistribution(unguided_share=1.0)
     with pytest.raises(ValueError, match="high"):
         GuidanceScaleDistribution(low=3.0, high=2.0)
     with pytest.raises(ValueError, match="low"):
