@@ -1,6 +1,8 @@
 """sample.py, export_pretrained.py and the trainers' --init on every checkpoint layout (tiny models, in-process)."""
 
 import json
+import os
+import stat
 import sys
 from pathlib import Path
 
@@ -150,6 +152,10 @@ def test_a_run_exports_to_a_folder_that_samples_like_the_run(tmp_path):
         ["--preset", "tiny", "--synthetic", "--no-progress", "--total-steps", "2", "--out", str(run)]
     )
     folder = export_pretrained.main(["--ckpt", str(run), "--out", str(tmp_path / "published")])
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("config.json", "model.safetensors"):  # the ordinary mode, as the run's own files
+        assert stat.S_IMODE((folder / name).stat().st_mode) == 0o666 & ~umask, name
     document = json.loads((folder / "config.json").read_text())
     assert document["metadata"]["step"] == 2 and document["metadata"]["entry"] == "ema"
     assert document["metadata"]["run"]["model"] == "DiT-tiny/4"
