@@ -704,65 +704,92 @@ def markdown_table(rows: list[dict], config: GuidanceConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
-def draw_tradeoff(rows: list[dict], config: GuidanceConfig, folder: Path) -> Path:
-    """Per dataset and NFE: fidelity against coverage; the ω-conditioned sweep as a line, fixed models as points."""
+TRADEOFF = {  # the fidelity axis of the trade-off panel, and whether higher is better
+    "eight_gaussians": ("energy_distance", False),
+    "checkerboard": ("energy_distance", False),
+    "digits": ("class_accuracy", True),
+}
+SHORT_NAMES = {
+    "guided_energy_distance": "energy distance to exact guided",
+    "energy_distance": "energy distance to the class data",
+    "frechet_distance": "Fréchet distance to the class data",
+    "class_accuracy": "class accuracy",
+}
+
+
+def _curve(rows: list[dict], dataset: str, nfe: int) -> list[dict]:
+    """The ω-conditioned model's seed means at ``nfe``, by increasing ω."""
+    picked = [
+        r for r in rows
+        if r["kind"] == "sample" and r["dataset"] == dataset and r["seed"] == "mean" and r["model"] == "conditioned"
+        and r["nfe"] == nfe
+    ]  # fmt: skip
+    return sorted(picked, key=lambda r: r["omega"])
+
+
+def draw_tradeoff(rows: list[dict], config: GuidanceConfig, folder: Path, nfe: int = 1) -> Path:
+    """Per dataset, at ``nfe``: the headline against ω, and fidelity against coverage (diversity).
+
+    The ω-conditioned model's sweep is a line, the fixed-ω models are points with the seeds' spread.
+    """
     plt = _plt()
+    device = next(r["device"] for r in rows if "device" in r)
     columns = len(config.datasets)
-    fig, axes = plt.subplots(2, columns, figsize=(4.6 * columns, 7.6), squeeze=False)
+    fig, axes = plt.subplots(2, columns, figsize=(4.8 * columns, 8.0), squeeze=False)
+    blue, red = "#1f77b4", "#d62728"
     for c, dataset in enumerate(config.datasets):
+        curve = _curve(rows, dataset, nfe)
+        fixed = [
+            p
+            for omega in config.omegas
+            if (p := _find(rows, kind="sample", dataset=dataset, seed="mean", model="fixed", omega=omega, nfe=nfe))
+        ]
+        # top: how well each model samples at ω (headline, lower is better)
         key = HEADLINE[dataset]
-        for r, nfe in enumerate((1, 2)):
-            ax = axes[r][c]
-            line = sorted(
-                (
-                    row
-                    for row in rows
-                    if row["kind"] == "sample" and row["dataset"] == dataset and row["seed"] == "mean"
-                    and row["model"] == "conditioned" and row["nfe"] == nfe
-                ),
-                key=lambda row: row["omega"],
-            )  # fmt: skip
-            ax.plot([p["coverage"] for p in line], [p[key] for p in line], "-o", ms=3, color="#1f77b4",
-                    label="one ω-conditioned model")  # fmt: skip
-            for p in line:
-                ax.annotate(f"{p['omega']:g}", (p["coverage"], p[key]), fontsize=7, color="#1f77b4",
-                            xytext=(3, 3), textcoords="offset points")  # fmt: skip
-            for omega in config.omegas:
-                p = _find(rows, kind="sample", dataset=dataset, seed="mean", model="fixed", omega=omega, nfe=nfe)
-                if p is None:
-                    continue
-                first = omega == config.omegas[0]
-                ax.errorbar(
-                    p["coverage"],
-                    p[key],
-                    xerr=p["coverage_std"],
-                    yerr=p[f"{key}_std"],
-                    fmt="s",
-                    ms=5,
-                    color="#d62728",
-                    capsize=2,
-                    label="fixed-ω models" if first else None,
-                )
-                ax.annotate(f"{omega:g}", (p["coverage"], p[key]), fontsize=7, color="#d62728",
-                            xytext=(3, -9), textcoords="offset points")  # fmt: skip
-            floor = _find(rows, kind="floor", dataset=dataset, seed="mean")
-            guided = [
-                r for r in rows if r["kind"] == "guided_floor" and r["dataset"] == dataset and r["seed"] == "mean"
-            ]
-            if key == "guided_energy_distance" and guided:
-                level = statistics.fmean(r[key] for r in guided)
-                ax.axhline(level, ls="--", color="gray", lw=0.8, label="floor (two exact draws)")
-            elif floor is not None:
-                ax.axhline(floor[key], ls="--", color="gray", lw=0.8, label="real-data floor")
+        ax = axes[0][c]
+        ax.plot([p["omega"] for p in curve], [p[key] for p in curve], "-o", ms=3, color=blue,
+                label="one ω-conditioned model")  # fmt: skip
+        ax.fill_between([p["omega"] for p in curve], [p[key] - p[f"{key}_std"] for p in curve],
+                        [p[key] + p[f"{key}_std"] for p in curve], color=blue, alpha=0.15, lw=0)  # fmt: skip
+        ax.errorbar([p["omega"] for p in fixed], [p[key] for p in fixed], yerr=[p[f"{key}_std"] for p in fixed],
+                    fmt="s", ms=5, color=red, capsize=2, label="one fixed-ω model per ω")  # fmt: skip
+        guided = [r for r in rows if r["kind"] == "guided_floor" and r["dataset"] == dataset and r["seed"] == "mean"]
+        floor = _find(rows, kind="floor", dataset=dataset, seed="mean")
+        if key == "guided_energy_distance" and guided:
+            guided.sort(key=lambda r: r["omega"])
+            ax.plot([r["omega"] for r in guided], [r[key] for r in guided], "--", color="gray", lw=0.8,
+                    label="floor (two exact draws)")  # fmt: skip
+        elif floor is not None:
+            ax.axhline(floor[key], ls="--", color="gray", lw=0.8, label="floor (real data)")
+        ax.set_yscale("log")
+        ax.set_xlabel("guidance scale ω")
+        ax.set_ylabel(SHORT_NAMES[key] + " (lower is better)")
+        ax.set_title(f"{dataset}, {nfe} NFE: quality at each ω", fontsize=9)
+        ax.legend(fontsize=7)
+        # bottom: the trade-off guidance makes, fidelity against diversity
+        key, higher = TRADEOFF[dataset]
+        ax = axes[1][c]
+        ax.plot([p["coverage"] for p in curve], [p[key] for p in curve], "-o", ms=3, color=blue,
+                label="one ω-conditioned model")  # fmt: skip
+        for p in curve:
+            ax.annotate(f"{p['omega']:g}", (p["coverage"], p[key]), fontsize=7, color=blue, xytext=(3, 3),
+                        textcoords="offset points")  # fmt: skip
+        ax.errorbar([p["coverage"] for p in fixed], [p[key] for p in fixed], xerr=[p["coverage_std"] for p in fixed],
+                    yerr=[p[f"{key}_std"] for p in fixed], fmt="s", ms=5, color=red, capsize=2,
+                    label="one fixed-ω model per ω")  # fmt: skip
+        for p in fixed:
+            ax.annotate(f"{p['omega']:g}", (p["coverage"], p[key]), fontsize=7, color=red, xytext=(3, -9),
+                        textcoords="offset points")  # fmt: skip
+        if not higher:
             ax.set_yscale("log")
-            ax.set_xlabel("coverage (diversity, higher is more diverse)")
-            ax.set_ylabel(METRIC_NAMES[key] + " (lower is closer)")
-            ax.set_title(f"{dataset}, {nfe} NFE", fontsize=9)
-            if r == 0 and c == 0:
-                ax.legend(fontsize=7)
+        ax.set_xlabel("coverage of the class data (diversity)")
+        ax.set_ylabel(SHORT_NAMES[key] + (" (higher: more faithful)" if higher else " (lower: closer)"))
+        ax.set_title(f"{dataset}, {nfe} NFE: fidelity against diversity, labels ω", fontsize=9)
+        ax.legend(fontsize=7)
     fig.suptitle(
-        "Fidelity–diversity trade-off by guidance scale ω (labels): one ω-conditioned model vs one model per ω\n"
-        f"(seed means; {config.toy_budget_s:g} / {config.digits_budget_s:g} CPU s per model on toys / digits)",
+        "Guidance chosen at sampling: one ω-conditioned SoFlow model against one model per ω "
+        f"(seed means of {len(config.seeds)} seeds;\n{config.toy_budget_s:g} / {config.digits_budget_s:g} CPU seconds "
+        f"of training per model on the toy / the digits; {device})",
         fontsize=9,
     )
     fig.tight_layout()

@@ -288,7 +288,13 @@ def test_guidance_at_sampling_tiny(tmp_path):
     timings = [r for r in rows if r["kind"] == "timing" and r["seed"] == 0]
     assert sorted(r["omega"] for r in timings) == [1.0, 2.0] and all(r["ratio"] > 0 for r in timings)
     table = (tmp_path / "g.md").read_text()
-    assert "ω-conditioned vs fixed at 1 NFE: ω = 1: per-class energy distance" in table
+    # on the 8 Gaussians the headline is the distance to the exact guided distribution, with its floor per ω
+    assert "ω-conditioned vs fixed at 1 NFE: ω = 1: energy distance to the exact guided distribution" in table
+    guided = [r for r in rows if r["kind"] == "guided_floor" and r["seed"] == 0]
+    assert sorted(r["omega"] for r in guided) == [1.0, 1.5, 2.0] and all(
+        r["guided_energy_distance"] > 0 for r in guided
+    )
+    assert all(row["guided_energy_distance"] >= 0 for row in samples)
     assert "One-step sampling time" in table and "real vs real (floor)" in table
     assert (tmp_path / "g-tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     (tmp_path / "g.md").unlink()
@@ -302,3 +308,23 @@ def test_guidance_at_sampling_rejects_bad_arguments(tmp_path):
     assert result.returncode == 2 and "must lie in [--omega-low, --omega-high] = [1, 2]" in result.stderr
     result = _run_guidance(tmp_path, "--datasets", "mnist")
     assert result.returncode == 2 and "--datasets: unknown" in result.stderr
+
+
+def test_the_exact_guided_reference_is_the_class_data_at_omega_one_and_moves_apart_above():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import guidance_at_sampling as G
+
+    from soflow_core.data import sample_toy_2d
+    from soflow_core.metrics import energy_distance
+
+    config = G.PRESETS["tiny"]
+    g = torch.Generator().manual_seed(0)
+    pool, labels = sample_toy_2d("eight_gaussians", 8000, generator=g)
+    real, again = pool[labels == 3][:400], pool[labels == 3][400:800]
+    plain = G.exact_guided_samples(torch.randn(400, 2, generator=g), 3, 1.0, config, steps=100)
+    floor = energy_distance(again, real)
+    assert energy_distance(plain, real) < 3 * floor  # ω = 1: the class itself
+    guided = G.exact_guided_samples(torch.randn(400, 2, generator=g), 3, 3.0, config, steps=100)
+    # guidance pushes the class away from its neighbours on the circle, so outward, away from the data
+    assert float(guided.norm(dim=1).mean()) > float(real.norm(dim=1).mean()) + 0.05
+    assert energy_distance(guided, real) > 10 * floor
