@@ -704,16 +704,19 @@ def markdown_table(rows: list[dict], config: GuidanceConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
-TRADEOFF = {  # the fidelity axis of the trade-off panel, and whether higher is better
-    "eight_gaussians": ("energy_distance", False),
-    "checkerboard": ("energy_distance", False),
-    "digits": ("class_accuracy", True),
+TRADEOFF = {  # the trade-off panel: diversity (x), fidelity (y) and whether higher fidelity is better
+    "eight_gaussians": ("coverage", "energy_distance", False),
+    "checkerboard": ("coverage", "energy_distance", False),
+    "digits": ("recall", "precision", True),  # class accuracy is 0.99-1.0 at every ω: no trade-off to see
 }
 SHORT_NAMES = {
     "guided_energy_distance": "energy distance to exact guided",
     "energy_distance": "energy distance to the class data",
     "frechet_distance": "Fréchet distance to the class data",
     "class_accuracy": "class accuracy",
+    "precision": "precision (k-NN, classifier features)",
+    "recall": "recall (k-NN, classifier features)",
+    "coverage": "coverage of the class data",
 }
 
 
@@ -767,22 +770,22 @@ def draw_tradeoff(rows: list[dict], config: GuidanceConfig, folder: Path, nfe: i
         ax.set_title(f"{dataset}, {nfe} NFE: quality at each ω", fontsize=9)
         ax.legend(fontsize=7)
         # bottom: the trade-off guidance makes, fidelity against diversity
-        key, higher = TRADEOFF[dataset]
+        x, key, higher = TRADEOFF[dataset]
         ax = axes[1][c]
-        ax.plot([p["coverage"] for p in curve], [p[key] for p in curve], "-o", ms=3, color=blue,
+        ax.plot([p[x] for p in curve], [p[key] for p in curve], "-o", ms=3, color=blue,
                 label="one ω-conditioned model")  # fmt: skip
         for p in curve:
-            ax.annotate(f"{p['omega']:g}", (p["coverage"], p[key]), fontsize=7, color=blue, xytext=(3, 3),
+            ax.annotate(f"{p['omega']:g}", (p[x], p[key]), fontsize=7, color=blue, xytext=(3, 3),
                         textcoords="offset points")  # fmt: skip
-        ax.errorbar([p["coverage"] for p in fixed], [p[key] for p in fixed], xerr=[p["coverage_std"] for p in fixed],
+        ax.errorbar([p[x] for p in fixed], [p[key] for p in fixed], xerr=[p[f"{x}_std"] for p in fixed],
                     yerr=[p[f"{key}_std"] for p in fixed], fmt="s", ms=5, color=red, capsize=2,
                     label="one fixed-ω model per ω")  # fmt: skip
         for p in fixed:
-            ax.annotate(f"{p['omega']:g}", (p["coverage"], p[key]), fontsize=7, color=red, xytext=(3, -9),
+            ax.annotate(f"{p['omega']:g}", (p[x], p[key]), fontsize=7, color=red, xytext=(3, -9),
                         textcoords="offset points")  # fmt: skip
         if not higher:
             ax.set_yscale("log")
-        ax.set_xlabel("coverage of the class data (diversity)")
+        ax.set_xlabel(SHORT_NAMES[x] + " (diversity)")
         ax.set_ylabel(SHORT_NAMES[key] + (" (higher: more faithful)" if higher else " (lower: closer)"))
         ax.set_title(f"{dataset}, {nfe} NFE: fidelity against diversity, labels ω", fontsize=9)
         ax.legend(fontsize=7)
