@@ -125,7 +125,7 @@ APPLIED_ON_RESUME = frozenset(
         "out", "data", "max_steps", "total_steps", "grad_accum", "lr", "beta2", "ckpt_every", "keep", "keep_every",
         "log_every", "sample_every", "sample_grid", "precision", "tf32", "compile", "compile_mode", "compile_backend",
         "tensorboard", "device", "progress", "vae", "gradient_checkpointing", "backend", "fid_every", "fid_samples",
-        "fid_nfe", "fid_batch_size", "fid_reference", "inception_weights", "allow_other_inception_weights",
+        "fid_nfe", "fid_batch_size", "fid_reference", "inception_weights", "allow_other_inception_weights", "omega",
     }
 )  # fmt: skip
 IGNORED_ON_RESUME = frozenset({"init"})

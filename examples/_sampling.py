@@ -38,6 +38,7 @@ def draw_samples(
     path: AbstractPath,
     device: torch.device,
     to_images: Callable[[Tensor], Tensor],
+    omega: float | None = None,
 ) -> Tensor:
     """Samples ``first`` … ``first + count − 1`` at ``nfe`` network evaluations, as images.
 
@@ -53,6 +54,7 @@ def draw_samples(
         path: The noising path (for the re-noising of NFE > 1).
         device: Where the network runs.
         to_images: The network's output → uint8 NHWC images (VAE decoding of latents, or pixels).
+        omega: The guidance scale of an ω-conditioned network (None for any other).
 
     Returns:
         What ``to_images`` returns for the batch.
@@ -66,8 +68,10 @@ def draw_samples(
     noise = torch.stack(noises).to(device)
     cond = torch.stack(labels).to(device) if num_classes else None
     if nfe == 1:
-        x = sample_one_step(net, noise, param=param, cond=cond)
+        x = sample_one_step(net, noise, param=param, cond=cond, omega=omega)
     else:
         renoise = seeded_generator(seed, RENOISE, first)
-        x = sample_few_step(net, noise, param=param, path=path, num_steps=nfe, cond=cond, generator=renoise)
+        x = sample_few_step(
+            net, noise, param=param, path=path, num_steps=nfe, cond=cond, generator=renoise, omega=omega
+        )
     return to_images(x)

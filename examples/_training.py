@@ -73,6 +73,7 @@ from torch import Tensor, nn
 
 from soflow_core import ClassifierFreeGuidance, SoFlowObjective, step_generator
 from soflow_core._files import atomic_write
+from soflow_core.guidance import GuidanceScaleDistribution
 from soflow_core.nets import DIT_SIZES, DiT, SongUNet
 from soflow_core.nets.dit import DiTSize
 from soflow_core.time_samplers import ConsistencyTimeSampler, LogitNormal, make_schedule
@@ -301,6 +302,7 @@ def build_net(config: dict[str, Any]) -> nn.Module:
             num_classes=config["num_classes"],
             null_class=config.get("null_class", True),  # runs recorded before the key existed had the null row
             gradient_checkpointing=config.get("gradient_checkpointing", False),
+            omega_range=config.get("cfg_scale_range"),  # an ω-conditioned run (runs recorded before: None)
         )
     if config["net"] == "unet":
         return SongUNet(
@@ -322,7 +324,8 @@ def build_objective(config: Mapping[str, Any]) -> SoFlowObjective:
     The recipe fields of ``TrainConfig`` give the path, parameterization, λ, the three logit-normal
     time distributions, the r(k, K) schedule and the adaptive weights; a configuration with
     ``cfg_scale`` (the ImageNet trainer's) adds training-time guidance over its labels, whose
-    null class is ``num_classes``.
+    null class is ``num_classes``, and one with ``cfg_scale_range`` draws ω per sample from that
+    range instead (an ω-conditioned run: ``GuidanceScaleDistribution``).
 
     Args:
         config: A record of a resolved configuration (what config.json holds).
@@ -341,11 +344,20 @@ def build_objective(config: Mapping[str, Any]) -> SoFlowObjective:
             raise ValueError(f"{flags}: {error}") from None
 
     guidance = None
-    if config.get("cfg_scale") is not None:
+    scale, scale_flag = config.get("cfg_scale"), "--cfg-scale"
+    if config.get("cfg_scale_range") is not None:
+        low, high = config["cfg_scale_range"]
+        share = config.get("cfg_unguided_share", 0.0)
+        scale_flag = "--cfg-scale-range"
+        scale = part(
+            "--cfg-scale-range, --cfg-unguided-share",
+            lambda: GuidanceScaleDistribution(low=low, high=high, unguided_share=share),
+        )
+    if scale is not None:
         guidance = part(
-            "--cfg-scale, --cfg-mix, --cfg-drop-rate, --cfg-decay-time",
+            f"{scale_flag}, --cfg-mix, --cfg-drop-rate, --cfg-decay-time",
             lambda: ClassifierFreeGuidance(
-                scale=config["cfg_scale"],
+                scale=scale,
                 mix=config["cfg_mix"],
                 drop_rate=config["cfg_drop_rate"],
                 decay_time=config["cfg_decay_time"],
@@ -393,7 +405,10 @@ def shard_targets(net: nn.Module) -> list[nn.Module]:
 
 
 class TrainingBackbone(nn.Module):
-    """F_θ(x, t, s, cond) as the objective calls it: autocast inside, float32 out; cond → augment labels."""
+    """F_θ(x, t, s, cond) as the objective calls it: autocast inside, float32 out; cond → augment labels.
+
+    The keyword ``omega`` of an ω-conditioned network passes through, and ``omega_range`` declares it.
+    """
 
     def __init__(self, net: nn.Module, *, precision: str, device_type: str, augment_labels: bool) -> None:
         super().__init__()
@@ -402,15 +417,26 @@ class TrainingBackbone(nn.Module):
         self.device_type = device_type
         self.augment_labels = augment_labels
 
-    def forward(self, x: Tensor, t: Tensor, s: Tensor, cond: Tensor | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, t: Tensor, s: Tensor, cond: Tensor | None = None, *, omega: Tensor | None = None
+    ) -> Tensor:
         context = (
             torch.autocast(self.device_type, dtype=torch.bfloat16)
             if self.precision == "bf16"
             else contextlib.nullcontext()
         )
+        extra = {} if omega is None else {"omega": omega}  # only an ω-conditioned network takes it
         with context:
-            out = self.net(x, t, s, augment_labels=cond) if self.augment_labels else self.net(x, t, s, cond)
+            if self.augment_labels:
+                out = self.net(x, t, s, augment_labels=cond, **extra)
+            else:
+                out = self.net(x, t, s, cond, **extra)
         return out.to(x.dtype)
+
+    @property
+    def omega_range(self) -> tuple[float, float] | None:
+        """The network's guidance-scale range when it is ω-conditioned, so that the objective passes ``omega``."""
+        return getattr(self.net, "omega_range", None)
 
     @property
     def num_classes(self) -> int | None:

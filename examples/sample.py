@@ -16,8 +16,10 @@
 official SoFlow training file (or a released model folder with --ckpt-steps), a bare state dict
 or a .safetensors file; the DiT or SongUNet and its size are read from the weights (see
 examples/_models.py for --model, --num-classes, --entry, --path, --param). Class labels of a
-conditional DiT are drawn uniformly at random per sample (not class-balanced), with no
-inference-time guidance (ω is baked in at training). Sample i draws its noise and label from a
+conditional DiT are drawn uniformly at random per sample (not class-balanced). A model trained
+with a fixed guidance scale has ω baked in; an ω-conditioned model (trained over a range of ω,
+its pretrained folder records ``omega_range``) needs ``--omega``, the scale to sample at, inside
+that range, still one network evaluation per step. Sample i draws its noise and label from a
 seed derived from (--seed, i), and the re-noising of 2-NFE sampling from (--seed, batch), so
 the output does not depend on the number of ranks. Each rank writes its batches to a part file;
 rank 0 concatenates them in order into ``arr_0`` (uint8, N×H×W×3), what the ADM evaluator
@@ -60,6 +62,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", default=DEFAULT_OUT, help="the .npz of uint8 samples to write")
     parser.add_argument("--grid", type=int, default=64, help="samples in the PNG grid")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to sample")
+    parser.add_argument(
+        "--omega",
+        type=float,
+        default=None,
+        help="guidance scale ω of an ω-conditioned model (inside its omega_range); refused for other models",
+    )
     args = parser.parse_args(argv)
     M.check_source_arguments(parser, args)
     if args.num_samples < 1 or args.batch_size < 1:
@@ -103,8 +111,29 @@ def sample_batch(model: M.OpenedModel, first: int, count: int, args, device: tor
         path=model.path,
         device=device,
         to_images=to_images,
+        omega=args.omega,
     )
     return images.cpu().numpy()
+
+
+def check_omega_flag(omega: float | None, net: torch.nn.Module) -> None:
+    """--omega is required by an ω-conditioned model, inside its omega_range, and refused by any other."""
+    declared = getattr(net, "omega_range", None)
+    if declared is None and omega is not None:
+        raise SystemExit(
+            f"--omega {omega:g}: this {type(net).__name__} is not ω-conditioned (its guidance scale, if any, was "
+            "baked in at training); sample it without --omega"
+        )
+    if declared is not None and omega is None:
+        raise SystemExit(
+            f"this {type(net).__name__} is ω-conditioned (trained for ω in [{declared[0]:g}, {declared[1]:g}]): "
+            "choose the guidance scale with --omega"
+        )
+    if declared is not None and not declared[0] <= omega <= declared[1]:  # type: ignore[operator]
+        raise SystemExit(
+            f"--omega {omega:g} lies outside [{declared[0]:g}, {declared[1]:g}], the guidance scales this "
+            f"{type(net).__name__} was trained for"
+        )
 
 
 def main(argv: list[str] | None = None) -> Path | None:
@@ -116,6 +145,7 @@ def main(argv: list[str] | None = None) -> Path | None:
 def run(args: argparse.Namespace, runtime: Runtime) -> Path | None:
     device = runtime.device
     model = M.open_model(args)
+    check_omega_flag(args.omega, model.net)
     model.net.to(device).requires_grad_(False)
     latent = M.image_shape(model.net)[0] == 4
     if runtime.is_main:

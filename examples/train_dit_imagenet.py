@@ -14,7 +14,9 @@ label drop and null row. The run length K (``--total-steps``) and ω (``--cfg-sc
 ``--model`` unless given: ``--model DiT-B/2`` alone is the released B/2 run, 1.2 M steps, so the
 model size and the schedule r(k, K) cannot disagree by omission. The label-drop rate follows ω
 (0.1 with guidance, 0 without, as in the released runs), and the label table has the null row
-exactly when labels are dropped.
+exactly when labels are dropped. ``--cfg-scale-range LOW,HIGH`` trains one ω-conditioned model
+for every ω in the range instead (not in the paper; docs/guidance.md), whose sample grids use
+``--omega``.
 
 The data are posterior means and standard deviations of the SD-VAE-ft-MSE encoder (``mean``,
 ``std`` of shape (N, 4, 32, 32), ``label`` of shape (N,)) in one .h5 file or a folder of .h5
@@ -34,6 +36,7 @@ details.
 """
 
 import dataclasses
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,6 +116,14 @@ class ImageNetConfig(T.TrainConfig):
     # probability that a label is dropped to the null class (official cfg_drop_rate); None: 0.1 with guidance
     # (ω > 1), 0 without, as the released runs; the label table has the null row exactly when labels are dropped
     cfg_drop_rate: float | None = None
+    # low,high: train ONE ω-conditioned model for every guidance scale in [low, high] instead of baking one ω in:
+    # each sample draws ω uniformly from the range, the DiT takes it as an input (omega_range), and sampling chooses
+    # it (sample.py --omega). Replaces --cfg-scale and the size's released ω; None: a fixed ω, as the released runs
+    cfg_scale_range: tuple[float, ...] | None = None
+    # with --cfg-scale-range: the share of samples drawn at ω = 1 exactly, trained without guidance terms
+    cfg_unguided_share: float = 0.0
+    # ω of the sample grids of an ω-conditioned run (None: the middle of --cfg-scale-range); refused without it
+    omega: float | None = None
     vae: str | None = None  # local SD-VAE-ft-MSE folder to decode the sample grids
     gradient_checkpointing: bool = False  # recompute each DiT block in the backward pass (less memory)
     beta2: float = 0.99  # AdamW betas (0.9, beta2), weight decay 0
@@ -182,11 +193,23 @@ class SyntheticLatents:
 def resolve(config: ImageNetConfig) -> ImageNetConfig:
     """``config`` with what it derives filled in: K and ω of --model's released run, the label drop of ω, --out.
 
+    With --cfg-scale-range the run is ω-conditioned: ω is the range (``cfg_scale`` is recorded as
+    None), labels are dropped unless the range is just ω = 1, the grids sample at --omega (the
+    range's middle by default) and the run folder is named ``<size>-omega``.
+
     Raises:
-        ValueError: An unknown --model, or a size without a released run and no --total-steps or --cfg-scale.
+        ValueError: An unknown --model, a size without a released run and no --total-steps or --cfg-scale, a
+            --cfg-scale-range that is not two guidance scales 0 <= low <= high, or --omega outside it or without it.
     """
     if config.model not in T.ALL_DIT_SIZES:
         raise ValueError(f"--model must be one of {', '.join(T.ALL_DIT_SIZES)}; got {config.model!r}")
+    if config.cfg_scale_range is not None:
+        return resolve_omega_conditioned(config)
+    if config.omega is not None:
+        raise ValueError(
+            f"--omega {config.omega:g} chooses the guidance scale of an ω-conditioned run's sample grids; this run "
+            "bakes --cfg-scale in: pass --cfg-scale-range LOW,HIGH to train one ω-conditioned model, or drop --omega"
+        )
     size = RELEASED_SIZES.get(config.model)
     missing = [name for name in ("total_steps", "cfg_scale") if getattr(config, name) is None and size is None]
     if missing:
@@ -200,6 +223,34 @@ def resolve(config: ImageNetConfig) -> ImageNetConfig:
     name = config.model.removeprefix("DiT-").replace("/", "-") + ("-cond" if scale > 1 else "-uncond")
     out = config.out if config.out is not None else f"runs/{name}"
     return dataclasses.replace(config, out=out, total_steps=total_steps, cfg_scale=scale, cfg_drop_rate=drop)
+
+
+def resolve_omega_conditioned(config: ImageNetConfig) -> ImageNetConfig:
+    """``resolve`` for a run with --cfg-scale-range (see there)."""
+    scales = config.cfg_scale_range
+    if len(scales) != 2 or not 0.0 <= scales[0] <= scales[1] or not all(map(math.isfinite, scales)):
+        raise ValueError(f"--cfg-scale-range must be LOW,HIGH with 0 <= LOW <= HIGH; got {','.join(map(str, scales))}")
+    low, high = float(scales[0]), float(scales[1])
+    omega = config.omega if config.omega is not None else (low + high) / 2
+    if not low <= omega <= high:
+        raise ValueError(f"--omega {omega:g} lies outside --cfg-scale-range [{low:g}, {high:g}]")
+    size = RELEASED_SIZES.get(config.model)
+    if config.total_steps is None and size is None:
+        raise ValueError(f"--model {config.model} has no released run to take --total-steps from: pass --total-steps")
+    total_steps = config.total_steps if config.total_steps is not None else size.total_steps
+    guided = (low, high) != (1.0, 1.0)
+    drop = config.cfg_drop_rate if config.cfg_drop_rate is not None else (LABEL_DROP if guided else 0.0)
+    name = config.model.removeprefix("DiT-").replace("/", "-") + "-omega"
+    out = config.out if config.out is not None else f"runs/{name}"
+    return dataclasses.replace(
+        config,
+        out=out,
+        total_steps=total_steps,
+        cfg_scale=None,
+        cfg_scale_range=(low, high),
+        cfg_drop_rate=drop,
+        omega=omega,
+    )
 
 
 def record(config: ImageNetConfig) -> dict:
@@ -266,7 +317,7 @@ def build_task(config: ImageNetConfig, runtime: Runtime) -> T.Task:
     def sample_images(eval_net: nn.Module, count: int, generator: torch.Generator) -> Tensor:
         noise = torch.randn(count, 4, 32, 32, generator=generator).to(device)
         labels = torch.randint(0, config.num_classes, (count,), generator=generator).to(device)
-        return to_images(sample_one_step(eval_net, noise, param=objective.param, cond=labels))
+        return to_images(sample_one_step(eval_net, noise, param=objective.param, cond=labels, omega=config.omega))
 
     def draw(eval_net: nn.Module, first: int, count: int, nfe: int) -> Tensor:  # in-loop FID's samples
         return draw_samples(
@@ -281,6 +332,7 @@ def build_task(config: ImageNetConfig, runtime: Runtime) -> T.Task:
             path=objective.path,
             device=device,
             to_images=to_images,
+            omega=config.omega,
         )
 
     return T.Task(

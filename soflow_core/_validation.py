@@ -255,10 +255,15 @@ def class_labels(cond: object, x: Tensor, *, num_classes: int, null_class: bool,
 
 
 def _unwrapped(backbone: object) -> Iterator[object]:
-    """``backbone``, then what its DDP/FSDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers hold."""
+    """``backbone``, then what its wrappers hold: DDP/FSDP (``.module``), ``torch.compile``
+    (``._orig_mod``) and ``functools.wraps``-style wrappers (``__wrapped__``, e.g. `checked_backbone`)."""
     for _ in range(8):
         yield backbone
-        inner = getattr(backbone, "_orig_mod", None) or getattr(backbone, "module", None)
+        inner = None
+        for name in ("_orig_mod", "module", "__wrapped__"):
+            inner = getattr(backbone, name, None)
+            if inner is not None:
+                break
         if inner is None:
             return
         backbone = inner
@@ -375,6 +380,111 @@ def check_backbone_input(name: str, x: Tensor, backbone: object, *, shape: bool 
             f"{name}.to({parameter.dtype}), or convert the model with model.to({x.dtype}), or run the step under "
             "torch.autocast"
         )
+
+
+def omega_range(backbone: object) -> tuple[float, float] | None:
+    """The guidance scales an ω-conditioned backbone declares, or None for a backbone that takes no ω.
+
+    A backbone declares that its forward accepts the keyword ``omega`` (one guidance scale per
+    sample) with an attribute ``omega_range = (low, high)``, the ω it was built and trained for
+    (``high`` may be ``math.inf``). The first object in the wrapper chain (DDP/FSDP ``.module``,
+    ``torch.compile``'s ``._orig_mod``, ``__wrapped__``) that has a non-None ``omega_range``
+    decides.
+
+    Args:
+        backbone: The backbone, possibly wrapped.
+
+    Returns:
+        (low, high), or None when nothing in the chain declares a range.
+
+    Raises:
+        TypeError: If the declared value is not a pair of real numbers with low <= high.
+    """
+    for obj in _unwrapped(backbone):
+        declared = getattr(obj, "omega_range", None)
+        if declared is None:
+            continue
+        try:
+            low, high = (float(v) for v in declared)  # type: ignore[union-attr]
+        except (TypeError, ValueError):
+            low = high = math.nan
+        if not low <= high or any(isinstance(v, bool) for v in declared):  # type: ignore[union-attr]
+            raise TypeError(
+                f"{type(obj).__name__}.omega_range must be None or a pair (low, high) of guidance scales with "
+                f"low <= high; got {declared!r}"
+            )
+        return low, high
+    return None
+
+
+def check_omega(name: str, omega: object, batch: int) -> Tensor:
+    """Check that ``omega`` is a floating tensor of shape (batch,), one guidance scale per sample (metadata only)."""
+    omega = check_tensor(name, omega, min_ndim=1)
+    if omega.shape != (batch,):
+        raise ValueError(f"{name} must have shape ({batch},), one guidance scale per sample; got {tuple(omega.shape)}")
+    return omega
+
+
+def omega_checks(name: str, omega: Tensor, allowed: tuple[float, float] | None) -> list[ValueCheck]:
+    """Value checks of per-sample guidance scales: finite, and inside ``allowed`` when given (empty while compiling)."""
+    if is_tracing():
+        return []
+    checks = [finite_check(name, omega)]
+    if allowed is not None:
+        low, high = allowed
+        bad = (omega < low) | (omega > high)
+
+        def error(count: int) -> Exception:
+            first = int(bad.nonzero()[0, 0])
+            return ValueError(
+                f"{name} must lie in the backbone's omega_range [{low:g}, {high:g}], the guidance scales it was "
+                f"trained for; {count} value(s) do not, the first is {name}[{first}] = {float(omega[first])!r}"
+            )
+
+        checks.append((bad.sum(), error))
+    return checks
+
+
+def call_backbone(
+    backbone: Callable[..., object], x: Tensor, t: Tensor, s: Tensor, cond: object, omega: Tensor | None
+) -> object:
+    """``backbone(x, t, s, cond)``, with the keyword ``omega=`` only when a guidance scale is given."""
+    if omega is None:
+        return backbone(x, t, s, cond)
+    return backbone(x, t, s, cond, omega=omega)
+
+
+def check_omega_use(
+    backbone: object, omega_in_use: bool, context: str, remedy: str = "pass omega"
+) -> tuple[float, float] | None:
+    """Match ``omega_in_use`` with the backbone's declaration; return its ``omega_range``.
+
+    Args:
+        backbone: The backbone.
+        omega_in_use: Whether ``context`` gives the backbone ``omega=``.
+        context: Who calls the backbone, for the messages (``"the sampler"``).
+        remedy: What to do when an ω-conditioned backbone gets no ω.
+
+    Returns:
+        The backbone's ``omega_range``, or None.
+
+    Raises:
+        ValueError: If ω is to be given to a backbone that declares no ``omega_range``, or
+            withheld from one that declares it.
+    """
+    declared = omega_range(backbone)
+    if omega_in_use and declared is None:
+        raise ValueError(
+            f"{context} gives the backbone a guidance scale (omega=...), but the backbone declares no omega_range: "
+            "a backbone that takes ω accepts the keyword omega and declares omega_range = (low, high) (build "
+            "DiT, SongUNet or MLPBackbone with omega_range=...)"
+        )
+    if not omega_in_use and declared is not None:
+        raise ValueError(
+            f"the backbone is ω-conditioned (omega_range={declared}) and needs a guidance scale per sample, but "
+            f"{context} gives none: {remedy}"
+        )
+    return declared
 
 
 def check_same_shape(name: str, x: Tensor, ref_name: str, ref: Tensor) -> None:
@@ -588,13 +698,13 @@ def checked_backbone(
     if is_tracing():
         return backbone  # type: ignore[return-value]
 
-    def call(x: Tensor, t: Tensor, s: Tensor, cond: object = None) -> Tensor:
+    def call(x: Tensor, t: Tensor, s: Tensor, cond: object = None, **kwargs: object) -> Tensor:
         try:
             if labels_checked:
                 with label_values_checked():
-                    output = backbone(x, t, s, cond)
+                    output = backbone(x, t, s, cond, **kwargs)
             else:
-                output = backbone(x, t, s, cond)
+                output = backbone(x, t, s, cond, **kwargs)
         except Exception as error:
             if context is not None and hasattr(error, "add_note"):  # Python 3.11+
                 error.add_note(f"raised by the backbone called on x of shape {tuple(x.shape)} in {context}")
@@ -652,9 +762,9 @@ def labels_unchecked(backbone: Callable[..., object]) -> Callable[..., object]:
     if is_tracing():
         return backbone
 
-    def call(x: Tensor, t: Tensor, s: Tensor, cond: object = None) -> object:
+    def call(x: Tensor, t: Tensor, s: Tensor, cond: object = None, **kwargs: object) -> object:
         with label_values_checked():
-            return backbone(x, t, s, cond)
+            return backbone(x, t, s, cond, **kwargs)
 
     call.__wrapped__ = backbone  # type: ignore[attr-defined]  # dropout detection looks through it
     return call

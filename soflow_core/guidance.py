@@ -3,10 +3,15 @@ r"""Classifier-free guidance baked in at training time (SoFlow paper; see the Me
 The trained network already produces guided samples: its training target is
 $v_g = v_t + c(t)(\omega - 1)(v_t - v_\theta(x_t, t\mid\varnothing))$, mixed with the model's
 own detached velocity. Samples whose condition was dropped keep the plain target v_t.
+
+The scale ω is either one number fixed for the life of the model (the paper's recipe) or, with a
+[`GuidanceScaleDistribution`][soflow_core.guidance.GuidanceScaleDistribution], drawn per sample and
+given to the network as an input, so one model samples at any ω of its range (see
+[Guidance chosen at sampling](../guidance.md)).
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from jaxtyping import Float
@@ -14,14 +19,24 @@ from torch import Tensor
 
 from soflow_core._rng import rand
 from soflow_core._tensor import bcast_right
-from soflow_core._validation import check_cond, check_generator, check_int, check_real
-from soflow_core.typing import Cond, Data, DropMask, Time
+from soflow_core._validation import (
+    check_cond,
+    check_generator,
+    check_instance,
+    check_int,
+    check_omega,
+    check_real,
+)
+from soflow_core.time_samplers import AbstractTimeDistribution, Uniform
+from soflow_core.typing import Cond, Data, DropMask, GuidanceScale, Time
 
 __all__ = [
     "ClassifierFreeGuidance",
+    "GuidanceScaleDistribution",
     "cfg_decay",
     "drop_cond",
     "guidance_coefficients",
+    "guidance_gain",
     "guided_target",
     "guided_velocity",
     "mixed_velocity",
@@ -133,7 +148,36 @@ def cfg_decay(t: Time, decay_time: float, *, rate: float = CFG_DECAY_RATE) -> Ti
     return torch.where(t <= decay_time, torch.ones_like(t), decayed)
 
 
-def guided_velocity(v_t: Data, v_uncond: Data, t: Time, *, scale: float, decay_time: float) -> Data:
+def guidance_gain(t: Time, scale: float | GuidanceScale, decay_time: float) -> Time:
+    r"""The per-sample strength g = c(t)(ω − 1) of the guidance term (SoFlow paper; see the Method page).
+
+    $$g = c(t)\,(\omega - 1),$$
+
+    with c the decay of [`cfg_decay`][soflow_core.guidance.cfg_decay]. A float ω is the paper's
+    fixed scale; a tensor gives one ω per sample (an ω-conditioned model). ω − 1 is formed in
+    the dtype of ω and then cast to the dtype of t, so a float ω and a float64 tensor filled
+    with it give bit-identical gains.
+
+    Args:
+        t: Time of each sample.
+        scale: ω, one float or one value per sample.
+        decay_time: t_d.
+
+    Returns:
+        g, one value per sample, in the dtype of ``t``.
+
+    Examples:
+        >>> import torch
+        >>> guidance_gain(torch.tensor([0.5, 0.5]), torch.tensor([1.0, 3.0]), 0.8).tolist()
+        [0.0, 2.0]
+    """
+    c = cfg_decay(t, decay_time)
+    if isinstance(scale, Tensor):
+        return c * (scale - 1.0).to(device=c.device, dtype=c.dtype)
+    return c * (scale - 1.0)
+
+
+def guided_velocity(v_t: Data, v_uncond: Data, t: Time, *, scale: float | GuidanceScale, decay_time: float) -> Data:
     r"""The guided velocity target (SoFlow paper; see the Method page of the docs).
 
     $$v_g = v_t + c(t)\,(\omega - 1)\,(v_t - v_\theta(x_t, t \mid \varnothing)).$$
@@ -142,14 +186,14 @@ def guided_velocity(v_t: Data, v_uncond: Data, t: Time, *, scale: float, decay_t
         v_t: Conditional velocity of the path.
         v_uncond: The model's unconditional velocity (detached).
         t: Time of each sample.
-        scale: ω ≥ 1 (reference ``cfg_scale``).
+        scale: ω (reference ``cfg_scale``): one float, or one value per sample for an
+            ω-conditioned model (whose v_uncond was then evaluated at the same ω).
         decay_time: t_d.
 
     Returns:
         v_g.
     """
-    c = bcast_right(cfg_decay(t, decay_time), v_t)
-    return v_t + c * (scale - 1.0) * (v_t - v_uncond)
+    return v_t + bcast_right(guidance_gain(t, scale, decay_time), v_t) * (v_t - v_uncond)
 
 
 def mixed_velocity(v_guided: Data, v_model: Data, *, mix: float) -> Data:
@@ -172,13 +216,94 @@ def mixed_velocity(v_guided: Data, v_model: Data, *, mix: float) -> Data:
 
 
 @dataclass(frozen=True, kw_only=True)
+class GuidanceScaleDistribution:
+    r"""The distribution of ω drawn per sample to train one model for every guidance scale in a range.
+
+    $$\omega = \omega_\text{low} + (\omega_\text{high} - \omega_\text{low})\,u,\qquad u \sim \text{base},$$
+
+    with ``base`` a distribution on [0, 1]: [`Uniform`][soflow_core.Uniform] (the default)
+    makes ω uniform on [low, high); [`LogitNormal`][soflow_core.LogitNormal] concentrates it
+    in the middle of the range. ``low == high`` draws that one value for every sample (an
+    ω-conditioned model trained, or fine-tuned, at one scale). With ``unguided_share`` = q > 0,
+    a share q of the samples takes ω = 1 exactly instead: those are trained as a model without
+    guidance is (plain target v_t, no mix), so the conditional model at ω = 1 is learned as
+    directly as by a model trained for ω = 1 alone.
+
+    Attributes:
+        low: The smallest ω, ≥ 0 (ω = 1 is the plain conditional model, ω = 0 the
+            unconditional one).
+        high: The largest ω, ≥ low.
+        base: The distribution of u ∈ [0, 1].
+        unguided_share: The share q ∈ [0, 1) of samples drawn at ω = 1 (needs low ≤ 1 ≤ high).
+
+    Examples:
+        >>> import torch
+        >>> omega = GuidanceScaleDistribution(low=1.0, high=4.0).sample(5, generator=torch.Generator().manual_seed(0))
+        >>> bool(((omega >= 1.0) & (omega <= 4.0)).all())
+        True
+    """
+
+    low: float = 1.0
+    high: float = 4.0
+    base: AbstractTimeDistribution = field(default_factory=Uniform)
+    unguided_share: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_real("low", self.low, low=0.0)
+        check_real("high", self.high, low=self.low)
+        check_instance("base", self.base, AbstractTimeDistribution, "Uniform()")
+        check_real("unguided_share", self.unguided_share, low=0.0, high=1.0, high_open=True)
+        if self.unguided_share > 0 and not self.low <= 1.0 <= self.high:
+            raise ValueError(
+                f"unguided_share draws ω = 1, which must lie in [low, high] = [{self.low}, {self.high}]; "
+                f"got unguided_share={self.unguided_share}"
+            )
+
+    @property
+    def range(self) -> tuple[float, float]:
+        """(low, high)."""
+        return (float(self.low), float(self.high))
+
+    def sample(
+        self,
+        batch_size: int,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        generator: torch.Generator | None = None,
+    ) -> GuidanceScale:
+        """Draw one ω per sample.
+
+        Args:
+            batch_size: Number of draws, ≥ 1.
+            device: Where the result lives.
+            dtype: Result dtype.
+            generator: Source of randomness, or None for the global RNG.
+
+        Returns:
+            One ω per sample, in [low, high].
+        """
+        u = self.base.sample(batch_size, device=device, dtype=dtype, generator=generator)
+        omega = (self.low + (self.high - self.low) * u).clamp(self.low, self.high)
+        if self.unguided_share > 0:
+            unguided = rand((batch_size,), device=torch.device(device), dtype=dtype, generator=generator)
+            omega = torch.where(unguided < self.unguided_share, torch.ones_like(omega), omega)
+        return omega
+
+
+@dataclass(frozen=True, kw_only=True)
 class ClassifierFreeGuidance:
     """Training-time guidance settings (reference ``cfg_scale``, ``mix_ratio``, ``cfg_drop_rate``, ...).
 
-    Guidance terms are active when ``scale > 1``; label dropping whenever ``drop_rate > 0``.
+    Guidance terms are active when ``scale > 1`` (for a distribution, when it can draw any ω ≠ 1);
+    label dropping whenever ``drop_rate > 0``.
 
     Attributes:
-        scale: ω ≥ 1; the guidance strength baked into the model.
+        scale: ω. A float ω ≥ 1 is baked into the model (the paper's recipe). A
+            [`GuidanceScaleDistribution`][soflow_core.guidance.GuidanceScaleDistribution] makes
+            the model ω-conditioned: each sample draws its own ω, which enters its target and
+            is given to the backbone as ``omega=`` (see [the backbone protocol](../api/backbone.md)),
+            so the sampler chooses ω.
         mix: m ∈ [0, 1]; share of the guided target in the mixed target.
         drop_rate: Probability that a sample's condition is dropped.
         decay_time: t_d; guidance fades out above it (≥ 1 disables the fade).
@@ -187,23 +312,24 @@ class ClassifierFreeGuidance:
             tensor.
     """
 
-    scale: float = 3.0
+    scale: float | GuidanceScaleDistribution = 3.0
     mix: float = 0.25
     drop_rate: float = 0.1
     decay_time: float = 0.8
     null_cond: int | float | Tensor = 1000
 
     def __post_init__(self) -> None:
-        check_real("scale", self.scale, low=1.0)
+        if not isinstance(self.scale, GuidanceScaleDistribution):
+            check_real("scale", self.scale, low=1.0)
         check_real("mix", self.mix, low=0.0, high=1.0)
         check_real("drop_rate", self.drop_rate, low=0.0, high=1.0)
         check_real("decay_time", self.decay_time, low=0.0)
         _check_null_cond(self.null_cond)
         if isinstance(self.null_cond, int) and self.null_cond < 1:
             raise ValueError(f"null_cond, the null class index (= the class count), must be >= 1; got {self.null_cond}")
-        if self.scale > 1.0 and self.drop_rate == 0.0:
-            # ω > 1 needs v(·|∅) to be learned; without dropped labels it never is.
-            raise ValueError(f"drop_rate must be > 0 when scale > 1 (got scale={self.scale!r}, drop_rate=0.0)")
+        if self.active and self.drop_rate == 0.0:
+            # ω ≠ 1 needs v(·|∅) to be learned; without dropped labels it never is.
+            raise ValueError(f"drop_rate must be > 0 when scale is not 1 (got scale={self.scale!r}, drop_rate=0.0)")
 
     @property
     def num_classes(self) -> int | None:
@@ -211,23 +337,76 @@ class ClassifierFreeGuidance:
         return self.null_cond if isinstance(self.null_cond, int) else None
 
     @property
+    def conditioned(self) -> bool:
+        """Whether ω is drawn per sample and given to the backbone (an ω-conditioned model)."""
+        return isinstance(self.scale, GuidanceScaleDistribution)
+
+    @property
+    def scale_range(self) -> tuple[float, float]:
+        """The smallest and largest ω of training: (ω, ω) for a fixed scale."""
+        if isinstance(self.scale, GuidanceScaleDistribution):
+            return self.scale.range
+        return (float(self.scale), float(self.scale))
+
+    @property
     def active(self) -> bool:
-        """Whether the guided target is used (ω > 1)."""
-        return self.scale > 1.0
+        """Whether the guided target is used (some ω ≠ 1)."""
+        return self.scale_range != (1.0, 1.0)
 
     @property
     def needs_model_velocity(self) -> bool:
         """Whether the target mixes in the model's own conditional velocity (m < 1)."""
         return self.active and not math.isclose(self.mix, 1.0)
 
+    def resolve_scale(self, omega: GuidanceScale | None, batch: int) -> float | GuidanceScale:
+        """ω for a batch: ``omega`` for an ω-conditioned model, else the fixed ``scale``.
+
+        Args:
+            omega: One ω per sample, or None.
+            batch: The number of samples.
+
+        Returns:
+            The float scale, or ``omega``.
+
+        Raises:
+            ValueError: If ``omega`` is missing for an ω-conditioned model, given for a fixed
+                scale, or not one value per sample.
+            TypeError: If ``omega`` is not a floating-point tensor.
+        """
+        if not self.conditioned:
+            if omega is not None:
+                raise ValueError(
+                    f"omega was given, but guidance.scale is fixed at {self.scale!r}; draw ω per sample with "
+                    "scale=GuidanceScaleDistribution(low=..., high=...)"
+                )
+            return self.scale  # type: ignore[return-value]
+        if omega is None:
+            raise ValueError(
+                f"omega (one ω per sample) is required: guidance.scale draws it per sample ({self.scale!r})"
+            )
+        return check_omega("omega", omega, batch)
+
 
 def guided_target(
-    v_t: Data, v_uncond: Data, v_model: Data, mask: DropMask, t: Time, guidance: ClassifierFreeGuidance
+    v_t: Data,
+    v_uncond: Data,
+    v_model: Data,
+    mask: DropMask,
+    t: Time,
+    guidance: ClassifierFreeGuidance,
+    *,
+    omega: GuidanceScale | None = None,
 ) -> Data:
     r"""The full training target with guidance: mix of v_g and the model, plain v_t where dropped.
 
-    $$\tilde v = \begin{cases} v_t & \text{condition dropped} \\
-      m\,v_g + (1 - m)\,\mathrm{sg}(v_\theta(x_t, t\mid c)) & \text{otherwise.}\end{cases}$$
+    $$\tilde v = \begin{cases} v_t & \text{condition dropped, or } \omega = 1 \\
+      m\,v_g + (1 - m)\,\mathrm{sg}(v_\theta(x_t, t\mid c)) & \text{otherwise,}\end{cases}$$
+
+    with v_g from [`guided_velocity`][soflow_core.guidance.guided_velocity] at the fixed
+    ``guidance.scale`` or, for an ω-conditioned model, at each sample's ``omega`` (and then
+    v_uncond and v_model are the model's outputs at that same ω). A sample at ω = 1 gets no
+    guidance terms, neither v_g nor the mix: it is trained as a model without guidance is, which
+    is what the objective has always done for a fixed ω = 1.
 
     Args:
         v_t: Conditional velocity of the path.
@@ -236,29 +415,44 @@ def guided_target(
         mask: True where the condition was dropped.
         t: Time of each sample.
         guidance: The guidance settings.
+        omega: One ω per sample when ``guidance.scale`` is a distribution, else None.
 
     Returns:
         The target velocity ṽ, without gradient.
     """
+    scale = guidance.resolve_scale(omega, v_t.shape[0])
     v_uncond = v_uncond.detach()
-    v_g = guided_velocity(v_t, v_uncond, t, scale=guidance.scale, decay_time=guidance.decay_time)
+    v_g = guided_velocity(v_t, v_uncond, t, scale=scale, decay_time=guidance.decay_time)
     v_mix = mixed_velocity(v_g, v_model, mix=guidance.mix)
-    return torch.where(bcast_right(mask, v_t), v_t, v_mix).detach()
+    return torch.where(bcast_right(_plain_target(mask, scale), v_t), v_t, v_mix).detach()
 
 
-def guidance_coefficients(mask: DropMask, t: Time, guidance: ClassifierFreeGuidance) -> Float[Tensor, "b 3"]:
+def _plain_target(mask: DropMask, scale: float | Tensor) -> DropMask:
+    """The samples whose target is the plain v_t: condition dropped, or ω = 1 (no guidance terms at all)."""
+    if isinstance(scale, Tensor):
+        return mask | (scale == 1.0).to(mask.device)
+    return mask | (scale == 1.0)
+
+
+def guidance_coefficients(
+    mask: DropMask, t: Time, guidance: ClassifierFreeGuidance, *, omega: GuidanceScale | None = None
+) -> Float[Tensor, "b 3"]:
     r"""The guided target as a per-sample combination of v_t, v_uncond and v_model (for the fused ops).
 
-    Expanding [`guided_target`][soflow_core.guidance.guided_target] with g = c(t)(ω − 1):
+    Expanding [`guided_target`][soflow_core.guidance.guided_target] with the per-sample gain
+    g = c(t)(ω − 1) of [`guidance_gain`][soflow_core.guidance.guidance_gain]:
 
     $$\tilde v = k_v\,v_t + k_u\,v_\theta(x_t,t\mid\varnothing) + k_m\,\mathrm{sg}(v_\theta(x_t,t\mid c)),\quad
-      (k_v, k_u, k_m) = \begin{cases} (1, 0, 0) & \text{condition dropped} \\
+      (k_v, k_u, k_m) = \begin{cases} (1, 0, 0) & \text{condition dropped, or } \omega = 1 \\
       (m(1 + g),\ -m g,\ 1 - m) & \text{otherwise.} \end{cases}$$
+
+    The columns are per sample, so a per-sample ω costs the fused kernels nothing.
 
     Args:
         mask: True where the condition was dropped.
         t: Time of each sample.
         guidance: The guidance settings.
+        omega: One ω per sample when ``guidance.scale`` is a distribution, else None.
 
     Returns:
         The (b, 3) columns k_v, k_u, k_m.
@@ -269,8 +463,9 @@ def guidance_coefficients(mask: DropMask, t: Time, guidance: ClassifierFreeGuida
         >>> guidance_coefficients(torch.tensor([False, True]), torch.tensor([0.5, 0.5]), g).tolist()
         [[1.5, -1.0, 0.5], [1.0, 0.0, 0.0]]
     """
-    g = cfg_decay(t, guidance.decay_time) * (guidance.scale - 1.0)
+    scale = guidance.resolve_scale(omega, t.shape[0])
+    g = guidance_gain(t, scale, guidance.decay_time)
     m = guidance.mix
     kept = torch.stack([m * (1.0 + g), -m * g, torch.full_like(g, 1.0 - m)], dim=1)
-    dropped = torch.tensor([1.0, 0.0, 0.0], dtype=kept.dtype, device=kept.device).expand_as(kept)
-    return torch.where(mask[:, None], dropped, kept)
+    plain = torch.tensor([1.0, 0.0, 0.0], dtype=kept.dtype, device=kept.device).expand_as(kept)
+    return torch.where(_plain_target(mask, scale)[:, None], plain, kept)

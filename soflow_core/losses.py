@@ -23,22 +23,26 @@ from torch import Tensor
 from soflow_core._rng import PassReplay, may_use_dropout
 from soflow_core._tensor import bcast_right
 from soflow_core._validation import (
+    call_backbone,
     check_choice,
     check_cond,
     check_finite,
     check_instance,
+    check_omega,
+    check_omega_use,
     check_same_dtype,
     check_same_shape,
     check_tensor,
     check_time,
     check_time_order,
+    omega_checks,
     prepared_backbone,
 )
 from soflow_core.guidance import ClassifierFreeGuidance, drop_cond, guidance_coefficients
 from soflow_core.ops._dispatch import BACKENDS, Backend
 from soflow_core.ops.fused import consistency_rows, flow_matching_rows, linear_combination
 from soflow_core.parameterizations import AbstractParam, EulerParam
-from soflow_core.typing import Backbone, Cond, Data, DropMask, PerSample, Scalar, Time
+from soflow_core.typing import Backbone, Cond, Data, DropMask, GuidanceScale, PerSample, Scalar, Time
 from soflow_core.weighting import AdaptiveWeighting
 
 __all__ = [
@@ -482,11 +486,12 @@ def _guided_terms(
     t: Time,
     param: AbstractParam,
     guidance: ClassifierFreeGuidance,
+    omega: GuidanceScale | None,
 ) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
     """ṽ = Σ coefficient·input over (v_t, F_uncond, sg F_model), plus the coefficient of x_t (or None)."""
     if model_output is None and guidance.needs_model_velocity:
         raise ValueError(f"model_output is required when guidance mixes in the model (mix={guidance.mix})")
-    k = guidance_coefficients(mask, t, guidance)
+    k = guidance_coefficients(mask, t, guidance, omega=omega)
     d_s_a, d_s_b = param.d_s_a(t, t), param.d_s_b(t, t)
     inputs, columns = [v_t, uncond_output], [k[:, 0], k[:, 1] * d_s_b]
     k_state = k[:, 1]
@@ -508,6 +513,7 @@ def guided_target_from_outputs(
     *,
     param: AbstractParam,
     guidance: ClassifierFreeGuidance,
+    omega: GuidanceScale | None = None,
     backend: Backend = "auto",
 ) -> Data:
     r"""[`guided_target`][soflow_core.guidance.guided_target] from raw network outputs, in one fused pass.
@@ -526,12 +532,13 @@ def guided_target_from_outputs(
         t: Time of each sample.
         param: The parameterization.
         guidance: The guidance settings.
+        omega: One ω per sample for an ω-conditioned model (both outputs evaluated at it), else None.
         backend: Where the fused combination runs.
 
     Returns:
         ṽ, without gradient.
     """
-    inputs, columns, state_column = _guided_terms(v_t, uncond_output, model_output, mask, t, param, guidance)
+    inputs, columns, state_column = _guided_terms(v_t, uncond_output, model_output, mask, t, param, guidance, omega)
     if state_column is not None:
         inputs.append(x_t)
         columns.append(state_column)
@@ -550,6 +557,7 @@ def guided_teacher_state(
     *,
     param: AbstractParam,
     guidance: ClassifierFreeGuidance,
+    omega: GuidanceScale | None = None,
     backend: Backend = "auto",
 ) -> Data:
     r"""[`teacher_state`][soflow_core.losses.teacher_state] with the guided velocity, in one fused pass.
@@ -568,12 +576,13 @@ def guided_teacher_state(
         ell: The intermediate time.
         param: The parameterization.
         guidance: The guidance settings.
+        omega: One ω per sample for an ω-conditioned model (both outputs evaluated at it), else None.
         backend: Where the fused combination runs.
 
     Returns:
         x_ℓ, without gradient.
     """
-    inputs, columns, state_column = _guided_terms(v_t, uncond_output, model_output, mask, t, param, guidance)
+    inputs, columns, state_column = _guided_terms(v_t, uncond_output, model_output, mask, t, param, guidance, omega)
     step = ell - t
     x_column = torch.ones_like(t) if state_column is None else 1.0 + step * state_column
     coefficients = torch.stack([x_column, *(step * c for c in columns)], dim=1)[:, None, :].detach()
@@ -591,13 +600,16 @@ def _check_batch(x_t: object, v: object, v_name: str, cond: object) -> Tensor:
     return x_t
 
 
-def _checked_labels(backbone: Backbone, x_t: Tensor, cond: object) -> Backbone:
-    """Check x_t's dtype and the class labels against the backbone (null class allowed); wrap its outputs.
+def _checked_labels(backbone: Backbone, x_t: Tensor, cond: object, omega: object = None) -> Backbone:
+    """Check x_t's dtype, the class labels against the backbone (null class allowed) and ω against its
+    ``omega_range``; wrap its outputs.
 
     The conditions reach these losses after any label drop, so the null class is a valid label
     when the backbone has one.
     """
-    return prepared_backbone(backbone, "x_t", x_t, cond)
+    allowed = check_omega_use(backbone, omega is not None, "the loss", "pass omega= (one value per sample)")
+    checks = [] if omega is None else omega_checks("omega", check_omega("omega", omega, x_t.shape[0]), allowed)
+    return prepared_backbone(backbone, "x_t", x_t, cond, checks=checks)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -629,6 +641,7 @@ class FlowMatchingLoss:
         *,
         guidance: ClassifierFreeGuidance | None = None,
         drop_mask: DropMask | None = None,
+        omega: GuidanceScale | None = None,
     ) -> FlowMatchingOutput:
         """Evaluate the loss with one grad call of the backbone (two with active guidance).
 
@@ -640,6 +653,8 @@ class FlowMatchingLoss:
             cond: Conditions, or None.
             guidance: Training-time guidance; needs ``cond`` and ``drop_mask`` when active.
             drop_mask: True where the condition is dropped (null condition, plain target).
+            omega: One guidance scale per sample for an ω-conditioned backbone (every call gets
+                it, and an active ``guidance`` must draw ω), else None.
 
         Returns:
             The [`FlowMatchingOutput`][soflow_core.FlowMatchingOutput].
@@ -668,10 +683,11 @@ class FlowMatchingLoss:
                     f"cond={'None' if cond is None else 'a tensor'}, guidance={guidance!r}"
                 )
             cond = drop_cond(cond, drop_mask, guidance.null_cond)
-        backbone = _checked_labels(backbone, x_t, cond)
+        backbone = _checked_labels(backbone, x_t, cond, omega)
         options = {"param": self.param, "weighting": self.weighting, "backend": self.backend}
         if guidance is None or not guidance.active:
-            return flow_matching_loss_from_output(backbone(x_t, t, t, cond), x_t, v_t, t, **options)
+            output = call_backbone(backbone, x_t, t, t, cond, omega)
+            return flow_matching_loss_from_output(output, x_t, v_t, t, **options)  # type: ignore[arg-type]
         if cond is None or drop_mask is None:
             raise ValueError(
                 f"guidance with scale={guidance.scale} needs cond and drop_mask; got "
@@ -680,10 +696,19 @@ class FlowMatchingLoss:
             )
         with torch.no_grad():
             null = drop_cond(cond, torch.ones_like(drop_mask), guidance.null_cond)
-            uncond_output = backbone(x_t, t, t, null)
-        output = backbone(x_t, t, t, cond)
+            uncond_output = call_backbone(backbone, x_t, t, t, null, omega)
+        output = call_backbone(backbone, x_t, t, t, cond, omega)
         target = guided_target_from_outputs(
-            v_t, x_t, uncond_output, output, drop_mask, t, param=self.param, guidance=guidance, backend=self.backend
+            v_t,
+            x_t,
+            uncond_output,  # type: ignore[arg-type]
+            output,  # type: ignore[arg-type]
+            drop_mask,
+            t,
+            param=self.param,
+            guidance=guidance,
+            omega=omega,
+            backend=self.backend,
         )
         return flow_matching_loss_from_output(output, x_t, target, t, **options)
 
@@ -715,7 +740,16 @@ class SolutionConsistencyLoss:
         check_choice("backend", self.backend, BACKENDS)
 
     def __call__(
-        self, backbone: Backbone, x_t: Data, velocity: Data, t: Time, s: Time, ell: Time, cond: Cond | None = None
+        self,
+        backbone: Backbone,
+        x_t: Data,
+        velocity: Data,
+        t: Time,
+        s: Time,
+        ell: Time,
+        cond: Cond | None = None,
+        *,
+        omega: GuidanceScale | None = None,
     ) -> ConsistencyOutput:
         """Evaluate the loss with one grad and one no-grad call of the backbone.
 
@@ -727,6 +761,8 @@ class SolutionConsistencyLoss:
             s: Target time, 0 ≤ s ≤ ℓ.
             ell: Intermediate time, s ≤ ℓ < t.
             cond: Conditions (after any label drop), or None.
+            omega: One guidance scale per sample for an ω-conditioned backbone (the student and
+                the teacher both get it), else None.
 
         Returns:
             The [`ConsistencyOutput`][soflow_core.ConsistencyOutput].
@@ -750,13 +786,13 @@ class SolutionConsistencyLoss:
             check_time(name, value, n)
         check_time_order("s", s, "ell", ell, strict=False)
         check_time_order("ell", ell, "t", t, strict=True)
-        backbone = _checked_labels(backbone, x_t, cond)
+        backbone = _checked_labels(backbone, x_t, cond, omega)
         replay = PassReplay(x_t.device, enabled=may_use_dropout(backbone))
         with replay.record():
-            network_output = backbone(x_t, t, s, cond)
+            network_output = call_backbone(backbone, x_t, t, s, cond, omega)
         with torch.no_grad(), replay.replay():
             x_ell = teacher_state(x_t, velocity, t, ell, backend=self.backend)
-            teacher_output = backbone(x_ell, ell, s, cond)
+            teacher_output = call_backbone(backbone, x_ell, ell, s, cond, omega)
         return solution_consistency_loss_from_teacher(
             network_output,
             x_t,

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from soflow_core._rng import PassReplay, has_active_dropout, may_use_dropout, randn
 from soflow_core._validation import (
+    call_backbone,
     check_backbone_input,
     check_bool,
     check_choice,
@@ -33,6 +34,8 @@ from soflow_core._validation import (
     check_generator,
     check_int,
     check_no_labels_for,
+    check_omega,
+    check_omega_use,
     check_real,
     check_same_dtype,
     check_same_shape,
@@ -45,8 +48,9 @@ from soflow_core._validation import (
     is_tracing,
     label_checks,
     labels_unchecked,
+    omega_checks,
 )
-from soflow_core.guidance import ClassifierFreeGuidance, drop_cond, sample_drop_mask
+from soflow_core.guidance import ClassifierFreeGuidance, GuidanceScaleDistribution, drop_cond, sample_drop_mask
 from soflow_core.losses import (
     ConsistencyOutput,
     FlowMatchingOutput,
@@ -67,7 +71,7 @@ from soflow_core.time_samplers import (
     LogitNormal,
     Uniform,
 )
-from soflow_core.typing import Backbone, Cond, Data, DropMask, Scalar, Time
+from soflow_core.typing import Backbone, Cond, Data, DropMask, GuidanceScale, Scalar, Time
 from soflow_core.weighting import AdaptiveWeighting
 
 __all__ = [
@@ -96,6 +100,7 @@ class FlowMatchingBatch:
         t: Times.
         cond: Conditions after the label drop, or None.
         drop_mask: True where the condition was dropped, or None without guidance.
+        omega: The guidance scale ω of each sample for an ω-conditioned model, else None.
     """
 
     x_t: Data
@@ -103,6 +108,7 @@ class FlowMatchingBatch:
     t: Time
     cond: Cond | None = None
     drop_mask: DropMask | None = None
+    omega: GuidanceScale | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -117,6 +123,7 @@ class ConsistencyBatch:
         ell: Intermediate times.
         cond: Conditions after the label drop, or None.
         drop_mask: True where the condition was dropped, or None without guidance.
+        omega: The guidance scale ω of each sample for an ω-conditioned model, else None.
     """
 
     x_t: Data
@@ -126,6 +133,7 @@ class ConsistencyBatch:
     ell: Time
     cond: Cond | None = None
     drop_mask: DropMask | None = None
+    omega: GuidanceScale | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -206,15 +214,18 @@ def _cat(parts: Sequence[Tensor | None]) -> Tensor | None:
     return torch.cat(list(parts), dim=0)  # type: ignore[arg-type]
 
 
-def _batched_call(
-    model: Backbone, calls: Sequence[tuple[Tensor, Tensor, Tensor, Tensor | None]], joint: bool
-) -> list[Tensor]:
-    """Evaluate ``model(x, t, s, cond)`` for each request, as one concatenated call when ``joint``."""
+Request = tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]
+"""One backbone call: (x, t, s, cond, omega)."""
+
+
+def _batched_call(model: Backbone, calls: Sequence[Request], joint: bool) -> list[Tensor]:
+    """Evaluate ``model(x, t, s, cond[, omega=])`` for each request, as one concatenated call when ``joint``."""
     if not joint or len(calls) == 1:
-        return [model(x, t, s, c) for x, t, s, c in calls]
-    xs, ts, ss, cs = zip(*calls)
-    out = model(torch.cat(xs), torch.cat(ts), torch.cat(ss), _cat(cs))
-    return list(torch.split(out, [x.shape[0] for x in xs]))
+        return [call_backbone(model, x, t, s, c, o) for x, t, s, c, o in calls]  # type: ignore[misc]
+    xs, ts, ss, cs, os_ = zip(*calls)
+    omega = None if os_[0] is None else torch.cat(os_)
+    out = call_backbone(model, torch.cat(xs), torch.cat(ts), torch.cat(ss), _cat(cs), omega)
+    return list(torch.split(out, [x.shape[0] for x in xs]))  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -416,10 +427,13 @@ class SoFlowObjective:
         generator: torch.Generator | None = None,
         noise: Data | None = None,
     ) -> TrainingBatch:
-        """Make every random draw of one step (noise, times, label masks), in a fixed order.
+        """Make every random draw of one step (noise, times, label masks, guidance scales), in a fixed order.
 
-        Draw order: FM times, FM noise, FM mask; then s, t, consistency noise, consistency mask.
-        Times are float64 for float64 data and float32 otherwise.
+        Draw order: FM times, FM noise, FM mask, FM ω; then s, t, consistency noise, consistency
+        mask, consistency ω. ω is drawn only for an ω-conditioned model (``guidance.scale`` a
+        [`GuidanceScaleDistribution`][soflow_core.guidance.GuidanceScaleDistribution]), for every
+        sample, dropped or not; otherwise the draws are those of the fixed-ω objective. Times (and
+        ω) are float64 for float64 data and float32 otherwise.
 
         Args:
             data: Clean samples, batch first.
@@ -465,13 +479,20 @@ class SoFlowObjective:
             mask = sample_drop_mask(size, guidance.drop_rate, device=device, generator=generator)
             return drop_cond(cond[part], mask, guidance.null_cond), mask
 
+        def draw_omega(size: int) -> Tensor | None:
+            if guidance is None or not isinstance(guidance.scale, GuidanceScaleDistribution):
+                return None
+            return guidance.scale.sample(size, device=device, dtype=time_dtype, generator=generator)
+
         fm_batch = sc_batch = None
         if n_fm > 0:
             part = slice(0, n_fm)
             t = self.fm_time.sample(n_fm, device=device, dtype=time_dtype, generator=generator)
             sample = self.path.interpolate(data[part], draw_noise(part), t, backend=self.backend)
             fm_cond, fm_mask = draw_cond(part, n_fm)
-            fm_batch = FlowMatchingBatch(x_t=sample.x_t, v_t=sample.v_t, t=t, cond=fm_cond, drop_mask=fm_mask)
+            fm_batch = FlowMatchingBatch(
+                x_t=sample.x_t, v_t=sample.v_t, t=t, cond=fm_cond, drop_mask=fm_mask, omega=draw_omega(n_fm)
+            )
         if n_c > 0:
             part = slice(n_fm, n_fm + n_c)
             times = self.consistency_times.sample(
@@ -480,7 +501,14 @@ class SoFlowObjective:
             sample = self.path.interpolate(data[part], draw_noise(part), times.t, backend=self.backend)
             sc_cond, sc_mask = draw_cond(part, n_c)
             sc_batch = ConsistencyBatch(
-                x_t=sample.x_t, v_t=sample.v_t, t=times.t, s=times.s, ell=times.ell, cond=sc_cond, drop_mask=sc_mask
+                x_t=sample.x_t,
+                v_t=sample.v_t,
+                t=times.t,
+                s=times.s,
+                ell=times.ell,
+                cond=sc_cond,
+                drop_mask=sc_mask,
+                omega=draw_omega(n_c),
             )
         return TrainingBatch(flow_matching=fm_batch, consistency=sc_batch)
 
@@ -499,7 +527,29 @@ class SoFlowObjective:
             checks += label_checks("cond", cond, num_classes)  # type: ignore[arg-type]
         check_values(checks)
 
-    def _check_backbone(self, model: Backbone, batch: TrainingBatch) -> Backbone:
+    def _check_omega_use(self, model: Backbone) -> tuple[float, float] | None:
+        """An ω-conditioned objective needs a backbone that declares ``omega_range`` covering its ω, and vice versa."""
+        guidance = self.guidance
+        conditioned = guidance is not None and guidance.conditioned
+        context = (
+            f"the objective (guidance.scale={guidance.scale!r})"  # type: ignore[union-attr]
+            if conditioned
+            else "the objective (its guidance scale is fixed, or it has no guidance)"
+        )
+        remedy = "set guidance.scale to a GuidanceScaleDistribution within that range"
+        declared = check_omega_use(model, conditioned, context, remedy)
+        if conditioned and declared is not None:
+            low, high = guidance.scale_range  # type: ignore[union-attr]
+            if low < declared[0] or high > declared[1]:
+                raise ValueError(
+                    f"guidance.scale draws ω in [{low:g}, {high:g}], outside the backbone's omega_range "
+                    f"[{declared[0]:g}, {declared[1]:g}]"
+                )
+        return declared
+
+    def _check_backbone(
+        self, model: Backbone, batch: TrainingBatch, omega_range: tuple[float, float] | None
+    ) -> Backbone:
         """Check the batch against the backbone before any call; wrap it to check every output.
 
         The data's dtype must be the backbone's parameters' (outside autocast). The labels are
@@ -508,11 +558,25 @@ class SoFlowObjective:
         that hides its class count (a function around the network) is not checked here, but the
         library's backbones check their labels in ``forward``: a bad label (or a guidance
         ``null_cond`` that is not the model's class count) fails at the first call, with the
-        library's message.
+        library's message. Each sample's ω must be finite and inside the backbone's
+        ``omega_range`` (read in the same synchronisation).
         """
         first = batch.flow_matching or batch.consistency
         check_backbone_input("data", first.x_t, model)  # type: ignore[union-attr]
         check_no_labels_for(model, first.cond)  # type: ignore[union-attr]
+        checks: list = []
+        for name, part in (("flow_matching.omega", batch.flow_matching), ("consistency.omega", batch.consistency)):
+            if part is None:
+                continue
+            if (part.omega is None) != (omega_range is None):
+                state = "has no" if part.omega is None else "has an"
+                raise ValueError(
+                    f"{name}: the batch {state} ω per sample, but the backbone's omega_range is {omega_range}; "
+                    "draw the batch with this objective's sample_batch"
+                )
+            if part.omega is not None:
+                check_omega(name, part.omega, part.t.shape[0])
+                checks += omega_checks(name, part.omega, omega_range)
         declared = class_count(model)
         guidance = self.guidance
         if declared is not None:
@@ -527,12 +591,11 @@ class SoFlowObjective:
                     f"guidance drops labels to the null class {num_classes} (drop_rate={guidance.drop_rate}), "
                     "but the backbone has no null class (null_class=False)"
                 )
-            checks = []
             for name, part in (("flow_matching.cond", batch.flow_matching), ("consistency.cond", batch.consistency)):
                 if part is not None and part.cond is not None:
                     dropped = part.drop_mask if part.drop_mask is not None else False
                     checks += label_checks(name, part.cond, num_classes, null_allowed=dropped)
-            check_values(checks)
+        check_values(checks)
         context = (
             f"the objective's step over {batch.batch_size} samples (its backbone calls concatenate sub-batches: "
             "guidance, Flow Matching and consistency samples; forward_batching='split' calls them one by one)"
@@ -583,9 +646,14 @@ class SoFlowObjective:
         Returns:
             The [`ObjectiveOutput`][soflow_core.ObjectiveOutput].
 
+        Every call of an ω-conditioned model gets each sample's own ω (``omega=``): the
+        student, the teacher, and the no-grad guidance passes, the unconditional one included (see
+        [Guidance chosen at sampling](../method.md#guidance-chosen-at-sampling)).
+
         Raises:
             ValueError: With ``check_inputs``, on labels outside the backbone's class count or a
-                backbone output of the wrong shape or device.
+                backbone output of the wrong shape or device; always, when ``guidance.scale`` is a
+                distribution and the backbone declares no ``omega_range`` (or the reverse).
             TypeError: With ``check_inputs``, on non-integer labels or a backbone output that is
                 not a tensor of the input's dtype.
         """
@@ -593,18 +661,21 @@ class SoFlowObjective:
         guidance = self.guidance if self.guidance is not None and self.guidance.active else None
         joint = self.use_joint_forward(model)
         param = self.param
-        model = self._check_backbone(model, batch) if self.check_inputs else labels_unchecked(model)
+        declared = self._check_omega_use(model)
+        model = self._check_backbone(model, batch, declared) if self.check_inputs else labels_unchecked(model)
+        fm_omega = fm.omega if fm is not None else None
+        sc_omega = sc.omega if sc is not None else None
 
         # 1. Guidance outputs, all without gradient, in one call when joint.
         uncond_fm = uncond_sc = model_sc = None
         if guidance is not None:
-            requests: list[tuple[Tensor, Tensor, Tensor, Tensor | None]] = []
+            requests: list[Request] = []
             for part in (fm, sc):
                 if part is not None:
                     null = drop_cond(part.cond, torch.ones_like(part.drop_mask), guidance.null_cond)
-                    requests.append((part.x_t, part.t, part.t, null))
+                    requests.append((part.x_t, part.t, part.t, null, part.omega))
             if sc is not None and guidance.needs_model_velocity:
-                requests.append((sc.x_t, sc.t, sc.t, sc.cond))
+                requests.append((sc.x_t, sc.t, sc.t, sc.cond, sc.omega))
             with torch.no_grad():
                 outs = iter(_batched_call(model, requests, joint))
                 uncond_fm = next(outs) if fm is not None else None
@@ -619,19 +690,19 @@ class SoFlowObjective:
         if joint:
             requests = []
             if fm is not None:
-                requests.append((fm.x_t, fm.t, fm.t, fm.cond))
+                requests.append((fm.x_t, fm.t, fm.t, fm.cond, fm.omega))
             if sc is not None:
-                requests.append((sc.x_t, sc.t, sc.s, sc.cond))
+                requests.append((sc.x_t, sc.t, sc.s, sc.cond, sc.omega))
             with replay.record():
                 outs = iter(_batched_call(model, requests, joint=True))
             fm_out = next(outs) if fm is not None else None
             sc_out = next(outs) if sc is not None else None
         else:
             if fm is not None:
-                fm_out = model(fm.x_t, fm.t, fm.t, fm.cond)
+                fm_out = call_backbone(model, fm.x_t, fm.t, fm.t, fm.cond, fm.omega)
             if sc is not None:
                 with replay.record():
-                    sc_out = model(sc.x_t, sc.t, sc.s, sc.cond)
+                    sc_out = call_backbone(model, sc.x_t, sc.t, sc.s, sc.cond, sc.omega)
 
         # 3. Losses; the teacher call replays the random draws of the consistency grad call.
         fm_result = sc_result = None
@@ -640,7 +711,7 @@ class SoFlowObjective:
             target = fm.v_t
             if guidance is not None:
                 target = guided_target_from_outputs(
-                    fm.v_t, fm.x_t, uncond_fm, fm_out, fm.drop_mask, fm.t, guidance=guidance, **options
+                    fm.v_t, fm.x_t, uncond_fm, fm_out, fm.drop_mask, fm.t, guidance=guidance, omega=fm_omega, **options
                 )
             fm_result = flow_matching_loss_from_output(
                 fm_out, fm.x_t, target, fm.t, weighting=self.weighting, **options
@@ -649,11 +720,20 @@ class SoFlowObjective:
             with torch.no_grad(), replay.replay():
                 if guidance is not None:
                     x_ell = guided_teacher_state(
-                        sc.x_t, sc.v_t, uncond_sc, model_sc, sc.drop_mask, sc.t, sc.ell, guidance=guidance, **options
+                        sc.x_t,
+                        sc.v_t,
+                        uncond_sc,
+                        model_sc,
+                        sc.drop_mask,
+                        sc.t,
+                        sc.ell,
+                        guidance=guidance,
+                        omega=sc_omega,
+                        **options,
                     )
                 else:
                     x_ell = teacher_state(sc.x_t, sc.v_t, sc.t, sc.ell, backend=self.backend)
-                teacher_output = model(x_ell, sc.ell, sc.s, sc.cond)
+                teacher_output = call_backbone(model, x_ell, sc.ell, sc.s, sc.cond, sc.omega)
             sc_result = solution_consistency_loss_from_teacher(
                 sc_out, sc.x_t, teacher_output, x_ell, sc.t, sc.s, sc.ell, weighting=self.weighting, **options
             )

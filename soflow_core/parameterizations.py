@@ -15,21 +15,31 @@ from torch import Tensor
 
 from soflow_core._tensor import bcast_right
 from soflow_core._validation import (
+    call_backbone,
     check_choice,
     check_cond,
+    check_omega,
+    check_omega_use,
     check_tensor,
     check_time,
     check_time_order,
     prepared_backbone,
     registered_name,
 )
-from soflow_core.typing import Backbone, Cond, Data, Time
+from soflow_core.typing import Backbone, Cond, Data, GuidanceScale, Time
 
 __all__ = ["AbstractParam", "EulerParam", "ParamName", "TrigParam", "make_param", "param_name"]
 
 ParamName = Literal["euler", "trig"]
 """Names accepted by [`make_param`][soflow_core.parameterizations.make_param] (case-insensitive)."""
 AnyTime = Float[Tensor, "*t"]
+
+
+def _check_omega(backbone: Backbone, omega: object, batch: int) -> None:
+    """ω is given exactly to the backbones that declare ``omega_range``, one value per sample (metadata only)."""
+    check_omega_use(backbone, omega is not None, "this call", "pass omega= (one value per sample)")
+    if omega is not None:
+        check_omega("omega", omega, batch)
 
 
 def _check_call(x_t: Tensor, t: Tensor, s: Tensor, cond: object) -> None:
@@ -98,7 +108,16 @@ class AbstractParam(ABC):
         """
         return bcast_right(self.d_s_a(t, t), x_t) * x_t + bcast_right(self.d_s_b(t, t), x_t) * network_output
 
-    def solution(self, backbone: Backbone, x_t: Data, t: Time, s: Time, cond: Cond | None = None) -> Data:
+    def solution(
+        self,
+        backbone: Backbone,
+        x_t: Data,
+        t: Time,
+        s: Time,
+        cond: Cond | None = None,
+        *,
+        omega: GuidanceScale | None = None,
+    ) -> Data:
         """Evaluate f_θ(x_t, t, s) with one call of the backbone.
 
         Args:
@@ -107,6 +126,8 @@ class AbstractParam(ABC):
             t: Current time of each sample, in [0, 1].
             s: Target time of each sample, in [0, t].
             cond: Conditioning passed to the backbone, or None.
+            omega: One guidance scale per sample, passed as ``omega=`` to an ω-conditioned
+                backbone, or None.
 
         Returns:
             f_θ(x_t, t, s).
@@ -123,9 +144,13 @@ class AbstractParam(ABC):
             True
         """
         _check_call(x_t, t, s, cond)
-        return self.combine(x_t, prepared_backbone(backbone, "x_t", x_t, cond)(x_t, t, s, cond), t, s)
+        _check_omega(backbone, omega, x_t.shape[0])
+        network = prepared_backbone(backbone, "x_t", x_t, cond)
+        return self.combine(x_t, call_backbone(network, x_t, t, s, cond, omega), t, s)
 
-    def velocity(self, backbone: Backbone, x_t: Data, t: Time, cond: Cond | None = None) -> Data:
+    def velocity(
+        self, backbone: Backbone, x_t: Data, t: Time, cond: Cond | None = None, *, omega: GuidanceScale | None = None
+    ) -> Data:
         """Evaluate the model velocity v_θ(x_t, t): the backbone at s = t (see the Method page).
 
         Args:
@@ -133,6 +158,8 @@ class AbstractParam(ABC):
             x_t: The state at time t.
             t: Time of each sample, in [0, 1].
             cond: Conditioning passed to the backbone, or None.
+            omega: One guidance scale per sample, passed as ``omega=`` to an ω-conditioned
+                backbone, or None.
 
         Returns:
             v_θ(x_t, t).
@@ -142,7 +169,9 @@ class AbstractParam(ABC):
                 like ``x_t``.
         """
         _check_call(x_t, t, t, cond)
-        return self.velocity_from_output(x_t, prepared_backbone(backbone, "x_t", x_t, cond)(x_t, t, t, cond), t)
+        _check_omega(backbone, omega, x_t.shape[0])
+        network = prepared_backbone(backbone, "x_t", x_t, cond)
+        return self.velocity_from_output(x_t, call_backbone(network, x_t, t, t, cond, omega), t)
 
 
 @dataclass(frozen=True, kw_only=True)

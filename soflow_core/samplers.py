@@ -12,19 +12,24 @@ import torch
 
 from soflow_core._rng import randn
 from soflow_core._validation import (
+    call_backbone,
     check_cond,
     check_generator,
     check_instance,
     check_int,
+    check_omega,
+    check_omega_use,
+    check_real,
     check_tensor,
     check_time_list,
     check_time_order,
     finite_check,
+    omega_checks,
     prepared_backbone,
 )
 from soflow_core.parameterizations import AbstractParam
 from soflow_core.paths import AbstractPath
-from soflow_core.typing import Backbone, Cond, Data
+from soflow_core.typing import Backbone, Cond, Data, GuidanceScale
 
 TimeGrid = Sequence[float] | torch.Tensor | np.ndarray
 """Times given to a sampler: a list or tuple of floats, or a 1-d floating-point tensor or array (never booleans)."""
@@ -50,18 +55,33 @@ def uniform_time_grid(num_steps: int, *, dtype: torch.dtype = torch.float64) -> 
     return 1.0 - torch.arange(n + 1, dtype=dtype) / n
 
 
-def _check_inputs(backbone: Backbone, noise: object, cond: object, param: object) -> tuple[Backbone, torch.Tensor]:
-    """Check the sampler's inputs (one device sync for noise and labels); return the output-checking backbone.
+def _check_inputs(
+    backbone: Backbone, noise: object, cond: object, param: object, omega: object = None
+) -> tuple[Backbone, torch.Tensor, torch.Tensor | None]:
+    """Check the sampler's inputs (one device sync for noise, labels and ω); return the output-checking backbone.
 
     Noise must be in the dtype of the backbone's parameters. Class labels are checked against a
     backbone that declares ``num_classes``; the null class (index ``num_classes``) is a valid
     label when the backbone has one. A backbone that hides its class count (behind a function)
-    checks them itself: the library's backbones refuse a bad label in their ``forward``.
+    checks them itself: the library's backbones refuse a bad label in their ``forward``. ω goes
+    exactly to a backbone that declares ``omega_range``: a float becomes one value per sample,
+    and every value must be finite and inside that range.
     """
     check_instance("param", param, AbstractParam, "EulerParam()")
     noise = check_tensor("noise", noise, min_ndim=2)
     check_cond("cond", cond, noise.shape[0], device=noise.device)
-    return prepared_backbone(backbone, "noise", noise, cond, checks=[finite_check("noise", noise)]), noise
+    allowed = check_omega_use(
+        backbone, omega is not None, "the sampler", "pass omega= (a float or one value per sample)"
+    )
+    checks = [finite_check("noise", noise)]
+    omega_tensor = None
+    if omega is not None:
+        if isinstance(omega, torch.Tensor):
+            omega_tensor = check_omega("omega", omega, noise.shape[0])
+        else:
+            omega_tensor = _full(noise, check_real("omega", omega))
+        checks += omega_checks("omega", omega_tensor, allowed)
+    return prepared_backbone(backbone, "noise", noise, cond, checks=checks), noise, omega_tensor
 
 
 def _full(x: torch.Tensor, value: float) -> torch.Tensor:
@@ -70,15 +90,28 @@ def _full(x: torch.Tensor, value: float) -> torch.Tensor:
 
 
 def _solve(
-    backbone: Backbone, param: AbstractParam, x: torch.Tensor, t_value: float, s_value: float, cond: Cond | None
+    backbone: Backbone,
+    param: AbstractParam,
+    x: torch.Tensor,
+    t_value: float,
+    s_value: float,
+    cond: Cond | None,
+    omega: torch.Tensor | None,
 ) -> torch.Tensor:
     """f_θ(x, t, s) with the same t and s for every sample (inputs already checked)."""
     t, s = _full(x, t_value), _full(x, s_value)
-    return param.combine(x, backbone(x, t, s, cond), t, s)
+    return param.combine(x, call_backbone(backbone, x, t, s, cond, omega), t, s)  # type: ignore[arg-type]
 
 
 @torch.no_grad()
-def sample_one_step(backbone: Backbone, noise: Data, *, param: AbstractParam, cond: Cond | None = None) -> Data:
+def sample_one_step(
+    backbone: Backbone,
+    noise: Data,
+    *,
+    param: AbstractParam,
+    cond: Cond | None = None,
+    omega: float | GuidanceScale | None = None,
+) -> Data:
     r"""One network evaluation from noise to data: $\hat x_0 = f_\theta(\text{noise}, 1, 0)$.
 
     Args:
@@ -86,13 +119,17 @@ def sample_one_step(backbone: Backbone, noise: Data, *, param: AbstractParam, co
         noise: Standard normal noise.
         param: The solution parameterization used in training.
         cond: Conditions (class labels), or None.
+        omega: The guidance scale ω for an ω-conditioned backbone (one that declares
+            ``omega_range``): a float for every sample or one value per sample, inside the
+            backbone's ``omega_range``. None for any other backbone.
 
     Returns:
         Samples shaped like ``noise``.
 
     Raises:
         ValueError: On bad shapes, non-finite noise, labels outside the backbone's class count,
-            or a backbone output not shaped like its input.
+            ω missing for an ω-conditioned backbone, given to another, not finite or outside its
+            ``omega_range``, or a backbone output not shaped like its input.
         TypeError: On a ``param`` that is not a parameterization object, non-integer labels, or
             noise in another dtype than the backbone's parameters (outside autocast).
 
@@ -104,8 +141,8 @@ def sample_one_step(backbone: Backbone, noise: Data, *, param: AbstractParam, co
         >>> x.shape
         torch.Size([5, 2])
     """
-    backbone, noise = _check_inputs(backbone, noise, cond, param)
-    return _solve(backbone, param, noise, 1.0, 0.0, cond)
+    backbone, noise, omega = _check_inputs(backbone, noise, cond, param, omega)
+    return _solve(backbone, param, noise, 1.0, 0.0, cond, omega)
 
 
 def renoise_times(num_steps: int | None = None, times: TimeGrid | None = None) -> list[float]:
@@ -159,6 +196,7 @@ def sample_few_step(
     times: TimeGrid | None = None,
     cond: Cond | None = None,
     generator: torch.Generator | None = None,
+    omega: float | GuidanceScale | None = None,
 ) -> Data:
     r"""The reference's stochastic N-step sampler: jump to t = 0, re-noise to the next time, repeat.
 
@@ -179,13 +217,16 @@ def sample_few_step(
             uniform grid; see [`renoise_times`][soflow_core.samplers.renoise_times].
         cond: Conditions, or None.
         generator: Source of the re-noising draws, or None for the global RNG.
+        omega: The guidance scale ω for an ω-conditioned backbone, as in
+            [`sample_one_step`][soflow_core.sample_one_step]; every step uses it.
 
     Returns:
         Samples shaped like ``noise``.
 
     Raises:
         ValueError: On bad shapes, non-finite noise, N < 1, bad ``times``, labels outside the
-            backbone's class count, or a backbone output not shaped like its input.
+            backbone's class count, a bad ω (see ``sample_one_step``), or a backbone output not
+            shaped like its input.
         TypeError: On a ``param``, ``path`` or ``generator`` of the wrong type.
 
     Examples:
@@ -198,15 +239,15 @@ def sample_few_step(
         >>> x.shape, y.shape
         (torch.Size([5, 2]), torch.Size([5, 2]))
     """
-    backbone, noise = _check_inputs(backbone, noise, cond, param)
+    backbone, noise, omega = _check_inputs(backbone, noise, cond, param, omega)
     check_instance("path", path, AbstractPath, "LinearPath()")
     check_generator("generator", generator)
     grid = renoise_times(num_steps, times)
     x = noise
     for tau, tau_next in itertools.pairwise(grid):
         eps = randn(tuple(x.shape), device=x.device, dtype=x.dtype, generator=generator)
-        x = path.interpolate(_solve(backbone, param, x, tau, 0.0, cond), eps, _full(x, tau_next)).x_t
-    return _solve(backbone, param, x, grid[-1], 0.0, cond)
+        x = path.interpolate(_solve(backbone, param, x, tau, 0.0, cond, omega), eps, _full(x, tau_next)).x_t
+    return _solve(backbone, param, x, grid[-1], 0.0, cond, omega)
 
 
 @torch.no_grad()
@@ -217,6 +258,7 @@ def sample_chain(
     *,
     param: AbstractParam,
     cond: Cond | None = None,
+    omega: float | GuidanceScale | None = None,
 ) -> Data:
     r"""The deterministic chain $x_{i+1} = f_\theta(x_i, t_i, t_{i+1})$ along decreasing ``times``.
 
@@ -229,13 +271,15 @@ def sample_chain(
         times: Non-increasing times in [0, 1], at least two.
         param: The solution parameterization used in training.
         cond: Conditions, or None.
+        omega: The guidance scale ω for an ω-conditioned backbone, as in
+            [`sample_one_step`][soflow_core.sample_one_step]; every step uses it.
 
     Returns:
         The state at ``times[-1]``.
 
     Raises:
         ValueError: If ``times`` has fewer than two entries, is not finite, leaves [0, 1] or
-            increases; as the other samplers on bad noise, labels or backbone outputs.
+            increases; as the other samplers on bad noise, labels, ω or backbone outputs.
 
     Examples:
         >>> import torch
@@ -245,7 +289,7 @@ def sample_chain(
         >>> x.shape
         torch.Size([5, 2])
     """
-    backbone, noise = _check_inputs(backbone, noise, cond, param)
+    backbone, noise, omega = _check_inputs(backbone, noise, cond, param, omega)
     grid = torch.tensor(check_time_list("times", times), dtype=torch.float64)
     if grid.numel() < 2:
         raise ValueError(f"times must hold at least two times; got {grid.tolist()}")
@@ -254,5 +298,5 @@ def sample_chain(
     check_time_order("times[i+1]", grid[1:], "times[i]", grid[:-1], strict=False)
     x = noise
     for t_value, s_value in itertools.pairwise(grid.tolist()):
-        x = _solve(backbone, param, x, t_value, s_value, cond)
+        x = _solve(backbone, param, x, t_value, s_value, cond, omega)
     return x

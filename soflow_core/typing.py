@@ -14,7 +14,7 @@ from typing import Protocol, TypeAlias, runtime_checkable
 from jaxtyping import Bool, Float, Shaped
 from torch import Tensor
 
-__all__ = ["Backbone", "Cond", "Data", "DropMask", "PerSample", "Scalar", "Time"]
+__all__ = ["Backbone", "Cond", "Data", "DropMask", "GuidanceScale", "PerSample", "Scalar", "Time"]
 
 Data: TypeAlias = Float[Tensor, " b *shape"]
 """A batch of samples: data, noise, x_t, velocities or network outputs."""
@@ -38,6 +38,9 @@ samples for the null condition.
 DropMask: TypeAlias = Bool[Tensor, " b"]
 """Classifier-free-guidance label-drop mask: ``True`` means *drop the condition*."""
 
+GuidanceScale: TypeAlias = Float[Tensor, " b"]
+"""One guidance scale ω per sample, for an ω-conditioned backbone (passed as ``omega=``)."""
+
 
 @runtime_checkable
 class Backbone(Protocol):
@@ -48,6 +51,13 @@ class Backbone(Protocol):
     or ``(t, s)``; nothing in the losses depends on how. ``cond`` is ``None`` for
     unconditional models. An `nn.Module`, a DDP/FSDP wrapper, a compiled module or a
     plain function all qualify.
+
+    An ω-conditioned backbone (one model for every guidance scale) also accepts the keyword
+    ``omega``, one guidance scale per sample, and declares it with an attribute
+    ``omega_range = (low, high)``. The library passes ``omega=`` to exactly those backbones,
+    finding the attribute through DDP/FSDP (``.module``) and ``torch.compile``
+    (``._orig_mod``) wrappers, and never to any other, so a plain ``model(x, t, s, cond)``
+    keeps working; see [the backbone protocol](../api/backbone.md#the-guidance-scale-input).
     """
 
     def __call__(self, x: Data, t: Time, s: Time, cond: Cond | None) -> Data:

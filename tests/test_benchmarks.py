@@ -350,3 +350,77 @@ def test_summary_is_read_from_the_committed_results(tmp_path):
     assert (tmp_path / "summary.md").read_text() == (results / "summary.md").read_text()
     for chart in ("summary-speed.png", "summary-quality.png"):
         assert (tmp_path / chart).read_bytes()[:4] == b"\x89PNG"
+
+
+def _run_guidance(tmp_path, *extra):
+    return run_benchmark(
+        "guidance_at_sampling.py", "--preset", "tiny", "--out-dir", str(tmp_path), "--out", "g", *extra
+    )
+
+
+def test_guidance_at_sampling_tiny(tmp_path):
+    result = _run_guidance(tmp_path)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    rows = json.loads((tmp_path / "g.json").read_text())
+    config = json.loads((tmp_path / "g-config.json").read_text())
+    assert config["omegas"] == [1.0, 2.0] and config["curve_omegas"] == [1.0, 1.5, 2.0]
+    samples = [r for r in rows if r["kind"] == "sample" and r["seed"] == 0]
+    # the ω-conditioned model at every ω of its sweep, each fixed model at its own ω, at 1 and 2 NFE
+    expected = {("conditioned", w, n) for w in (1.0, 1.5, 2.0) for n in (1, 2)}
+    expected |= {("fixed", w, n) for w in (1.0, 2.0) for n in (1, 2)}
+    assert {(r["model"], r["omega"], r["nfe"]) for r in samples} == expected
+    for row in samples:
+        assert row["device"] and row["commit"] and row["torch"]
+        assert 0.5 <= row["train_seconds"] < 0.5 + 5.0 and row["steps"] > 0
+        assert row["energy_distance"] >= 0 and all(0 <= row[k] <= 1 for k in ("precision", "recall", "coverage"))
+    # three trained models: the ω-conditioned one and one per fixed ω
+    assert {(r["model"], r["omega"] if r["model"] == "fixed" else None) for r in samples} == {
+        ("conditioned", None),
+        ("fixed", 1.0),
+        ("fixed", 2.0),
+    }
+    (floor,) = [r for r in rows if r["kind"] == "floor" and r["seed"] == 0]
+    assert floor["energy_distance"] > 0 and floor["coverage"] > 0.5
+    timings = [r for r in rows if r["kind"] == "timing" and r["seed"] == 0]
+    assert sorted(r["omega"] for r in timings) == [1.0, 2.0] and all(r["ratio"] > 0 for r in timings)
+    table = (tmp_path / "g.md").read_text()
+    # on the 8 Gaussians the headline is the distance to the exact guided distribution, with its floor per ω
+    assert "ω-conditioned vs fixed at 1 NFE: ω = 1: energy distance to the exact guided distribution" in table
+    guided = [r for r in rows if r["kind"] == "guided_floor" and r["seed"] == 0]
+    assert sorted(r["omega"] for r in guided) == [1.0, 1.5, 2.0] and all(
+        r["guided_energy_distance"] > 0 for r in guided
+    )
+    assert all(row["guided_energy_distance"] >= 0 for row in samples)
+    assert "One-step sampling time" in table and "real vs real (floor)" in table
+    assert (tmp_path / "g-tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (tmp_path / "g.md").unlink()
+    redraw = run_benchmark("guidance_at_sampling.py", "--table-from", str(tmp_path / "g.json"), timeout=300)
+    assert redraw.returncode == 0, redraw.stderr[-3000:]
+    assert (tmp_path / "g.md").read_text() == table
+
+
+def test_guidance_at_sampling_rejects_bad_arguments(tmp_path):
+    result = _run_guidance(tmp_path, "--omegas", "1,2.5")
+    assert result.returncode == 2 and "must lie in [--omega-low, --omega-high] = [1, 2]" in result.stderr
+    result = _run_guidance(tmp_path, "--datasets", "mnist")
+    assert result.returncode == 2 and "--datasets: unknown" in result.stderr
+
+
+def test_the_exact_guided_reference_is_the_class_data_at_omega_one_and_moves_apart_above():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import guidance_at_sampling as G
+
+    from soflow_core.data import sample_toy_2d
+    from soflow_core.metrics import energy_distance
+
+    config = G.PRESETS["tiny"]
+    g = torch.Generator().manual_seed(0)
+    pool, labels = sample_toy_2d("eight_gaussians", 8000, generator=g)
+    real, again = pool[labels == 3][:400], pool[labels == 3][400:800]
+    plain = G.exact_guided_samples(torch.randn(400, 2, generator=g), 3, 1.0, config, steps=100)
+    floor = energy_distance(again, real)
+    assert energy_distance(plain, real) < 3 * floor  # ω = 1: the class itself
+    guided = G.exact_guided_samples(torch.randn(400, 2, generator=g), 3, 3.0, config, steps=100)
+    # guidance pushes the class away from its neighbours on the circle, so outward, away from the data
+    assert float(guided.norm(dim=1).mean()) > float(real.norm(dim=1).mean()) + 0.05
+    assert energy_distance(guided, real) > 10 * floor

@@ -119,6 +119,22 @@ def test_sample_says_what_does_not_fit(files, tmp_path):
         draw(files["unet"], tmp_path / "x.npz", "--ckpt-steps", "800")
 
 
+def test_sample_takes_omega_for_an_omega_conditioned_model_and_refuses_it_for_others(files, tmp_path):
+    net = tiny_dit(3, omega_range=(1.0, 3.0))
+    torch.nn.init.normal_(net.omega_embedder.mlp[2].weight, std=0.5)  # as if trained: ω changes the samples
+    folder = net.save_pretrained(tmp_path / "omega-dit")
+    low = draw(folder, tmp_path / "low.npz", "--omega", "1.0")
+    high = draw(folder, tmp_path / "high.npz", "--omega", "3.0", "--nfe", "2")
+    assert not np.array_equal(low, draw(folder, tmp_path / "high1.npz", "--omega", "3.0"))
+    assert high.shape == low.shape
+    with pytest.raises(SystemExit, match=r"is ω-conditioned \(trained for ω in \[1, 3\]\): choose .* --omega"):
+        draw(folder, tmp_path / "x.npz")
+    with pytest.raises(SystemExit, match=r"--omega 3.5 lies outside \[1, 3\]"):
+        draw(folder, tmp_path / "x.npz", "--omega", "3.5")
+    with pytest.raises(SystemExit, match="--omega 2: this DiT is not ω-conditioned"):
+        draw(files["dit-ema"], tmp_path / "x.npz", "--omega", "2")
+
+
 def test_export_pretrained_converts_an_official_file(files, tmp_path, capsys):
     folder = export_pretrained.main(["--ckpt", str(files["dit"]), *DIT_SIZE, "--out", str(tmp_path / "published")])
     assert "wrote" in capsys.readouterr().out

@@ -6,9 +6,11 @@ import pytest
 import torch
 
 from soflow_core.metrics import (
+    coverage,
     energy_distance,
     frechet_distance,
     gaussian_frechet_distance,
+    knn_precision_recall,
     median_bandwidth,
     mmd,
     sliced_wasserstein,
@@ -116,3 +118,28 @@ def test_metrics_reject_bad_input():
         frechet_distance(x[:1], x)
     with shape_checks_off(), pytest.raises(ValueError, match="means must be"):
         gaussian_frechet_distance(torch.zeros(2), torch.eye(3), torch.zeros(2), torch.eye(2))
+
+
+def test_precision_recall_and_coverage_on_points_worked_by_hand():
+    # real points on a line at 0, 1, 2, 10; with k = 1 their radii are 1, 1, 1, 8
+    real = torch.tensor([[0.0], [1.0], [2.0], [10.0]])
+    generated = torch.tensor([[0.5], [5.0], [20.0]])  # radii (k = 1): 4.5, 4.5, 15
+    precision, recall = knn_precision_recall(generated, real, k=1)
+    assert precision == 2 / 3  # 0.5 is within 1 of 0; 5.0 is within 8 of 10; 20.0 is 10 from 10 > 8
+    assert recall == 1.0  # every real point lies within some generated point's radius
+    # 0 and 1 have 0.5 within their radius 1, 10 has 5.0 within its radius 8; 2 is 1.5 from 0.5
+    assert coverage(generated, real, k=1) == 0.75
+
+
+def test_a_model_that_drops_a_mode_keeps_precision_and_loses_coverage():
+    g = _gen(3)
+    modes = torch.tensor([[-3.0, 0.0], [3.0, 0.0]])
+    real = modes[torch.arange(2000) % 2] + 0.3 * torch.randn(2000, 2, generator=g)
+    one_mode = modes[0] + 0.3 * torch.randn(1000, 2, generator=g)
+    precision, recall = knn_precision_recall(one_mode, real)
+    assert precision > 0.95 and abs(recall - 0.5) < 0.05
+    assert abs(coverage(one_mode, real) - 0.5) < 0.05
+    both = modes[torch.arange(2000) % 2] + 0.3 * torch.randn(2000, 2, generator=g)
+    assert coverage(both, real) > 0.9 and min(knn_precision_recall(both, real)) > 0.9
+    with pytest.raises(ValueError, match="more than k = 5 points"):
+        coverage(both, real[:5])

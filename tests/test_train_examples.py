@@ -576,3 +576,41 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     logged, wanted = losses(out), losses(reference)
     assert sorted(logged) == sorted(wanted) == list(range(2, 41, 2))
     assert all(logged[k] == pytest.approx(wanted[k], rel=1e-5) for k in wanted)
+
+
+def test_an_omega_conditioned_run_samples_its_grids_at_omega_and_resumes_only_with_its_range(tmp_path):
+    out = tmp_path / "run"
+    omega_run = [*TINY, "--cfg-scale-range", "1,3", "--out", str(out)]
+    ok(run("train_dit_imagenet.py", *omega_run, "--total-steps", "2"))
+    config = json.loads((out / "config.json").read_text())
+    assert config["cfg_scale"] is None and config["cfg_scale_range"] == [1.0, 3.0] and config["omega"] == 2.0
+    assert config["cfg_drop_rate"] == 0.1 and config["null_class"]
+    sys.path.insert(0, str(ROOT / "examples"))
+    import _training
+
+    from soflow_core.guidance import GuidanceScaleDistribution
+    from soflow_core.nets import load_weights
+
+    net = _training.build_net(config)
+    assert net.omega_range == (1.0, 3.0)
+    assert load_weights(net, checkpoint_path(out / "checkpoints", 2)).missing == ()
+    assert isinstance(_training.build_objective(config).guidance.scale, GuidanceScaleDistribution)
+    assert (out / "samples" / "step-000000002.png").read_bytes()[:4] == b"\x89PNG"
+    # the grid's ω may change on resume; the range defines the model and may not
+    resumed = ok(run("train_dit_imagenet.py", *omega_run, "--total-steps", "3", "--omega", "1.5"))
+    assert "--omega: 2.0 -> 1.5 (applied from step 2 on)" in resumed.stdout
+    refused = run("train_dit_imagenet.py", *TINY, "--cfg-scale-range", "1,2", "--total-steps", "4", "--out", str(out))
+    assert refused.returncode == 1 and "--cfg-scale-range (1.0, 2.0) (the run has (1.0, 3.0))" in refused.stderr
+    # sample.py draws the run at any ω of its range
+    npz = tmp_path / "s.npz"
+    ok(run("sample.py", "--ckpt", str(out), "--num-samples", "2", "--device", "cpu", "--out", str(npz), "--omega", "3"))
+    assert np.load(npz)["arr_0"].shape == (2, 32, 32, 3)
+    for flags, named in (
+        (["--omega", "4"], "--omega 4 lies outside --cfg-scale-range [1, 3]"),
+        (["--cfg-scale-range", "3,1"], "--cfg-scale-range must be LOW,HIGH with 0 <= LOW <= HIGH; got 3.0,1.0"),
+    ):
+        bad = run("train_dit_imagenet.py", *TINY, "--cfg-scale-range", "1,3", *flags, "--out", str(tmp_path / "x"))
+        assert bad.returncode == 2 and named in bad.stderr, bad.stderr
+    bad = run("train_dit_imagenet.py", *TINY, "--omega", "2", "--out", str(tmp_path / "x"))
+    assert bad.returncode == 2 and "this run bakes --cfg-scale in: pass --cfg-scale-range" in bad.stderr
+    assert not (tmp_path / "x").exists()

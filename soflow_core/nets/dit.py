@@ -14,7 +14,7 @@ checkpoint layout, so the official SoFlow checkpoints load through
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,9 +25,10 @@ from torch.utils.checkpoint import checkpoint
 
 from soflow_core._validation import check_bool, check_int, check_real, class_labels
 from soflow_core.nets._inputs import check_image_inputs
+from soflow_core.nets._omega import check_forward_omega, check_omega_range, omega_config, zero_last_layer
 from soflow_core.nets.checkpoints import AbstractBackbone, resolve_config, state_shape
 from soflow_core.nets.mlp import sinusoidal_embedding
-from soflow_core.typing import Cond, Data, Time
+from soflow_core.typing import Cond, Data, GuidanceScale, Time
 
 __all__ = ["DIT_SIZES", "DiT", "DiTSize", "sincos_pos_embed_2d"]
 
@@ -211,6 +212,12 @@ class DiT(AbstractBackbone):
     check is skipped where a caller already made it and under ``torch.compile``
     (see [Conventions](../conventions.md#class-labels)).
 
+    Guidance scale: with ``omega_range`` the DiT is ω-conditioned. ``forward`` then takes
+    ``omega``, one guidance scale per sample, and adds $\mathrm{emb}_\omega(\omega)$ to c; the
+    embedder (``omega_embedder``, shaped as the time embedders) has its last layer at zero, so a
+    DiT loaded from a checkpoint without it (``load_weights(strict=False)``) computes exactly what
+    that checkpoint computes until trained (see [Guidance chosen at sampling](../guidance.md)).
+
     Named sizes come from [`DIT_SIZES`][soflow_core.nets.dit.DIT_SIZES] through
     [`from_name`][soflow_core.nets.dit.DiT.from_name]. ``save_pretrained`` and
     ``from_pretrained`` write and read shareable folders (see
@@ -228,6 +235,7 @@ class DiT(AbstractBackbone):
         null_class: Whether the label table has a null row (reference: ``cfg_drop_rate > 0``).
         gradient_checkpointing: Recompute each block's activations in the backward pass
             (saves memory on large models; torch.utils.checkpoint, non-reentrant).
+        omega_range: The guidance scales (low, high) of an ω-conditioned model, or None.
 
     Examples:
         >>> import torch
@@ -250,6 +258,7 @@ class DiT(AbstractBackbone):
         num_classes: int | None = 1000,
         null_class: bool = True,
         gradient_checkpointing: bool = False,
+        omega_range: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
         self.input_size = check_int("input_size", input_size, low=1)
@@ -269,6 +278,8 @@ class DiT(AbstractBackbone):
         self.null_class = check_bool("null_class", null_class) and self.num_classes is not None
         self.out_channels = in_channels
         self.gradient_checkpointing = check_bool("gradient_checkpointing", gradient_checkpointing)
+        self.omega_range = check_omega_range(omega_range)
+        self.omega_embedder: _TimestepEmbedder | None = None
         grid = input_size // patch_size
 
         self.x_embedder = _PatchEmbed(patch_size, in_channels, hidden_size)
@@ -282,6 +293,10 @@ class DiT(AbstractBackbone):
         self.blocks = nn.ModuleList(_DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
         self.final_layer = _FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
+        if self.omega_range is not None:
+            # Built after the rest, so the other weights are those of the same DiT without ω for a given seed.
+            self.omega_embedder = _TimestepEmbedder(hidden_size)
+            self._initialize_omega_embedder()
 
     @classmethod
     def from_name(cls, name: str, **kwargs: object) -> "DiT":
@@ -338,6 +353,7 @@ class DiT(AbstractBackbone):
             "mlp_ratio": self.mlp_ratio,
             "num_classes": self.num_classes,
             "null_class": self.null_class,
+            "omega_range": None if self.omega_range is None else list(self.omega_range),
         }
 
     @classmethod
@@ -363,7 +379,8 @@ class DiT(AbstractBackbone):
             state: The state dict (prefixes stripped).
             num_classes: The number of classes (required when the state has a label table).
             num_heads: Attention heads (required for a size not in ``DIT_SIZES``).
-            **hints: Other constructor arguments, which must agree with the shapes.
+            **hints: Other constructor arguments, which must agree with the shapes;
+                ``omega_range`` is required when the state has an ω embedder.
 
         Returns:
             Keyword arguments for ``DiT``.
@@ -379,6 +396,7 @@ class DiT(AbstractBackbone):
             >>> config["null_class"], config["input_size"]
             (True, 8)
         """
+        omega_range = omega_config(cls.__name__, state, "omega_embedder.", hints)
         hidden, in_channels, patch, patch_w = state_shape(state, "x_embedder.proj.weight", 4)
         if patch != patch_w:
             raise ValueError(f"x_embedder.proj.weight must have square patches; got {patch}x{patch_w}")
@@ -434,6 +452,7 @@ class DiT(AbstractBackbone):
             "mlp_ratio": mlp_ratio,
             "num_classes": classes,
             "null_class": null,
+            "omega_range": omega_range,
         }
         return resolve_config(cls, inferred, hints)
 
@@ -479,10 +498,12 @@ class DiT(AbstractBackbone):
 
         Linear layers: xavier_uniform weights, zero biases. Patch embedding: xavier_uniform on
         the flattened kernel, zero bias. t-embedder weights and the label table: N(0, 0.02²).
-        adaLN modulations and the final linear layer: zero. ``pos_embed``: the 2-D sin-cos table.
+        adaLN modulations, the final linear layer and the last layer of the ω embedder: zero.
+        ``pos_embed``: the 2-D sin-cos table.
         """
+        omega_modules = set() if self.omega_embedder is None else set(self.omega_embedder.modules())
         for module in self.modules():
-            if isinstance(module, nn.Linear):
+            if isinstance(module, nn.Linear) and module not in omega_modules:
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
         weight = self.x_embedder.proj.weight
@@ -500,6 +521,15 @@ class DiT(AbstractBackbone):
         table = sincos_pos_embed_2d(self.hidden_size, self.input_size // self.patch_size)
         with torch.no_grad():
             self.pos_embed.copy_(table[None].to(device=self.pos_embed.device, dtype=self.pos_embed.dtype))
+        if self.omega_embedder is not None:
+            self._initialize_omega_embedder()
+
+    def _initialize_omega_embedder(self) -> None:
+        """xavier_uniform weights and zero biases, then the last layer at zero (ω adds nothing until trained)."""
+        for layer in (self.omega_embedder.mlp[0], self.omega_embedder.mlp[2]):  # type: ignore[union-attr]
+            nn.init.xavier_uniform_(layer.weight)
+            nn.init.zeros_(layer.bias)
+        zero_last_layer(self.omega_embedder.mlp)  # type: ignore[union-attr]
 
     def _unpatchify(self, tokens: Tensor) -> Tensor:
         """(b, T, p·p·C) → (b, C, H, W); each token holds its patch as (row, column, channel)."""
@@ -508,8 +538,10 @@ class DiT(AbstractBackbone):
         x = tokens.reshape(b, grid, grid, p, p, c).permute(0, 5, 1, 3, 2, 4)
         return x.reshape(b, c, grid * p, grid * p)
 
-    def forward(self, x: Data, t: Time, s: Time, cond: Cond | None = None) -> Data:
-        """Evaluate F_θ(x, t, s, cond).
+    def forward(
+        self, x: Data, t: Time, s: Time, cond: Cond | None = None, *, omega: GuidanceScale | None = None
+    ) -> Data:
+        """Evaluate F_θ(x, t, s, cond) (F_θ(x, t, s, cond, ω) for an ω-conditioned DiT).
 
         Args:
             x: Images of shape (b, in_channels, input_size, input_size).
@@ -517,19 +549,24 @@ class DiT(AbstractBackbone):
             s: Target times (the network embeds t − s).
             cond: Class labels in [0, num_classes] (``num_classes`` is the null class), or None
                 for the null class (None for an unconditional model).
+            omega: One guidance scale per sample: required with ``omega_range``, refused without.
 
         Returns:
             The network output, shaped like ``x``.
 
         Raises:
             ValueError: On a wrong input shape or device, labels given to an unconditional model,
-                labels outside [0, num_classes] (num_classes only with the null row), or
-                ``cond=None`` for a model without a null class.
+                labels outside [0, num_classes] (num_classes only with the null row),
+                ``cond=None`` for a model without a null class, or ``omega`` that does not fit
+                how the DiT was built.
             TypeError: On labels that are not integers, times that are not floating point, or
                 ``x`` in another dtype than the parameters outside autocast.
         """
         check_image_inputs(x, t, s, channels=self.in_channels, resolution=self.input_size, model=self)
         c = self.t_embedder(t) + self.s_embedder(t - s)
+        check_forward_omega(omega, x.shape[0], self.omega_range, "DiT")
+        if self.omega_embedder is not None:
+            c = c + self.omega_embedder(omega)
         if self.y_embedder is not None:
             labels = class_labels(cond, x, num_classes=self.num_classes, null_class=self.null_class, model="DiT")
             c = c + self.y_embedder(labels)

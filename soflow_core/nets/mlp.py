@@ -2,7 +2,7 @@
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -11,8 +11,9 @@ from torch import Tensor, nn
 
 from soflow_core._validation import check_int, check_real, class_labels
 from soflow_core.nets._inputs import check_flat_inputs
+from soflow_core.nets._omega import check_forward_omega, check_omega_range, omega_config, zero_output_mlp
 from soflow_core.nets.checkpoints import AbstractBackbone, resolve_config, state_shape
-from soflow_core.typing import Cond, Data, Time
+from soflow_core.typing import Cond, Data, GuidanceScale, Time
 
 __all__ = ["MLPBackbone", "fourier_features", "sinusoidal_embedding"]
 
@@ -84,8 +85,12 @@ class MLPBackbone(AbstractBackbone):
     N(0, ``fourier_scale``²) by a generator seeded with ``fourier_seed`` and kept as the buffer
     ``input_frequencies`` (saved in the state dict, so a loaded MLP uses the saved B whatever its
     scale and seed; None without features). The output layer starts at zero, so F_θ ≡ 0 at
-    initialisation. ``save_pretrained`` and ``from_pretrained`` write and read shareable folders
-    (see [`AbstractBackbone`][soflow_core.nets.checkpoints.AbstractBackbone]).
+    initialisation. With ``omega_range`` the MLP is ω-conditioned: ``forward`` takes ``omega``,
+    one guidance scale per sample, whose sinusoids pass through ``omega_embedding`` (Linear,
+    SiLU, Linear with the last layer at zero) and add to the time embedding (see
+    [Guidance chosen at sampling](../guidance.md)). ``save_pretrained`` and ``from_pretrained``
+    write and read shareable folders (see
+    [`AbstractBackbone`][soflow_core.nets.checkpoints.AbstractBackbone]).
 
     Args:
         dim: Data dimension.
@@ -97,6 +102,7 @@ class MLPBackbone(AbstractBackbone):
         fourier_features: k, the number of random Fourier frequencies of the input (0: none).
         fourier_scale: σ of the frequencies, in cycles per data unit.
         fourier_seed: Seed of the frequencies' generator.
+        omega_range: The guidance scales (low, high) of an ω-conditioned model, or None.
 
     Examples:
         >>> import torch
@@ -117,6 +123,7 @@ class MLPBackbone(AbstractBackbone):
         fourier_features: int = 0,
         fourier_scale: float = 1.0,
         fourier_seed: int = 0,
+        omega_range: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
         self.dim = check_int("dim", dim, low=1)
@@ -131,6 +138,7 @@ class MLPBackbone(AbstractBackbone):
         self.fourier_features = check_int("fourier_features", fourier_features, low=0)
         self.fourier_scale = check_real("fourier_scale", fourier_scale, low=0.0, low_open=True)
         self.fourier_seed = check_int("fourier_seed", fourier_seed, low=0)
+        self.omega_range = check_omega_range(omega_range)
         frequencies = None
         if self.fourier_features:
             generator = torch.Generator().manual_seed(fourier_seed)
@@ -144,6 +152,8 @@ class MLPBackbone(AbstractBackbone):
         self.output = nn.Linear(width, dim)
         nn.init.zeros_(self.output.weight)
         nn.init.zeros_(self.output.bias)
+        # Built last, so the other weights are those of the same MLP without ω for a given seed.
+        self.omega_embedding = None if self.omega_range is None else zero_output_mlp(time_features, width)
 
     signature_keys = frozenset({"input.weight", "time_mlp.0.weight", "output.weight"})
 
@@ -165,6 +175,7 @@ class MLPBackbone(AbstractBackbone):
             "fourier_features": self.fourier_features,
             "fourier_scale": self.fourier_scale,
             "fourier_seed": self.fourier_seed,
+            "omega_range": None if self.omega_range is None else list(self.omega_range),
         }
 
     @classmethod
@@ -177,7 +188,8 @@ class MLPBackbone(AbstractBackbone):
         Args:
             state: The state dict (prefixes stripped).
             **hints: Constructor arguments; ``dropout``, ``fourier_scale`` and ``fourier_seed`` are
-                taken as given, the others must agree.
+                taken as given, ``omega_range`` is required when the state has an ω embedding, the
+                others must agree.
 
         Returns:
             Keyword arguments for ``MLPBackbone``.
@@ -185,6 +197,7 @@ class MLPBackbone(AbstractBackbone):
         Raises:
             ValueError: If the keys or shapes are not an MLPBackbone's, or a hint contradicts them.
         """
+        omega_range = omega_config(cls.__name__, state, "omega_embedding.", hints)
         width, inputs = state_shape(state, "input.weight", 2)
         frequencies = state_shape(state, "input_frequencies", 2) if "input_frequencies" in state else (inputs, 0)
         table = state.get("label_embedding.weight")
@@ -195,24 +208,28 @@ class MLPBackbone(AbstractBackbone):
             "depth": len({m.group(1) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))}),
             "time_features": state_shape(state, "time_mlp.0.weight", 2)[1] // 2,
             "num_classes": None if table is None else int(table.shape[0]) - 1,
+            "omega_range": omega_range,
         }
         return resolve_config(cls, inferred, hints)
 
-    def forward(self, x: Data, t: Time, s: Time, cond: Cond | None = None) -> Data:
-        """Evaluate F_θ(x, t, s, cond).
+    def forward(
+        self, x: Data, t: Time, s: Time, cond: Cond | None = None, *, omega: GuidanceScale | None = None
+    ) -> Data:
+        """Evaluate F_θ(x, t, s, cond) (F_θ(x, t, s, cond, ω) for an ω-conditioned MLP).
 
         Args:
             x: States, shape (b, dim).
             t: Current times.
             s: Target times (the network sees t − s).
             cond: Class labels in [0, num_classes] (num_classes = null), or None (null class).
+            omega: One guidance scale per sample: required with ``omega_range``, refused without.
 
         Returns:
             The network output, shaped like ``x``.
 
         Raises:
             ValueError: If ``x`` is not (b, dim), labels are given to an unconditional model, or
-                labels lie outside [0, num_classes].
+                labels lie outside [0, num_classes], or ``omega`` does not fit how the MLP was built.
             TypeError: On labels that are not integers (never cast: 3.9 is not class 3), times
                 that are not floating point, or ``x`` in another dtype than the parameters
                 outside autocast.
@@ -226,6 +243,9 @@ class MLPBackbone(AbstractBackbone):
             emb = emb + self.label_embedding(labels)
         elif cond is not None:
             raise ValueError("cond was given to an unconditional MLPBackbone (num_classes=None)")
+        check_forward_omega(omega, x.shape[0], self.omega_range, "MLPBackbone")
+        if self.omega_embedding is not None:
+            emb = emb + self.omega_embedding(sinusoidal_embedding(omega.to(x.dtype), self.time_features))  # type: ignore[union-attr]
         h = self.input(x if self.input_frequencies is None else fourier_features(x, self.input_frequencies))
         for block in self.blocks:
             h = block(h, emb)

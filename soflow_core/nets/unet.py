@@ -21,8 +21,9 @@ from torch import Tensor, nn
 
 from soflow_core._validation import check_bool, check_int, check_real, check_sequence
 from soflow_core.nets._inputs import check_image_inputs
+from soflow_core.nets._omega import check_forward_omega, check_omega_range, omega_config, zero_output_mlp
 from soflow_core.nets.checkpoints import AbstractBackbone, resolve_config, state_shape
-from soflow_core.typing import Cond, Data, Time
+from soflow_core.typing import Cond, Data, GuidanceScale, Time
 
 __all__ = ["SongUNet", "positional_embedding"]
 
@@ -222,6 +223,11 @@ class SongUNet(AbstractBackbone):
     [`has_active_dropout`][soflow_core.objective.has_active_dropout] sees them and the objective replays
     the student's masks in the teacher pass. They act on contiguous (NCHW) tensors, so with the
     same seed a train-mode forward draws the same masks, in the same order, as the official network.
+    With ``omega_range`` the UNet is ω-conditioned: ``forward`` takes ``omega``, one guidance
+    scale per sample, whose positional features pass through ``map_omega`` (Linear, SiLU, Linear
+    with the last layer at zero) and add to the time features before ``map_layer0`` (see
+    [Guidance chosen at sampling](../guidance.md)); guidance needs a condition, which this
+    network does not take itself, so this is for wrappers that add one.
     ``SoFlowObjective`` calls ``model(x, t, s, cond)``; to train with augmentation labels, pass
     them as ``cond`` (they are split with the batch) through an adapter such as
     ``lambda x, t, s, cond: net(x, t, s, augment_labels=cond)``.
@@ -245,6 +251,7 @@ class SongUNet(AbstractBackbone):
         max_positions: Inverse lowest frequency of the time features.
         adaptive_scale: Let the embedding scale and shift the normalised features (EDM's
             DhariwalUNet) instead of adding to them (SongUNet, the reference).
+        omega_range: The guidance scales (low, high) of an ω-conditioned model, or None.
 
     Examples:
         >>> import torch
@@ -271,8 +278,10 @@ class SongUNet(AbstractBackbone):
         resample_filter: Sequence[int] = (1, 3, 3, 1),
         max_positions: float = 10_000.0,
         adaptive_scale: bool = False,
+        omega_range: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
+        self.omega_range = check_omega_range(omega_range)
         self.img_resolution = check_int("img_resolution", img_resolution, low=1)
         self.in_channels = check_int("in_channels", in_channels, low=1)
         self.out_channels = in_channels if out_channels is None else check_int("out_channels", out_channels, low=1)
@@ -346,6 +355,10 @@ class SongUNet(AbstractBackbone):
                 self.dec[f"{res}x{res}_block{idx}"] = _UNetBlock(cin, cout, attention=attention, **block)
         self.dec[f"{img_resolution}x{img_resolution}_aux_norm"] = _GroupNorm(cout)
         self.dec[f"{img_resolution}x{img_resolution}_aux_conv"] = _Conv2d(cout, self.out_channels, 3, init_weight=1e-5)
+        # Built last, so the other weights are those of the same UNet without ω for a given seed.
+        self.map_omega = None
+        if self.omega_range is not None:
+            self.map_omega = zero_output_mlp(2 * self.noise_channels, 2 * self.noise_channels)
 
     signature_keys = frozenset({"map_layer0.weight", "map_layer1.weight"})
     num_classes = None  # unconditional: the objective and the samplers refuse a cond before calling it
@@ -373,6 +386,7 @@ class SongUNet(AbstractBackbone):
             "resample_filter": list(self.resample_filter),
             "max_positions": self.max_positions,
             "adaptive_scale": self.adaptive_scale,
+            "omega_range": None if self.omega_range is None else list(self.omega_range),
         }
 
     @classmethod
@@ -389,7 +403,8 @@ class SongUNet(AbstractBackbone):
         Args:
             state: The state dict (prefixes stripped).
             **hints: Constructor arguments; ``dropout`` and ``max_positions`` are taken as given,
-                the others must agree with the shapes.
+                ``omega_range`` is required when the state has ``map_omega``, the others must agree
+                with the shapes.
 
         Returns:
             Keyword arguments for ``SongUNet``.
@@ -397,6 +412,7 @@ class SongUNet(AbstractBackbone):
         Raises:
             ValueError: If the keys or shapes are not a SongUNet's, or a hint contradicts them.
         """
+        omega_range = omega_config(cls.__name__, state, "map_omega.", hints)
         convs = [m for k in state if (m := re.fullmatch(r"enc\.(\d+)x(\d+)_conv\.weight", k))]
         if len(convs) != 1 or convs[0].group(1) != convs[0].group(2):
             raise ValueError(
@@ -434,6 +450,7 @@ class SongUNet(AbstractBackbone):
             "num_blocks": len(blocks),
             "attn_resolutions": attention,
             "adaptive_scale": affine == 2 * channel_mult[0] * model_channels,
+            "omega_range": omega_range,
         }
         if len(levels) > 1:
             fir = state.get(f"enc.{levels[1]}x{levels[1]}_down.conv0.resample_filter")
@@ -450,8 +467,10 @@ class SongUNet(AbstractBackbone):
         s: Time,
         cond: Cond | None = None,
         augment_labels: Tensor | None = None,
+        *,
+        omega: GuidanceScale | None = None,
     ) -> Data:
-        """Evaluate F_θ(x, t, s).
+        """Evaluate F_θ(x, t, s) (F_θ(x, t, s, ω) for an ω-conditioned UNet).
 
         Args:
             x: Images of shape (b, in_channels, img_resolution, img_resolution).
@@ -460,12 +479,14 @@ class SongUNet(AbstractBackbone):
             cond: Must be None: the network is unconditional.
             augment_labels: EDM augmentation labels of shape (b, augment_dim), or None (as at
                 sampling time).
+            omega: One guidance scale per sample: required with ``omega_range``, refused without.
 
         Returns:
             The network output, shape (b, out_channels, img_resolution, img_resolution).
 
         Raises:
-            ValueError: If ``cond`` is given, or on wrong input shapes or devices.
+            ValueError: If ``cond`` is given, on wrong input shapes or devices, or on ``omega``
+                that does not fit how the UNet was built.
             TypeError: On times that are not floating point, or ``x`` in another dtype than the
                 parameters outside autocast.
         """
@@ -490,6 +511,10 @@ class SongUNet(AbstractBackbone):
                     f"augment_labels must have shape ({batch}, {self.augment_dim}); got {tuple(augment_labels.shape)}"
                 )
             emb = emb + self.map_augment(augment_labels.to(weight.dtype))
+        check_forward_omega(omega, batch, self.omega_range, "SongUNet")
+        if self.map_omega is not None:
+            features = positional_embedding(omega, 2 * self.noise_channels, max_positions=self.max_positions)  # type: ignore[arg-type]
+            emb = emb + self.map_omega(features.to(weight.dtype))
         emb = F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))
 
         # Encoder.

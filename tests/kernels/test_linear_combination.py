@@ -10,6 +10,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from soflow_core import EulerParam
 from soflow_core.ops.fused import linear_combination, linear_combination_reference
 from tests.kernels._support import (
     CASES,
@@ -103,3 +104,31 @@ def test_traced_by_torch_compile_without_graph_breaks(device, dtype):
     (g_compiled,) = torch.autograd.grad(compiled(x, y, coefficients), [x])
     (g_eager,) = torch.autograd.grad(step(x, y, coefficients), [x])
     torch.testing.assert_close(g_compiled, g_eager)
+
+
+@pytest.mark.parametrize(("device", "dtype"), CASES)
+def test_guided_target_and_teacher_state_with_per_sample_guidance_scales(device, dtype):
+    """An ω-conditioned model's target: one ω per sample becomes per-sample coefficients, fused as any other."""
+    from soflow_core import ClassifierFreeGuidance, TrigParam
+    from soflow_core.guidance import GuidanceScaleDistribution
+    from soflow_core.losses import guided_target_from_outputs, guided_teacher_state
+
+    generator = torch.Generator().manual_seed(0)
+    shape = (7, 3, 5, 5)
+    v_t, x_t, f_uncond, f_model = (
+        make_tensor(shape, seed=k, device=device, dtype=dtype, layout="contiguous") for k in range(4)
+    )
+    mask = (torch.rand(7, generator=generator) < 0.3).to(device)
+    t = torch.rand(7, generator=generator).to(device)
+    ell, omega = t * 0.9, (torch.rand(7, generator=generator) * 3.0 + 1.0).to(device)
+    guidance = ClassifierFreeGuidance(scale=GuidanceScaleDistribution(low=1.0, high=4.0), mix=0.3, null_cond=3)
+    for param in (EulerParam(), TrigParam()):  # Trig reads x_t in the velocity too
+        options = {"param": param, "guidance": guidance, "omega": omega}
+        for op, args in (
+            (guided_target_from_outputs, (v_t, x_t, f_uncond, f_model, mask, t)),
+            (guided_teacher_state, (x_t, v_t, f_uncond, f_model, mask, t, ell)),
+        ):
+            kernel = op(*args, **options, backend="triton")
+            low = op(*args, **options, backend="torch")
+            exact = op(*(a.double() if a.is_floating_point() else a for a in args), **options, backend="torch")
+            assert_within_rule(op.__name__, kernel, low, exact, dtype)

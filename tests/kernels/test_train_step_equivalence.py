@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from soflow_core import ClassifierFreeGuidance, SoFlowObjective
+from soflow_core.guidance import GuidanceScaleDistribution
 from tests._helpers import random_mlp, shape_checks_off
 from tests.kernels._support import CUDA, soflow_kernels
 
@@ -89,4 +90,32 @@ def test_cifar_recipe_with_trig_path_and_parameterization(device):
 
     ref_losses, ref_params = _run(objective, make_model, data, None, device, "torch")
     ker_losses, ker_params = _run(objective, make_model, data, None, device, "triton")
+    _assert_same_training(ker_losses, ref_losses, ker_params, ref_params, device)
+
+
+class OmegaConvNet(ConditionalConvNet):
+    """ConditionalConvNet with a guidance-scale input (an ω-conditioned backbone)."""
+
+    omega_range = (1.0, 4.0)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.omega = nn.Linear(1, 2)
+
+    def forward(self, x, t, s, cond=None, *, omega):
+        shift = self.omega(omega[:, None].to(x.dtype))
+        return super().forward(x, t, s, cond) + shift[:, :, None, None]
+
+
+@pytest.mark.parametrize("device", CASES)
+def test_omega_conditioned_recipe_with_per_sample_guidance_scales(device):
+    guidance = ClassifierFreeGuidance(
+        scale=GuidanceScaleDistribution(low=1.0, high=4.0), mix=0.25, drop_rate=0.3, decay_time=0.8, null_cond=3
+    )
+    objective = SoFlowObjective.from_preset("imagenet", guidance=guidance)
+    generator = torch.Generator().manual_seed(3)
+    data = torch.randn(16, 2, 6, 6, generator=generator).to(device)
+    labels = torch.randint(0, 3, (16,), generator=generator).to(device)
+    ref_losses, ref_params = _run(objective, OmegaConvNet, data, labels, device, "torch")
+    ker_losses, ker_params = _run(objective, OmegaConvNet, data, labels, device, "triton")
     _assert_same_training(ker_losses, ref_losses, ker_params, ref_params, device)
