@@ -73,10 +73,13 @@ __all__ = [
     "TrainingBatch",
     "has_active_dropout",
     "split_sizes",
+    "with_pretrained_velocity",
 ]
 
 ForwardBatching = Literal["auto", "joint", "split"]
 """How the grad calls of a step are grouped; see `SoFlowObjective.forward_batching`."""
+ConsistencyVelocity = Literal["conditional", "pretrained"]
+"""The velocity of the step to x_ℓ; see `SoFlowObjective.consistency_velocity`."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -191,6 +194,51 @@ def split_sizes(batch_size: int, fm_fraction: float) -> tuple[int, int]:
     return n_fm, batch_size - n_fm
 
 
+def with_pretrained_velocity(batch: TrainingBatch, velocity_model: Backbone, *, param: AbstractParam) -> TrainingBatch:
+    r"""The batch whose consistency samples step to x_ℓ along a pretrained model's velocity.
+
+    The paper steps along the conditional velocity of each sample's own path,
+    ṽ = α'_t·data + β'_t·noise (consistency *training*). With a frozen pretrained velocity
+    model v_pre, as in consistency *distillation* (Song et al., "Consistency Models", ICML 2023),
+
+    $$x_\ell = x_t + v_{\mathrm{pre}}(x_t, t, c)\,(\ell - t),$$
+
+    the step follows the pretrained ODE, so the consistency target has far less variance. For a
+    backbone made by [`from_velocity_model`][soflow_core.nets.convert.from_velocity_model] and
+    fine-tuned from its own weights, the start is then a fixed point: with r(k, K) = 1 the
+    target f(x_ℓ, s, s) = x_t + v_pre·(s − t) is what the untrained network already returns.
+    The Flow Matching samples keep the conditional velocity as their target (measured: the
+    pretrained velocity there made the one-step samples worse; see the Fine-tune page). With
+    guidance, ṽ replaces v_t inside the guided velocity, so the guided step uses the pretrained
+    conditional velocity and the online model's unconditional one. Dropped labels call the
+    pretrained model with the null class, as the batch's ``cond`` holds it.
+
+    Args:
+        batch: The draws from [`sample_batch`][soflow_core.objective.SoFlowObjective.sample_batch].
+        velocity_model: The pretrained backbone, called without gradient at s = t; its velocity is
+            ``param.velocity(velocity_model, x_t, t, cond)``.
+        param: The parameterization both networks use.
+
+    Returns:
+        The batch with ``consistency.v_t`` replaced (the Flow Matching part as it was).
+
+    Examples:
+        >>> import torch
+        >>> from soflow_core.nets import MLPBackbone
+        >>> objective = SoFlowObjective.from_preset("toy")
+        >>> batch = objective.sample_batch(torch.randn(8, 2), step=0, total_steps=10)
+        >>> frozen = MLPBackbone(dim=2)  # F ≡ 0: a zero velocity
+        >>> with_pretrained_velocity(batch, frozen, param=objective.param).consistency.v_t.abs().max()
+        tensor(0.)
+    """
+    part = batch.consistency
+    if part is None:
+        return batch
+    with torch.no_grad():
+        v_pre = param.velocity(velocity_model, part.x_t, part.t, part.cond)
+    return dataclasses.replace(batch, consistency=dataclasses.replace(part, v_t=v_pre.detach()))
+
+
 def _cat(parts: Sequence[Tensor | None]) -> Tensor | None:
     if all(p is None for p in parts):
         return None
@@ -256,6 +304,12 @@ class SoFlowObjective:
             explicit form that may be differentiated twice. ``backprop`` is right to first order
             only: its gradient is the loss's, its second derivatives are not. Costs one
             elementwise pass over the consistency samples.
+        consistency_velocity: The velocity of the step to the intermediate time,
+            x_ℓ = x_t + ṽ·(ℓ − t): ``"conditional"`` (the paper's: ṽ = α'_t·data + β'_t·noise,
+            the sample's own path) or ``"pretrained"`` (ṽ = the velocity of a frozen pretrained
+            model, passed to each call as ``velocity_model``; see
+            [`with_pretrained_velocity`][soflow_core.objective.with_pretrained_velocity]). The
+            ``"finetune"`` preset uses ``"pretrained"``.
 
     Examples:
         >>> import torch
@@ -277,6 +331,7 @@ class SoFlowObjective:
     check_inputs: bool = True
     backend: Backend = "auto"
     differentiable_loss: bool = False
+    consistency_velocity: ConsistencyVelocity = "conditional"
 
     def __post_init__(self) -> None:
         # Names are resolved once, here; afterwards `path` and `param` are always objects.
@@ -300,6 +355,7 @@ class SoFlowObjective:
         check_real("fm_fraction", self.fm_fraction, low=0.0, high=1.0)
         check_choice("forward_batching", self.forward_batching, ("auto", "joint", "split"))
         check_choice("backend", self.backend, BACKENDS)
+        check_choice("consistency_velocity", self.consistency_velocity, ("conditional", "pretrained"))
         if not isinstance(self.differentiable_loss, bool):
             raise TypeError(f"differentiable_loss must be a bool; got {self.differentiable_loss!r}")
 
@@ -361,6 +417,7 @@ class SoFlowObjective:
         total_steps: int,
         generator: torch.Generator | None = None,
         noise: Data | None = None,
+        velocity_model: Backbone | None = None,
     ) -> ObjectiveOutput:
         """Draw a training batch from ``data`` and evaluate the objective on ``model``.
 
@@ -372,15 +429,31 @@ class SoFlowObjective:
             total_steps: Planned run length K ≥ 1.
             generator: Source of every random draw of the step, or None for the global RNG.
             noise: Noise to use instead of drawing it, shaped like ``data``.
+            velocity_model: With ``consistency_velocity="pretrained"`` (and only then), the frozen
+                pretrained backbone whose velocity steps the consistency samples to x_ℓ.
 
         Returns:
             The [`ObjectiveOutput`][soflow_core.ObjectiveOutput].
 
         Raises:
-            ValueError: On bad shapes, non-finite data, bad step counts, or guidance without ``cond``.
+            ValueError: On bad shapes, non-finite data, bad step counts, guidance without ``cond``,
+                or a ``velocity_model`` missing for (or given to) the consistency velocity.
             TypeError: On non-tensor inputs or non-integer step counts.
         """
+        pretrained = self.consistency_velocity == "pretrained"
+        if pretrained and velocity_model is None:
+            raise ValueError(
+                "velocity_model: consistency_velocity='pretrained' steps to x_ℓ along a pretrained model's velocity; "
+                "pass the frozen pretrained backbone (e.g. a copy of the converted model before fine-tuning)"
+            )
+        if not pretrained and velocity_model is not None:
+            raise ValueError(
+                "velocity_model was given, but consistency_velocity='conditional' does not use it; build the "
+                "objective with consistency_velocity='pretrained' (or the 'finetune' preset)"
+            )
         batch = self.sample_batch(data, cond, step=step, total_steps=total_steps, generator=generator, noise=noise)
+        if pretrained:
+            batch = with_pretrained_velocity(batch, velocity_model, param=self.param)  # type: ignore[arg-type]
         return self.loss(model, batch)
 
     def sample_batch(
