@@ -83,13 +83,16 @@ def _autocast(precision: str, device: torch.device):
 
 def build(model: str, batch_size: int, device: torch.device):
     """The trainer's network and objective for ``model`` and a synthetic batch."""
-    config = dataclasses.replace(imagenet.PRESETS["paper"], model=model, batch_size=batch_size, synthetic=True)
+    config = dataclasses.replace(imagenet.PRESETS["B-4-cond"], model=model, batch_size=batch_size, synthetic=True)
+    if model not in imagenet.RELEASED_SIZES:  # no released run: the B/4 run's K and ω
+        config = dataclasses.replace(config, total_steps=400_000, cfg_scale=3.0)
     if model.startswith("DiT-tiny"):
         config = dataclasses.replace(config, num_classes=10)
-    config_dict = imagenet.resolve(config)
+    config = imagenet.resolve(config)
+    config_dict = imagenet.record(config)
     torch.manual_seed(0)
     net = T.build_net(config_dict).to(device)
-    objective = imagenet.build_objective(config, config_dict["cfg_scale"])
+    objective = T.build_objective(config_dict)
     generator = torch.Generator(device).manual_seed(0)
     data = torch.randn(batch_size, 4, 32, 32, device=device, generator=generator)
     labels = torch.randint(0, config.num_classes, (batch_size,), device=device, generator=generator)

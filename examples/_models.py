@@ -34,6 +34,7 @@ from typing import Any
 
 import _training as T
 import torch
+from _resume import load_run_checkpoint
 from torch import nn
 
 from soflow_core import SoFlowObjective
@@ -167,7 +168,7 @@ def open_model(args: argparse.Namespace) -> OpenedModel:
     if released is None and args.ckpt_steps is not None:
         raise SystemExit(f"--ckpt-steps needs a released model folder (config.yaml + ckpts/); {source} is not one")
     source = released or source
-    run = T.load_run_checkpoint(source)  # verified, loadable and complete; unusable ones reported and skipped
+    run = load_run_checkpoint(source)  # verified, loadable and complete; unusable ones reported and skipped
     if run is not None:
         run_file, payload = run
         config = payload["config"]
@@ -176,8 +177,11 @@ def open_model(args: argparse.Namespace) -> OpenedModel:
             report = load_weights(net, payload, entry=_entry(args) or "ema")
         except ValueError as error:
             raise SystemExit(f"--ckpt {run_file}: {error}") from error
-        objective = SoFlowObjective.from_preset(config["task"])  # the path and parameterization of training
-        path, param = _sampling(args, objective.path, objective.param, f"the run's {config['task']!r} preset")
+        # the path and parameterization the run trained with (runs recorded before the recipe flags: the preset's)
+        preset = SoFlowObjective.from_preset(config["task"])
+        trained_path = make_path(config["path"]) if "path" in config else preset.path
+        trained_param = make_param(config["param"]) if "param" in config else preset.param
+        path, param = _sampling(args, trained_path, trained_param, f"the run's config ({run_file})")
         described = f"run checkpoint {run_file} (step {payload['step']}), entry {report.origin.entry!r}"
         metadata = {"source": str(run_file), "step": payload["step"], "entry": report.origin.entry, "run": config}
         return OpenedModel(net.float().eval(), path, param, described, metadata)

@@ -1,7 +1,20 @@
-"""Loop glue shared by the training examples: CLI, distributed setup, checkpoints, logging, sample grids.
+"""The shared training loop of the example trainers: what a trainer plugs in (``Task``) and the loop itself.
 
 Not library code: what a user would reuse in their own loop (EMA, checkpoints, the batch
-order) lives in ``soflow_core``; this module wires it into the two reference trainers.
+order, the training step) lives in ``soflow_core``; this module wires it into the two
+reference trainers. ``train`` reads top to bottom like DiT's or SiT's ``train.py``: plan the
+start, wrap the network, restore the state, then loop over optimizer steps and hand each
+finished step to the periodic duties. Each duty has its own home, with its inputs explicit:
+
+* ``_runtime``: where the process runs (rank, world size, device) and its collectives;
+* ``_run_folder``: the run folder, checked, created and locked;
+* ``_resume``: which checkpoint a start resumes and whether this command line may resume it
+  (``APPLIED_ON_RESUME``, ``IGNORED_ON_RESUME``), and ``--init``;
+* ``TrainedModel`` here: FSDP2/DDP/compile wrapping, the optimizer, the EMA; ``MicroBatches``
+  here: the data and the seeds of every micro-batch;
+* ``_duties``: logging with its averaging window, the non-finite guard, saving, sample grids,
+  evaluation (the seam for in-loop scores such as FID: see ``_duties.Evaluation``) and the stop
+  on SIGTERM/SIGINT.
 
 Randomness is counter-based: micro-batch m of optimizer step k draws everything (latent noise,
 augmentation, times, noise, label drops, dropout) from seeds derived from (seed, k, m), and
@@ -16,7 +29,7 @@ What a run guarantees, whatever happens to it (see docs/examples.md, "What a run
 * nothing non-finite is saved: every step folds "was this step finite" into a device-side flag
   (no host sync), read at log steps and before every save together with a check of the whole
   state; a non-finite step stops the run with a ``non_finite`` event in metrics.jsonl and the
-  last finite checkpoint untouched;
+  last finite checkpoint untouched (``NonFiniteGuard``);
 * SIGTERM and SIGINT write a checkpoint at the next step boundary and exit with 128 + signal;
 * a resume applies changed settings consistently or refuses them (``APPLIED_ON_RESUME``,
   ``IGNORED_ON_RESUME``), before anything is written.
@@ -24,18 +37,9 @@ What a run guarantees, whatever happens to it (see docs/examples.md, "What a run
 
 import contextlib
 import copy
-import datetime
 import json
 import math
-import os
-import shutil
-import signal
-import socket
 import sys
-import threading
-import time
-import typing
-import warnings
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -44,32 +48,37 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from _cli import config_parser, optional_import, resolve_config
+from _duties import (
+    Checkpointer,
+    EmaNetwork,
+    Evaluation,
+    Evaluator,
+    MetricLog,
+    MetricsWriter,
+    NonFiniteGuard,
+    ProgressBar,
+    SampleGrid,
+    StopAgreement,
+    StopRequest,
+    stop_on_signal,
+    truncate_metrics,
+)
+from _resume import Resumed, ResumePlan, apply_optimizer_settings, initialize_from, plan_start
+from _run_folder import RunFolder, run_folder_problems
+from _runtime import Runtime, all_gather_object, barrier, cuda_missing
 from torch import Tensor, nn
 
-from soflow_core import SoFlowObjective, step_generator
-from soflow_core._files import atomic_save, atomic_write
-from soflow_core.nets import DIT_SIZES, DiT, SongUNet, load_weights, read_state_dict
+from soflow_core import ClassifierFreeGuidance, SoFlowObjective, step_generator
+from soflow_core._files import atomic_write
+from soflow_core.nets import DIT_SIZES, DiT, SongUNet
 from soflow_core.nets.dit import DiTSize
-from soflow_core.parameterizations import param_name
-from soflow_core.paths import path_name
-from soflow_core.seeding import seeded_generator
-from soflow_core.train import EpochStream, destroy_process_group
-from soflow_core.train.checkpoint import (
-    CheckpointError,
-    capture_rng_state,
-    checkpoint_path,
-    latest_loadable_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
-    non_finite_entries,
-    remove_stale_temporaries,
-    restore_rng_state,
-    save_checkpoint,
-)
+from soflow_core.time_samplers import ConsistencyTimeSampler, LogitNormal, make_schedule
+from soflow_core.train import EpochStream
+from soflow_core.train.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state
 from soflow_core.train.ema import EMA
-from soflow_core.train.step import make_training_step
+from soflow_core.train.step import TrainingStep, make_training_step
+from soflow_core.weighting import AdaptiveWeighting
 
 # Sizes beyond soflow_core's DIT_SIZES (which has S/4 and S/2 for small CIFAR-10 transformers), for smoke runs.
 EXTRA_DIT_SIZES: dict[str, DiTSize] = {
@@ -77,13 +86,6 @@ EXTRA_DIT_SIZES: dict[str, DiTSize] = {
     "DiT-tiny/2": DiTSize(patch_size=2, hidden_size=32, depth=2, num_heads=2),
 }
 ALL_DIT_SIZES: dict[str, DiTSize] = {**DIT_SIZES, **EXTRA_DIT_SIZES}
-
-# Baked-in guidance scale ω per size (B/4 from the official imagenet.yaml; the others are
-# reported by the paper text and not confirmed against the released per-model configs).
-GUIDANCE_SCALE = {"DiT-B/4": 3.0, "DiT-B/2": 2.5, "DiT-M/2": 2.25, "DiT-L/2": 2.0, "DiT-XL/2": 2.0}
-# Planned run length K per size: 80 epochs for B/4, 240 epochs (1.2 M steps at batch 256) for the rest.
-TOTAL_STEPS = {"DiT-B/4": 400_000, "DiT-B/2": 1_200_000, "DiT-M/2": 1_200_000, "DiT-L/2": 1_200_000}
-TOTAL_STEPS["DiT-XL/2"] = 1_200_000
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -108,7 +110,10 @@ class TrainConfig:
     # short run show what it learned; the paper's rule has no warm-up
     ema_warmup: bool = False
     ckpt_every: int = 25_000  # checkpoint period in steps (and at the end)
-    keep: int = 3  # checkpoints kept
+    keep: int = 3  # newest checkpoints kept
+    # also keep every checkpoint whose step is a multiple of this, for curves of a score against steps (0: none;
+    # a multiple of --ckpt-every; --keep-every equal to --ckpt-every keeps all)
+    keep_every: int = 0
     log_every: int = 100  # metrics.jsonl / progress-bar period in steps
     sample_every: int = 25_000  # sample-grid period in steps (0: only at the end)
     sample_grid: int = 64  # images in the sample grid
@@ -122,6 +127,26 @@ class TrainConfig:
     tensorboard: bool = False  # also write TensorBoard scalars to <out>/tb
     device: Literal["auto", "cpu", "cuda"] = "auto"  # where to train ("auto": CUDA when visible)
     progress: bool = True  # tqdm progress bar on rank 0
+    # The objective (SoFlowObjective), one flag per setting; the defaults are the trainer's released recipe.
+    path: Literal["linear", "trig"] = "linear"  # noising path x_t = α(t)·data + β(t)·noise (official noising_type)
+    # solution parameterization f(x_t, t, s) = a(t, s)·x_t + b(t, s)·F (official coefficient_type)
+    param: Literal["euler", "trig"] = "euler"
+    # λ, the share of each micro-batch trained with Flow Matching; the rest trains solution consistency (official
+    # velocity_loss_ratio)
+    fm_fraction: float = 0.75
+    fm_time_mean: float = -0.2  # μ of the logit-normal Flow Matching time t (official time_mean[0])
+    fm_time_std: float = 1.0  # σ of the logit-normal Flow Matching time t (official time_std[0])
+    s_time_mean: float = -1.0  # μ of the logit-normal consistency target time s (official time_mean[1])
+    s_time_std: float = 0.8  # σ of the logit-normal consistency target time s (official time_std[1])
+    t_time_mean: float = 0.2  # μ of the logit-normal consistency start time t (official time_mean[2])
+    t_time_std: float = 0.8  # σ of the logit-normal consistency start time t (official time_std[2])
+    # the schedule r(k, K) that places the teacher time ℓ = t + (s − t)·r, k the step, K --total-steps (official
+    # l_schedule)
+    schedule: Literal["const", "linear", "cosine", "exponent"] = "exponent"
+    r_init: float = 0.1  # r at step 0 (official l_init_ratio)
+    r_end: float = 0.002  # r at step K (official l_end_ratio)
+    p: float = 1.0  # power p of both adaptive loss weights 1/(mse + ε)^p (official p)
+    eps: float = 0.01  # ε of both adaptive loss weights 1/(mse + ε)^p (official eps)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -133,11 +158,30 @@ def parse_config(
     argv: list[str] | None,
     description: str,
     default_preset: str,
-    presets_help: dict[str, str] | None = None,
+    presets_help: dict[str, str],
+    resolve: Callable[[Any], Any],
+    record: Callable[[Any], dict[str, Any]],
 ) -> Any:
-    """Build a frozen config from a preset plus ``--field value`` overrides for every field (see ``_cli``)."""
+    """A preset plus ``--field value`` overrides (see ``_cli``), resolved and checked before anything starts.
+
+    ``resolve`` fills the fields a trainer derives (it raises ValueError naming the flag when it
+    cannot), ``record`` gives what config.json holds. The objective is built from the record
+    here once, so a recipe that makes no objective is an error of the command line. With
+    ``--print-config`` the record is printed as config.json would hold it, and the script exits
+    without creating anything.
+    """
     parser = config_parser(description, config_cls, presets, default_preset, presets_help=presets_help)
-    config = resolve_config(parser.parse_args(argv), config_cls, presets)
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved configuration (what <out>/config.json would hold) and exit without creating "
+        "anything; default: off",
+    )
+    args = parser.parse_args(argv)
+    try:
+        config = resolve(resolve_config(args, config_cls, presets))
+    except ValueError as error:
+        parser.error(str(error))
     # the optional packages this run will need, checked before anything starts
     optional_import("PIL.Image", "writing the sample grids")
     if config.progress:
@@ -147,7 +191,19 @@ def parse_config(
     problems = check_common(config)
     if problems:
         parser.error("; ".join(problems))
-    return config, parser
+    try:
+        build_objective(record(config))
+    except ValueError as error:
+        parser.error(str(error))
+    if args.print_config:
+        print(config_text(record(config)), end="")
+        raise SystemExit(0)
+    return config
+
+
+def config_text(record: dict[str, Any]) -> str:
+    """config.json's text: the resolved configuration as sorted, indented JSON."""
+    return json.dumps(record, indent=2, sort_keys=True) + "\n"
 
 
 def check_common(config: TrainConfig) -> list[str]:
@@ -159,9 +215,14 @@ def check_common(config: TrainConfig) -> list[str]:
     for name in ("ema_every", "synthetic_size"):
         if getattr(config, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be >= 1; got {getattr(config, name)}")
-    for name in ("max_steps", "sample_every", "seed"):
+    for name in ("max_steps", "sample_every", "seed", "keep_every"):
         if getattr(config, name) < 0:
             problems.append(f"--{name.replace('_', '-')} must be >= 0; got {getattr(config, name)}")
+    if config.keep_every > 0 and config.ckpt_every >= 1 and config.keep_every % config.ckpt_every:
+        problems.append(
+            f"--keep-every {config.keep_every} must be a multiple of --ckpt-every {config.ckpt_every} (checkpoints "
+            "are written at multiples of --ckpt-every)"
+        )
     if not (math.isfinite(config.lr) and config.lr >= 0):
         problems.append(f"--lr must be a finite number >= 0; got {config.lr}")
     if config.precision not in ("fp32", "bf16"):
@@ -178,97 +239,13 @@ def check_common(config: TrainConfig) -> list[str]:
     return problems
 
 
-def cuda_missing() -> str:
-    """Why --device cuda cannot run here."""
-    if not torch.backends.cuda.is_built():
-        return f"--device cuda: this PyTorch ({torch.__version__}) is built without CUDA; use --device cpu"
-    return "--device cuda: no CUDA device is visible (check CUDA_VISIBLE_DEVICES and the driver); use --device cpu"
-
-
-# ----------------------------------------------------------------------------- distributed
-
-
-@dataclass(frozen=True)
-class Runtime:
-    """Where this process runs: rank, world size, device; ``control`` is a gloo group for host-side agreement."""
-
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-    control: Any = None  # a gloo process group (CPU tensors, no device sync) when distributed
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-
-@contextlib.contextmanager
-def distributed_runtime(device: str) -> Iterator[Runtime]:
-    """The process's runtime for the duration of a script; the process group is left at the end."""
-    runtime = init_runtime(device)
-    try:
-        yield runtime
-    finally:
-        shutdown(runtime)
-
-
-def init_runtime(device: str) -> Runtime:
-    """Join the torchrun process group (NCCL on GPU, gloo on CPU) or run as a single process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(cuda_missing())
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
-    else:
-        dev = torch.device("cpu")
-    control = None
-    if world > 1:
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
-        control = dist.new_group(backend="gloo")
-    return Runtime(rank=rank, world_size=world, local_rank=local_rank, device=dev, control=control)
-
-
-def shutdown(runtime: Runtime) -> None:
-    """Leave the process group; the script's model and optimizer are already released (``run`` returned)."""
-    if runtime.distributed and dist.is_initialized():
-        dist.barrier()
-        destroy_process_group()  # ends gloo's worker threads before Python shuts down
-
-
-def barrier(runtime: Runtime) -> None:
-    if runtime.distributed:
-        dist.barrier()
-
-
-def broadcast_object(runtime: Runtime, value: Any) -> Any:
-    if not runtime.distributed:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def all_gather_object(runtime: Runtime, value: Any) -> list[Any]:
-    if not runtime.distributed:
-        return [value]
-    out: list[Any] = [None] * runtime.world_size
-    dist.all_gather_object(out, value)
-    return out
-
-
 # ----------------------------------------------------------------------------- networks
 
 
-def build_dit(name: str, *, in_channels: int, input_size: int, num_classes: int | None, **kwargs: Any) -> DiT:
+def build_dit(
+    name: str, *, in_channels: int, input_size: int, num_classes: int | None, null_class: bool = True, **kwargs: Any
+) -> DiT:
+    """A DiT of size ``name``; a class-conditional one has the null row (index ``num_classes``) if ``null_class``."""
     if name not in ALL_DIT_SIZES:
         raise ValueError(f"unknown DiT size {name!r}; choose one of {', '.join(ALL_DIT_SIZES)}")
     size = ALL_DIT_SIZES[name]
@@ -280,7 +257,7 @@ def build_dit(name: str, *, in_channels: int, input_size: int, num_classes: int 
         depth=size.depth,
         num_heads=size.num_heads,
         num_classes=num_classes,
-        null_class=bool(num_classes),
+        null_class=bool(num_classes) and null_class,
         **kwargs,
     )
 
@@ -293,6 +270,7 @@ def build_net(config: dict[str, Any]) -> nn.Module:
             in_channels=4,
             input_size=32,
             num_classes=config["num_classes"],
+            null_class=config.get("null_class", True),  # runs recorded before the key existed had the null row
             gradient_checkpointing=config.get("gradient_checkpointing", False),
         )
     if config["net"] == "unet":
@@ -307,6 +285,73 @@ def build_net(config: dict[str, Any]) -> nn.Module:
             dropout=config["dropout"],
         )
     return build_dit(config["net"], in_channels=3, input_size=32, num_classes=None)
+
+
+def build_objective(config: Mapping[str, Any]) -> SoFlowObjective:
+    """The objective a run's resolved configuration describes: the one place both trainers build it.
+
+    The recipe fields of ``TrainConfig`` give the path, parameterization, λ, the three logit-normal
+    time distributions, the r(k, K) schedule and the adaptive weights; a configuration with
+    ``cfg_scale`` (the ImageNet trainer's) adds training-time guidance over its labels, whose
+    null class is ``num_classes``.
+
+    Args:
+        config: A record of a resolved configuration (what config.json holds).
+
+    Returns:
+        The objective.
+
+    Raises:
+        ValueError: Settings that make no objective, naming their flags.
+    """
+
+    def part(flags: str, make: Callable[[], Any]) -> Any:
+        try:
+            return make()
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"{flags}: {error}") from None
+
+    guidance = None
+    if config.get("cfg_scale") is not None:
+        guidance = part(
+            "--cfg-scale, --cfg-mix, --cfg-drop-rate, --cfg-decay-time",
+            lambda: ClassifierFreeGuidance(
+                scale=config["cfg_scale"],
+                mix=config["cfg_mix"],
+                drop_rate=config["cfg_drop_rate"],
+                decay_time=config["cfg_decay_time"],
+                null_cond=config["num_classes"],
+            ),
+        )
+    times = ConsistencyTimeSampler(
+        t_distribution=part(
+            "--t-time-mean, --t-time-std", lambda: LogitNormal(mean=config["t_time_mean"], std=config["t_time_std"])
+        ),
+        s_distribution=part(
+            "--s-time-mean, --s-time-std", lambda: LogitNormal(mean=config["s_time_mean"], std=config["s_time_std"])
+        ),
+        schedule=part(
+            "--schedule, --r-init, --r-end",
+            lambda: make_schedule(config["schedule"], r_init=config["r_init"], r_end=config["r_end"]),
+        ),
+    )
+    fm_time = part(
+        "--fm-time-mean, --fm-time-std", lambda: LogitNormal(mean=config["fm_time_mean"], std=config["fm_time_std"])
+    )
+    weighting = part("--p, --eps", lambda: AdaptiveWeighting(p=config["p"], eps=config["eps"]))
+    return part(
+        "--path, --param, --fm-fraction",
+        lambda: SoFlowObjective(
+            path=config["path"],
+            param=config["param"],
+            fm_fraction=config["fm_fraction"],
+            fm_time=fm_time,
+            consistency_times=times,
+            weighting=weighting,
+            guidance=guidance,
+            backend=config["backend"],
+        ),
+    )
 
 
 def shard_targets(net: nn.Module) -> list[nn.Module]:
@@ -388,296 +433,7 @@ def load_states(
         optimizer.load_state_dict(payload["optimizer"])
 
 
-# ----------------------------------------------------------------------------- images
-
-
-def save_grid(images: Tensor | np.ndarray, path: Path, columns: int | None = None) -> None:
-    """Tile uint8 NHWC images into one PNG."""
-    Image = optional_import("PIL.Image", "writing the sample grids")
-
-    array = images.cpu().numpy() if isinstance(images, Tensor) else np.asarray(images)
-    n, h, w, c = array.shape
-    columns = columns or max(1, math.ceil(math.sqrt(n)))
-    rows = math.ceil(n / columns)
-    grid = np.zeros((rows * h, columns * w, c), dtype=np.uint8)
-    for i in range(n):
-        r, col = divmod(i, columns)
-        grid[r * h : (r + 1) * h, col * w : (col + 1) * w] = array[i]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image = Image.fromarray(grid[..., 0] if c == 1 else grid)
-    atomic_save(path, lambda tmp: image.save(tmp, format="PNG"))
-
-
-def latent_preview(z: Tensor) -> Tensor:
-    """The first three latent channels as uint8 NHWC pixels (a look at latents without a VAE)."""
-    from soflow_core.train.latents import to_uint8_images
-
-    return to_uint8_images((z[:, :3].float() / 2.0).clamp(-1, 1))
-
-
-# ----------------------------------------------------------------------------- run checkpoints
-
-RUN_ENTRIES = ("step", "model", "ema", "optimizer", "config", "rng", "data")
-# The files a run writes whole through temporary files (see remove_stale_temporaries), by folder.
-WHOLE_FILES = {".": (r"config\.json", r"metrics\.jsonl"), "samples": (r"step-\d{9,}\.png",)}
-
-
-def check_run_payload(path: Path, payload: dict[str, Any]) -> None:
-    """Raise CheckpointError unless ``payload`` is a complete checkpoint of these trainers with finite state.
-
-    A checkpoint that fails here is reported and skipped like a damaged one: its manifest may
-    match, but it cannot resume a run (another writer's file, a truncated dict, or non-finite
-    weights written by an older version of these trainers).
-    """
-    missing = [key for key in RUN_ENTRIES if key not in payload]
-    if missing:
-        raise CheckpointError(path, f"not a checkpoint of these trainers: no {', '.join(map(repr, missing))} entry")
-    kinds = {"model": Mapping, "ema": Mapping, "optimizer": Mapping, "config": Mapping, "data": Mapping, "rng": list}
-    wrong = [f"{k!r} is a {type(payload[k]).__name__}" for k, kind in kinds.items() if not isinstance(payload[k], kind)]
-    if not isinstance(payload["step"], int) or payload["step"] < 0:
-        wrong.append(f"'step' is {payload['step']!r}")
-    if isinstance(payload["data"], Mapping) and not isinstance(payload["data"].get("position"), int):
-        wrong.append("'data' has no integer 'position'")
-    if isinstance(payload["rng"], list) and not payload["rng"]:
-        wrong.append("'rng' is empty")
-    if wrong:
-        raise CheckpointError(path, f"malformed checkpoint of these trainers: {'; '.join(wrong)}")
-    bad = non_finite_entries({key: payload[key] for key in ("model", "ema", "optimizer")})
-    if bad:
-        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
-        raise CheckpointError(path, f"non-finite values in {', '.join(bad[:3])}{more}")
-
-
-def load_run_checkpoint(source: Path) -> tuple[Path, dict[str, Any]] | None:
-    """The newest usable checkpoint of the run that ``source`` names, with its payload; None if it names no run.
-
-    A run folder gives its newest checkpoint (in ``checkpoints/`` or the folder itself) that
-    verifies against its manifest, loads with ``weights_only`` and passes ``check_run_payload``;
-    every one skipped is reported. A ``step-*.pt`` file with its manifest is loaded and checked
-    as it is. Raises SystemExit when nothing usable is found.
-    """
-    if source.is_file():
-        if not (source.name.startswith("step-") and source.with_suffix(".json").is_file()):
-            return None
-        try:
-            payload = load_checkpoint(source)
-            check_run_payload(source, payload)
-        except CheckpointError as error:
-            raise SystemExit(str(error)) from error
-        return source, payload
-    if not source.is_dir() or not ((source / "checkpoints").is_dir() or list_checkpoints(source)):
-        return None
-    for folder in (source / "checkpoints", source):
-        found = latest_loadable_checkpoint(folder, check=check_run_payload)
-        if found is not None:
-            return found
-    raise SystemExit(f"no usable checkpoint in {source} (looked in {source / 'checkpoints'} and {source})")
-
-
-def initialize_from(net: nn.Module, source: str, objective: SoFlowObjective) -> str:
-    """Load ``--init`` weights into ``net`` (EMA weights when the source has them); returns what was loaded.
-
-    ``source`` is a run of these trainers (its newest usable checkpoint, verified), a pretrained
-    folder, an official SoFlow training file, a state dict or a .safetensors file. Every key and
-    shape is checked first; a mismatch names the network the weights would fit.
-    """
-    run = load_run_checkpoint(Path(source))
-    try:
-        if run is not None:
-            report = load_weights(net, run[1])
-            return f"run checkpoint {run[0]}, entry {report.origin.entry!r}"
-        contents = read_state_dict(source)
-        saved = (contents.pretrained or {}).get("sampling", {})
-        ours = {"path": path_name(objective.path), "param": param_name(objective.param)}
-        if any(k in ours and v != ours[k] for k, v in saved.items()):
-            warnings.warn(f"{source} was saved for sampling with {saved}; this objective trains {ours}", stacklevel=1)
-        return str(load_weights(net, contents).origin)
-    except ValueError as error:
-        raise SystemExit(f"--init {source} cannot start this run: {error}") from error
-
-
-# ----------------------------------------------------------------------------- resuming with other settings
-
-# What a resumed run does with a setting that differs from the checkpoint's. APPLIED: the new
-# value holds from the resumed step on, is written to config.json and to later checkpoints, and
-# reaches the restored state (optimizer hyperparameters such as --lr and --beta2 are written into
-# the restored optimizer). IGNORED: only meaningful for a fresh run; the run keeps its recorded
-# value. Every other setting (the network, the objective, the data, the seed, the global batch,
-# the EMA rule) must match: a resume with another value is refused before anything is written.
-APPLIED_ON_RESUME = frozenset(
-    {
-        "out", "data", "max_steps", "total_steps", "grad_accum", "lr", "beta2", "ckpt_every", "keep", "log_every",
-        "sample_every", "sample_grid", "precision", "tf32", "compile", "tensorboard", "device", "progress", "vae",
-        "gradient_checkpointing", "backend",
-    }
-)  # fmt: skip
-IGNORED_ON_RESUME = frozenset({"init"})
-
-
-@dataclass(frozen=True)
-class ResumePlan:
-    """What rank 0 decided about the start: the checkpoint to resume (or None), the config to record, why not."""
-
-    checkpoint: str | None
-    config: dict[str, Any]  # what config.json and later checkpoints record
-    applied: dict[str, tuple[Any, Any]]  # setting: (the checkpoint's value, the value now used)
-    refusal: str | None = None
-
-
-def plan_resume(task: "Task", saved: Mapping[str, Any], path: Path, payload: Mapping[str, Any]) -> ResumePlan:
-    """Compare the checkpoint's settings with the command line's, per ``APPLIED_ON_RESUME``/``IGNORED_ON_RESUME``."""
-    now = task.config_dict
-    applied, ignored, refused = {}, {}, {}
-    for key in sorted(set(saved) & set(now)):  # a key only one side knows comes from another version
-        if saved[key] == now[key]:
-            continue
-        kind = applied if key in APPLIED_ON_RESUME else ignored if key in IGNORED_ON_RESUME else refused
-        kind[key] = (saved[key], now[key])
-    problems = [f"--{key.replace('_', '-')} {new!r} (the run has {old!r})" for key, (old, new) in refused.items()]
-    data = payload["data"]
-    if data.get("num_samples") not in (None, task.num_samples):
-        problems.append(f"a data set of {task.num_samples} samples (the run has {data.get('num_samples')})")
-    parallel = "fsdp" if task.config.fsdp else "ddp"
-    if payload.get("parallel", "ddp") != parallel:
-        problems.append(f"--{'no-' if parallel == 'ddp' else ''}fsdp (the run was written with {payload['parallel']})")
-    record = {**now, **{key: old for key, (old, _) in ignored.items()}}
-    if ignored:
-        warnings.warn(f"{', '.join(ignored)} only apply to a fresh run; resuming {path} ignores them", stacklevel=2)
-    refusal = None
-    if problems:
-        refusal = (
-            f"cannot resume {path} with {'; '.join(problems)}: these settings must match the run's. Pass the run's "
-            "values, or start a new run in another --out (with --init to start from this run's weights)"
-        )
-    return ResumePlan(checkpoint=str(path), config=record, applied=applied, refusal=refusal)
-
-
-def apply_optimizer_settings(optimizer: torch.optim.Optimizer, wanted: list[dict[str, Any]]) -> None:
-    """Write the command line's hyperparameters (lr, betas, ...) into the param groups of a restored optimizer."""
-    for group, settings in zip(optimizer.param_groups, wanted):
-        group.update(settings)
-
-
-# ----------------------------------------------------------------------------- the run folder
-
-
-class RunFolder:
-    """The run folder: checked, created and locked (an exclusive ``flock`` on ``<out>/.lock``) for one trainer.
-
-    The lock is held for the whole run by rank 0 and released by the kernel when the process
-    dies, so a lock left by a killed trainer is stale by construction: the next trainer takes it
-    over (and says whose it was). ``.lock`` holds the holder's pid, host, start time and command
-    while it runs. A start that fails before training begins removes the folders it created.
-    """
-
-    LOCK = ".lock"
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.created: Path | None = None  # the topmost folder this start created
-        self.started = False
-        self._fd: int | None = None
-
-    def open(self) -> None:
-        """Create the folder if needed and lock it; SystemExit naming the holder if another trainer has it."""
-        problems = run_folder_problems(self.path)
-        if problems:
-            raise SystemExit("; ".join(problems))
-        top = self.path
-        while not top.parent.exists():
-            top = top.parent
-        if not self.path.exists():
-            self.created = top
-        self.path.mkdir(parents=True, exist_ok=True)
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover - not POSIX
-            warnings.warn(f"cannot lock {self.path} on this platform: make sure no other trainer uses it", stacklevel=2)
-            return
-        fd = os.open(self.path / self.LOCK, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 1 << 16).decode(errors="replace").strip() or "a process that has not written its name"
-            os.close(fd)
-            raise SystemExit(
-                f"{self.path} is in use by another trainer: {holder}. Wait for it to finish or stop it, or pass "
-                "another --out"
-            ) from None
-        except OSError as error:  # a file system without locks (some network mounts)
-            os.close(fd)
-            warnings.warn(f"cannot lock {self.path} ({error}): make sure no other trainer uses it", stacklevel=2)
-            return
-        previous = os.read(fd, 1 << 16).decode(errors="replace").strip()
-        if previous:
-            print(f"taking over the stale lock of {self.path} (its holder is gone): {previous}", flush=True)
-        holder = {
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "command": " ".join(sys.argv),
-        }
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(holder).encode(), 0)
-        self._fd = fd
-
-    def release(self) -> None:
-        """Empty ``.lock`` (a clean exit leaves no holder behind) and release it."""
-        if self._fd is not None:
-            os.ftruncate(self._fd, 0)
-            os.close(self._fd)
-            self._fd = None
-
-    def discard(self) -> None:
-        """Remove what a failed start created (nothing when the folder existed before)."""
-        if self.created is not None and not self.started:
-            shutil.rmtree(self.created, ignore_errors=True)
-
-
-def run_folder_problems(out: Path) -> list[str]:
-    """What keeps ``out`` from holding a run, found before anything is created or loaded."""
-    if out.exists() and not out.is_dir():
-        return [f"--out {out} exists and is not a folder"]
-    problems = []
-    for name, folder in (("checkpoints", True), ("samples", True), ("tb", True), ("metrics.jsonl", False)):
-        path = out / name
-        if path.exists() and path.is_dir() != folder:
-            wanted = "folder" if folder else "file"
-            problems.append(f"{path} exists and is {'not ' if folder else ''}a folder; the run needs a {wanted} there")
-    existing = out
-    while not existing.exists():
-        existing = existing.parent
-    for path in (existing, out / "checkpoints"):
-        if path.is_dir() and not os.access(path, os.W_OK | os.X_OK):
-            problems.append(f"--out {out}: {path} is not writable")
-    return problems
-
-
-@contextlib.contextmanager
-def run_folder(runtime: Runtime, out: Path) -> Iterator[RunFolder]:
-    """The locked run folder for the duration of a run (rank 0 locks; every rank learns whether it may go on)."""
-    folder = RunFolder(out)
-    refusal = None
-    if runtime.is_main:
-        try:
-            folder.open()
-        except SystemExit as error:
-            refusal = str(error.code)
-    refusal = broadcast_object(runtime, refusal)
-    if refusal is not None:
-        raise SystemExit(refusal)
-    try:
-        yield folder
-    except BaseException:
-        if runtime.is_main:
-            folder.release()
-            folder.discard()
-        raise
-    if runtime.is_main:
-        folder.release()
-
-
-# ----------------------------------------------------------------------------- the loop
+# ----------------------------------------------------------------------------- what a trainer plugs in
 
 
 @dataclass
@@ -696,57 +452,10 @@ class Task:
     sample_images: Callable[[nn.Module, int, torch.Generator], Tensor]
     read_indices: Callable[[np.ndarray], Any] | None = None  # host-side read, prefetched on a thread
     augment_labels: bool = False
+    evaluation: Evaluation | None = None  # a periodic evaluation of the EMA weights (see _duties.Evaluation)
 
 
-class MetricsWriter:
-    """metrics.jsonl (and TensorBoard) on rank 0: metric rows, and event rows that carry an ``event`` key."""
-
-    def __init__(self, out: Path, tensorboard: bool) -> None:
-        self.file = open(out / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115 (closed in close())
-        self.tb = None
-        if tensorboard:
-            tensorboard_writer = optional_import("torch.utils.tensorboard", "--tensorboard").SummaryWriter
-            self.tb = tensorboard_writer(str(out / "tb"))
-
-    def write(self, step: int, values: dict[str, float]) -> None:
-        self.file.write(json.dumps({"step": step, **values}) + "\n")
-        self.file.flush()
-        if self.tb is not None:
-            for key, value in values.items():
-                self.tb.add_scalar(key, value, step)
-
-    def event(self, step: int, event: str, **details: Any) -> None:
-        """An event row (``resume``, ``non_finite``, ``stopped``), flushed and fsynced at once."""
-        self.file.write(json.dumps({"step": step, "event": event, **details}) + "\n")
-        self.file.flush()
-        os.fsync(self.file.fileno())
-
-    def close(self) -> None:
-        self.file.close()
-        if self.tb is not None:
-            self.tb.close()
-
-
-def truncate_metrics(path: Path, step: int) -> int:
-    """Drop the metric rows after ``step`` (an interrupted run logged them; the resumed run logs them again).
-
-    Event rows stay, and so does nothing unreadable (the torn last line of a killed writer).
-    Returns the number of lines dropped.
-    """
-    if not path.is_file():
-        return 0
-    lines = path.read_text().splitlines()
-    kept = []
-    for line in lines:
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and ("event" in row or int(row.get("step", 0)) <= step):
-            kept.append(line)
-    if len(kept) != len(lines):
-        atomic_write(path, lambda f: f.write("".join(line + "\n" for line in kept).encode()))
-    return len(lines) - len(kept)
+# ----------------------------------------------------------------------------- the data of every micro-batch
 
 
 def _prefetching(read: Callable[[np.ndarray], Any], index_lists: Iterator[np.ndarray]) -> Iterator[Any]:
@@ -762,124 +471,132 @@ def _prefetching(read: Callable[[np.ndarray], Any], index_lists: Iterator[np.nda
             yield pending.result()
 
 
-class StopRequest:
-    """SIGTERM/SIGINT handlers that ask the loop to stop at the next step boundary.
+class MicroBatches:
+    """The data of every micro-batch this rank trains, and the seeds of its draws.
 
-    The first signal is recorded (``signum``); a second one stops at once, without saving
-    (KeyboardInterrupt for SIGINT, exit status 128 + signal for SIGTERM). Handlers are only
-    installed from the main thread and are restored on exit.
+    The global batch is ``--batch-size`` = micro-batch × world size × ``--grad-accum``. Micro-batch
+    j of optimizer step k holds the samples that ``EpochStream.micro_batch`` gives for the data
+    position (counted in samples), j, the rank and the world size, and draws everything (the
+    task's latent noise or augmentation, then the objective's times, noise and label drops, and
+    dropout) from seeds of (seed, k, m) with m = j·world + rank. Host-side reads run one
+    micro-batch ahead on a thread, for the steps [start, end).
+
+    Args:
+        task: The trainer's task.
+        runtime: This process.
+        start: The resumed step and data position.
+        end_step: The step this invocation stops after.
+
+    Raises:
+        SystemExit: The global batch does not divide into world size × ``--grad-accum``.
     """
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    def __init__(self, task: Task, runtime: Runtime, start: Resumed, end_step: int) -> None:
+        config = task.config
+        world, accum = runtime.world_size, config.grad_accum
+        if config.batch_size % (world * accum):
+            raise SystemExit(
+                f"--batch-size {config.batch_size} must be divisible by world size × --grad-accum = {world} × {accum}"
+            )
+        self.task, self.runtime, self.accumulation = task, runtime, accum
+        self.micro = config.batch_size // (world * accum)
+        self.stream = EpochStream(num_samples=task.num_samples, seed=config.seed)
+        self.reads = None
+        if task.read_indices is not None:
+            steps = range(end_step - start.step)
+            lists = (self.indices(start.position + k * config.batch_size, j) for k in steps for j in range(accum))
+            self.reads = _prefetching(task.read_indices, lists)
 
-    def __init__(self) -> None:
-        self.signum = 0
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> "StopRequest":
-        if threading.current_thread() is threading.main_thread():
-            for signum in self.SIGNALS:
-                self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-
-    def _handle(self, signum: int, frame: object) -> None:
-        if self.signum:
-            if signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            raise SystemExit(128 + signum)
-        self.signum = signum
-        name = signal.Signals(signum).name
-        print(
-            f"{name}: saving a checkpoint at the next step boundary, then exiting (send {name} again to stop "
-            "at once, without saving)",
-            file=sys.stderr,
-            flush=True,
+    def indices(self, position: int, micro_step: int) -> np.ndarray:
+        """The sample indices of micro-batch ``micro_step`` of the step that starts at data position ``position``."""
+        rank, world = self.runtime.rank, self.runtime.world_size
+        return self.stream.micro_batch(
+            position=position, micro_batch_size=self.micro, micro_step=micro_step, rank=rank, world_size=world
         )
 
+    def load(self, step: int, position: int, micro_step: int) -> tuple[Tensor, Tensor | None, torch.Generator]:
+        """(data, cond, generator) of micro-batch ``micro_step`` of ``step``; seeds the dropout masks too."""
+        seed, device = self.task.config.seed, self.runtime.device
+        indices = self.indices(position, micro_step)
+        # distinct per rank and micro-batch, exact after a resume: keyed on m = j·world + rank
+        layout = {"rank": self.runtime.rank, "world_size": self.runtime.world_size}
+        generator = step_generator(seed, step, micro_step, **layout, device=device)
+        torch.manual_seed(step_generator(seed, step, micro_step, **layout, stream=1).initial_seed())  # dropout masks
+        raw = next(self.reads) if self.reads is not None else indices
+        data, cond = self.task.load_batch(raw, generator, device)
+        return data, cond, generator
 
-class StopAgreement:
-    """The signal every rank stops on at a step boundary, agreed over a gloo group without a device sync.
 
-    A rank's request made at boundary k is all-reduced (MAX) asynchronously and read at boundary
-    k + 1, so every rank sees the same value at the same boundary. With one process the request
-    is read directly.
+# ----------------------------------------------------------------------------- the network as it trains
+
+
+@dataclass
+class TrainedModel:
+    """The network as it trains: unwrapped, wrapped for the objective, its optimizer, its step and its EMA.
+
+    Attributes:
+        net: The unwrapped network: what checkpoints and the EMA hold.
+        backbone: What the objective calls: autocast around ``net``, inside DDP when distributed.
+        ddp: The DDP wrapper, or None (one process, or FSDP2).
+        fsdp: Whether ``net`` is sharded with FSDP2 (``fully_shard`` per block, then the root).
+        optimizer: Over ``net``'s parameters.
+        step_fn: Loss, backward and accumulation (one graph when compiled), and the optimizer update.
+        ema: The EMA of ``net``.
+        settings: The command line's optimizer hyperparameters (lr, betas, ...) per param group,
+            written over those of a restored optimizer.
     """
 
-    def __init__(self, runtime: Runtime, request: StopRequest) -> None:
-        self.runtime, self.request = runtime, request
-        self._pending: Any = None
-        self._value = torch.zeros(1, dtype=torch.int64)
+    net: nn.Module
+    backbone: nn.Module
+    ddp: nn.parallel.DistributedDataParallel | None
+    fsdp: bool
+    optimizer: torch.optim.Optimizer
+    step_fn: TrainingStep
+    ema: EMA
+    settings: list[dict[str, Any]]
 
-    def poll(self) -> int:
-        if not self.runtime.distributed:
-            return self.request.signum
-        agreed = 0
-        if self._pending is not None:
-            self._pending.wait()
-            agreed = int(self._value.item())
-        self._value = torch.tensor([self.request.signum], dtype=torch.int64)
-        self._pending = dist.all_reduce(self._value, op=dist.ReduceOp.MAX, group=self.runtime.control, async_op=True)
-        return agreed
+    def train_step(
+        self, batches: MicroBatches, step: int, position: int, objective: SoFlowObjective, total_steps: int
+    ) -> tuple[list[dict[str, Tensor]], Tensor]:
+        """One optimizer step over every micro-batch; returns each micro-batch's share of the metrics and finiteness.
 
-    def close(self) -> None:
-        if self._pending is not None:
-            self._pending.wait()
-            self._pending = None
+        Each micro-batch's metrics come back divided by the number of micro-batches (detached
+        copies, so a compiled step may reuse its output buffers), and "was every micro-batch
+        finite" as a device-side boolean (no host sync).
+        """
+        accum = batches.accumulation
+        finite = torch.ones((), dtype=torch.bool, device=batches.runtime.device)
+        shares = []
+        for j in range(accum):
+            data, cond, generator = batches.load(step, position, j)
+            # gradients are synchronised on the last micro-step only
+            if self.ddp is not None and j < accum - 1:
+                sync = self.ddp.no_sync()
+            else:
+                sync = contextlib.nullcontext()
+                if self.fsdp:
+                    self.net.set_requires_gradient_sync(j == accum - 1)
+            # The draws run eagerly from the explicit generator; the step itself may be compiled.
+            batch = objective.sample_batch(data, cond, step=step, total_steps=total_steps, generator=generator)
+            with sync:
+                metrics = self.step_fn.accumulate(batch)
+            shares.append({key: value.detach().float() / accum for key, value in metrics.items()})
+            finite = finite & (metrics["finite"] > 0)
+        self.step_fn.update()
+        return shares, finite
+
+    def state(self) -> dict[str, Any]:
+        """The full model, EMA and optimizer state on CPU (collectives under FSDP2)."""
+        return {
+            "model": model_state(self.net, self.fsdp),
+            "ema": self.ema.state_dict(full=True),
+            "optimizer": optimizer_state(self.net, self.optimizer, self.fsdp),
+        }
 
 
-def _finite_or_none(values: dict[str, float]) -> dict[str, float | None]:
-    return {k: (v if math.isfinite(v) else None) for k, v in values.items()}
-
-
-def train(task: Task, runtime: Runtime, folder: RunFolder) -> dict[str, Any]:
-    """Run (or resume) the loop in a locked run folder; returns a summary on rank 0.
-
-    Raises SystemExit when a resume is refused (before anything is written), when a step is
-    non-finite (after a ``non_finite`` event row; the last finite checkpoint is untouched), and
-    with status 128 + signal after SIGTERM or SIGINT (after saving a checkpoint).
-    """
-    config = task.config
-    out = folder.path
-    ckpt_dir = out / "checkpoints"
-    device = runtime.device
-    world, accum = runtime.world_size, config.grad_accum
-    if config.batch_size % (world * accum):
-        raise SystemExit(
-            f"--batch-size {config.batch_size} must be divisible by world size × --grad-accum = {world} × {accum}"
-        )
-    micro = config.batch_size // (world * accum)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = config.tf32
-        torch.backends.cudnn.allow_tf32 = config.tf32
-
-    net = task.net
-    # Rank 0 picks the newest usable checkpoint (verified, loadable, complete and finite; the others are
-    # reported and skipped) and decides whether this command line may resume it; every rank learns the plan.
-    payload: dict[str, Any] | None = None
-    plan = None
-    if runtime.is_main:
-        removed = remove_stale_temporaries(ckpt_dir)
-        for where, names in WHOLE_FILES.items():
-            removed += remove_stale_temporaries(out / where, names)
-        if removed:
-            print(f"removed {len(removed)} temporary file(s) of interrupted checkpoint writes", flush=True)
-        found = latest_loadable_checkpoint(ckpt_dir, check=check_run_payload)
-        if found is None:
-            plan = ResumePlan(checkpoint=None, config=task.config_dict, applied={})
-        else:
-            path, payload = found
-            plan = plan_resume(task, payload["config"], path, payload)
-    plan = broadcast_object(runtime, plan)
-    if plan.refusal is not None:
-        raise SystemExit(plan.refusal)
-    if plan.checkpoint is None and config.init:
-        loaded = initialize_from(net, config.init, task.objective)
-        if runtime.is_main:
-            print(f"initialised from {loaded}", flush=True)
+def wrap(task: Task, runtime: Runtime) -> TrainedModel:
+    """Shard (FSDP2) or wrap (DDP) ``task.net``, build its optimizer, (compiled) step and EMA."""
+    config, net, device = task.config, task.net, runtime.device
     if config.fsdp:
         from torch.distributed.fsdp import fully_shard
 
@@ -891,9 +608,8 @@ def train(task: Task, runtime: Runtime, folder: RunFolder) -> dict[str, Any]:
     )
     ddp = None
     if runtime.distributed and not config.fsdp:
-        ddp = torch.nn.parallel.DistributedDataParallel(
-            backbone, device_ids=[device.index] if device.type == "cuda" else None
-        )
+        device_ids = [device.index] if device.type == "cuda" else None
+        ddp = nn.parallel.DistributedDataParallel(backbone, device_ids=device_ids)
         backbone = ddp
     optimizer = task.make_optimizer(list(net.parameters()))
     # Under DDP/FSDP2 the step compiles with graph breaks around the wrapper's calls (dynamo traces
@@ -902,12 +618,12 @@ def train(task: Task, runtime: Runtime, folder: RunFolder) -> dict[str, Any]:
         task.objective,
         backbone,
         optimizer,
-        accumulation_steps=accum,
+        accumulation_steps=config.grad_accum,
         compile=config.compile,
         mode=config.compile_mode or None,
         backend=config.compile_backend,
     )
-    wanted = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     ema = EMA(
         net,
         decay=config.ema_decay,
@@ -915,232 +631,162 @@ def train(task: Task, runtime: Runtime, folder: RunFolder) -> dict[str, Any]:
         dtype=torch.float64 if config.ema_float64 else None,
         warmup=config.ema_warmup,
     )
-    stream = EpochStream(num_samples=task.num_samples, seed=config.seed)
+    return TrainedModel(net, backbone, ddp, config.fsdp, optimizer, step_fn, ema, settings)
 
-    start_step, position, window = 0, 0, None
-    if plan.checkpoint is not None:  # every rank loads it (rank 0 already has)
-        if payload is None:
-            payload = load_checkpoint(plan.checkpoint, map_location="cpu", verify=False)
-        try:
-            load_states(net, optimizer, payload, config.fsdp, device)
-            ema.load_state_dict(payload["ema"])
-        except (RuntimeError, ValueError, KeyError) as error:
-            message = f"{plan.checkpoint} does not fit the network this run's settings build: {error}"
-            raise SystemExit(message) from error
-        apply_optimizer_settings(optimizer, wanted)  # --lr, --beta2, ... of this command line, as recorded
-        start_step, position = int(payload["step"]), int(payload["data"]["position"])
-        rng = payload["rng"]
-        restore_rng_state(rng[runtime.rank] if len(rng) == world else rng[0])
-        windows = payload.get("log_window")
-        if isinstance(windows, list) and len(windows) == world:  # the averaging window goes on where it stopped
-            window = windows[runtime.rank]
-        if runtime.is_main:
-            print(f"resuming from {plan.checkpoint} at step {start_step}", flush=True)
-            for key, (old, new) in plan.applied.items():
-                flag = f"--{key.replace('_', '-')}"
-                print(f"  {flag}: {old!r} -> {new!r} (applied from step {start_step} on)", flush=True)
-        del payload
 
-    eval_net = None
-    writer = None
+def restore(model: TrainedModel, plan: ResumePlan, payload: dict[str, Any] | None, runtime: Runtime) -> Resumed:
+    """Load the planned checkpoint into ``model`` on every rank; where the loop starts (step 0 for a fresh run)."""
+    if plan.checkpoint is None:
+        return Resumed()
+    if payload is None:  # every rank loads it (rank 0 already has)
+        payload = load_checkpoint(plan.checkpoint, map_location="cpu", verify=False)
+    try:
+        load_states(model.net, model.optimizer, payload, model.fsdp, runtime.device)
+        model.ema.load_state_dict(payload["ema"])
+    except (RuntimeError, ValueError, KeyError) as error:
+        message = f"{plan.checkpoint} does not fit the network this run's settings build: {error}"
+        raise SystemExit(message) from error
+    apply_optimizer_settings(model.optimizer, model.settings)  # --lr, --beta2, ... of this command line, as recorded
+    step, position = int(payload["step"]), int(payload["data"]["position"])
+    rng = payload["rng"]
+    restore_rng_state(rng[runtime.rank] if len(rng) == runtime.world_size else rng[0])
+    window = None
+    windows = payload.get("log_window")
+    if isinstance(windows, list) and len(windows) == runtime.world_size:  # the window goes on where it stopped
+        window = windows[runtime.rank]
     if runtime.is_main:
-        eval_net = build_net(task.config_dict).to(device) if config.fsdp else copy.deepcopy(net)
-        eval_net.eval().requires_grad_(False)
-        text = json.dumps(plan.config, indent=2, sort_keys=True) + "\n"
-        atomic_write(out / "config.json", lambda f: f.write(text.encode()))
-        dropped = truncate_metrics(out / "metrics.jsonl", start_step)
-        writer = MetricsWriter(out, config.tensorboard)
-        if plan.checkpoint is not None:
-            applied = {key: list(values) for key, values in plan.applied.items()}
-            writer.event(start_step, "resume", checkpoint=Path(plan.checkpoint).name, applied=applied, dropped=dropped)
-        folder.started = True
+        print(f"resuming from {plan.checkpoint} at step {step}", flush=True)
+        for key, (old, new) in plan.applied.items():
+            flag = f"--{key.replace('_', '-')}"
+            print(f"  {flag}: {old!r} -> {new!r} (applied from step {step} on)", flush=True)
+    return Resumed(step=step, position=position, window=window)
+
+
+def sampling_copy(task: Task, runtime: Runtime) -> nn.Module | None:
+    """The network copy this rank samples with (grids on rank 0; evaluations on every rank), or None."""
+    if not (runtime.is_main or task.evaluation is not None):
+        return None
+    return build_net(task.config_dict).to(runtime.device) if task.config.fsdp else copy.deepcopy(task.net)
+
+
+def checkpoint_state(
+    step: int, model: TrainedModel, plan: ResumePlan, position: int, task: Task, log: MetricLog, runtime: Runtime
+) -> dict[str, Any]:
+    """What a checkpoint of ``step`` holds (every rank builds it: the random states and windows are gathered)."""
+    config = task.config
+    return {
+        "step": step,
+        **model.state(),
+        "config": plan.config,
+        "rng": all_gather_object(runtime, capture_rng_state()),
+        "data": {"position": position, "seed": config.seed, "num_samples": task.num_samples},
+        "log_window": all_gather_object(runtime, log.state()),
+        "parallel": "fsdp" if config.fsdp else "ddp",
+        "world_size": runtime.world_size,
+        "torch": str(torch.__version__),
+    }
+
+
+def record_start(out: Path, plan: ResumePlan, start: Resumed, tensorboard: bool) -> MetricsWriter:
+    """On rank 0: write config.json, drop the log rows past the resumed step, open the log, note a resume."""
+    text = config_text(plan.config)
+    atomic_write(out / "config.json", lambda f: f.write(text.encode()))
+    dropped = truncate_metrics(out / "metrics.jsonl", start.step)
+    writer = MetricsWriter(out, tensorboard)
+    if plan.checkpoint is not None:
+        applied = {key: list(values) for key, values in plan.applied.items()}
+        writer.event(start.step, "resume", checkpoint=Path(plan.checkpoint).name, applied=applied, dropped=dropped)
+    return writer
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train(task: Task, runtime: Runtime, folder: RunFolder) -> dict[str, Any]:
+    """Run (or resume) the loop in a locked run folder; returns a summary on rank 0.
+
+    Raises SystemExit when a resume is refused (before anything is written), when a step is
+    non-finite (after a ``non_finite`` event row; the last finite checkpoint is untouched), and
+    with status 128 + signal after SIGTERM or SIGINT (after saving a checkpoint).
+    """
+    config, out, device = task.config, folder.path, runtime.device
+    checkpoints = out / "checkpoints"
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = config.tf32
+        torch.backends.cudnn.allow_tf32 = config.tf32
+
+    # The start: resume planning (rank 0 decides, every rank learns), --init, wrapping, the restored state.
+    plan, payload = plan_start(runtime, out, task.config_dict, task.num_samples)
+    if plan.checkpoint is None and config.init:
+        loaded = initialize_from(task.net, config.init, task.objective)
+        if runtime.is_main:
+            print(f"initialised from {loaded}", flush=True)
+    model = wrap(task, runtime)
+    start = restore(model, plan, payload, runtime)
+    del payload
+    ema_net = EmaNetwork(model.ema, sampling_copy(task, runtime), sharded=config.fsdp)
+    writer = record_start(out, plan, start, config.tensorboard) if runtime.is_main else None
+    folder.started = True
     barrier(runtime)
 
-    end_step = config.total_steps if not config.max_steps else min(config.total_steps, start_step + config.max_steps)
-    bar = None
-    if runtime.is_main and config.progress:
-        tqdm = optional_import("tqdm", "the progress bar (or pass --no-progress)").tqdm
-        bar = tqdm(total=config.total_steps, initial=start_step, dynamic_ncols=True, file=sys.stdout)
+    # The periodic duties, in the order they run after each step.
+    end_step = config.total_steps if not config.max_steps else min(config.total_steps, start.step + config.max_steps)
+    batches = MicroBatches(task, runtime, start, end_step)
+    log = MetricLog(runtime, config.log_every, start.window)
+    guard = NonFiniteGuard(runtime, checkpoints, writer)
+    evaluator = Evaluator(task.evaluation, config.total_steps, runtime)
+    saver = Checkpointer(checkpoints, config.ckpt_every, config.keep, config.keep_every, runtime, guard)
+    grid = SampleGrid(out / "samples", config.sample_every, config.sample_grid, config.seed, task.sample_images)
+    bar = ProgressBar(runtime.is_main and config.progress, config.total_steps, start.step)
 
-    sums: dict[str, Tensor] = {}
-    logged_steps = 0
-    if window is not None:
-        sums = {key: value.to(device) for key, value in window["sums"].items()}
-        logged_steps = int(window["steps"])
-    # 0 while every step was finite, else the first non-finite step; updated on the device every step and
-    # read only at log steps and before saves.
-    first_bad = torch.zeros((), dtype=torch.int64, device=device)
-    none = torch.iinfo(torch.int64).max
-
-    def window_values() -> dict[str, float]:
-        """The objective's metrics averaged over the steps since the last log row (and over ranks)."""
-        keys = sorted(sums)
-        if not keys:
-            return {}
-        stacked = torch.stack([sums[k] for k in keys]) / max(logged_steps, 1)
-        if runtime.distributed:
-            dist.all_reduce(stacked)
-            stacked /= world
-        return dict(zip(keys, stacked.cpu().tolist()))
-
-    def first_non_finite_step() -> int:
-        value = torch.where(first_bad == 0, none, first_bad)
-        if runtime.distributed:
-            dist.all_reduce(value, op=dist.ReduceOp.MIN)
-        found = int(value)
-        return 0 if found == none else found
-
-    def stop_non_finite(done: int, first: int, entries: list[str], values: dict[str, float]) -> typing.NoReturn:
-        saved = list_checkpoints(ckpt_dir)
-        last = str(saved[0][1]) if saved else None
+    position, last = start.position, {}
+    with StopRequest() as request, StopAgreement(runtime, request) as stops, contextlib.ExitStack() as closing:
+        closing.callback(bar.close)
         if writer is not None:
-            writer.event(
-                done,
-                "non_finite",
-                first_non_finite_step=first or None,
-                non_finite_state=entries[:8],
-                non_finite_entries=len(entries),
-                window=_finite_or_none(values),
-                last_checkpoint=None if last is None else Path(last).name,
-            )
-        what = f"a non-finite loss at step {first}" if first else f"non-finite state after step {done}: {entries[:3]}"
-        keep = f"{last} holds the last finite state" if last else "no checkpoint was written"
-        raise SystemExit(
-            f"{what}; stopped at step {done} without saving ({keep}). Run again to resume it with other settings "
-            "(a lower --lr is applied on resume)"
-        )
+            closing.callback(writer.close)
+        for step in range(start.step, end_step):
+            shares, finite = model.train_step(batches, step, position, task.objective, config.total_steps)
+            model.ema.update(model.net, step=step)
+            position += config.batch_size
+            done = step + 1
+            guard.record(done, finite)
+            log.add(shares, images=config.batch_size)
 
-    def save(step: int) -> None:
-        first = first_non_finite_step()
-        state = {
-            "step": step,
-            "model": model_state(net, config.fsdp),
-            "ema": ema.state_dict(full=True),
-            "optimizer": optimizer_state(net, optimizer, config.fsdp),
-            "config": plan.config,
-            "rng": all_gather_object(runtime, capture_rng_state()),
-            "data": {"position": position, "seed": config.seed, "num_samples": task.num_samples},
-            "log_window": all_gather_object(
-                runtime, {"sums": {k: v.detach().cpu() for k, v in sums.items()}, "steps": logged_steps}
-            ),
-            "parallel": "fsdp" if config.fsdp else "ddp",
-            "world_size": world,
-            "torch": str(torch.__version__),
-        }
-        entries = non_finite_entries({k: state[k] for k in ("model", "ema", "optimizer")}) if runtime.is_main else []
-        entries = broadcast_object(runtime, entries)
-        if first or entries:
-            stop_non_finite(step, first, entries, window_values())
-        if runtime.is_main:
-            save_checkpoint(ckpt_dir, step, state, keep=config.keep)
-        barrier(runtime)
-
-    def grid(step: int) -> None:
-        if config.fsdp:
-            full = ema.state_dict(full=True)
-            if eval_net is not None:
-                eval_net.load_state_dict(full)
-        elif eval_net is not None:
-            ema.copy_to(eval_net)
-        if eval_net is not None:
-            images = task.sample_images(eval_net, config.sample_grid, seeded_generator(config.seed, 1, 0))
-            save_grid(images, out / "samples" / f"step-{step:09d}.png")
-
-    def index_lists(first: int) -> Iterator[np.ndarray]:
-        for k in range(end_step - start_step):
-            for j in range(accum):
-                yield stream.micro_batch(
-                    position=first + k * config.batch_size,
-                    micro_batch_size=micro,
-                    micro_step=j,
-                    rank=runtime.rank,
-                    world_size=world,
-                )
-
-    reads = _prefetching(task.read_indices, index_lists(position)) if task.read_indices else None
-
-    tic, images_seen, last = time.perf_counter(), 0, {}
-    with StopRequest() as request:
-        stops = StopAgreement(runtime, request)
-        try:
-            for step in range(start_step, end_step):
-                finite = torch.ones((), dtype=torch.bool, device=device)
-                for j in range(accum):
-                    indices = stream.micro_batch(
-                        position=position, micro_batch_size=micro, micro_step=j, rank=runtime.rank, world_size=world
-                    )
-                    # distinct per rank and micro-batch, exact after a resume: keyed on m = j·world + rank
-                    layout = {"rank": runtime.rank, "world_size": world}
-                    generator = step_generator(config.seed, step, j, **layout, device=device)
-                    dropout_seed = step_generator(config.seed, step, j, **layout, stream=1).initial_seed()
-                    torch.manual_seed(dropout_seed)  # dropout masks
-                    raw = next(reads) if reads is not None else indices
-                    data, cond = task.load_batch(raw, generator, device)
-                    final = j == accum - 1
-                    if ddp is not None and not final:
-                        sync = ddp.no_sync()
-                    else:
-                        sync = contextlib.nullcontext()
-                        if config.fsdp:
-                            net.set_requires_gradient_sync(final)
-                    # The draws run eagerly from the explicit generator; the step itself may be compiled.
-                    batch = task.objective.sample_batch(
-                        data, cond, step=step, total_steps=config.total_steps, generator=generator
-                    )
-                    with sync:
-                        metrics = step_fn.accumulate(batch)
-                    for key, value in metrics.items():
-                        sums[key] = sums.get(key, 0.0) + value.detach().float() / accum
-                    finite = finite & (metrics["finite"] > 0)
-                step_fn.update()
-                ema.update(net, step=step)
-                position += config.batch_size
-                done = step + 1
-                first_bad = torch.where((first_bad == 0) & ~finite, done, first_bad)  # no host sync
-                images_seen += config.batch_size
-                logged_steps += 1
-
-                if done % config.log_every == 0 or done == end_step:
-                    values = window_values()
-                    first = first_non_finite_step()
-                    if first or not all(math.isfinite(v) for v in values.values()):
-                        stop_non_finite(done, first, [], values)
-                    elapsed = time.perf_counter() - tic
-                    values["images_per_s"] = images_seen / max(elapsed, 1e-9)
-                    values["lr"] = optimizer.param_groups[0]["lr"]
-                    if device.type == "cuda":
-                        values["max_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-                    if writer is not None:
-                        writer.write(done, values)
-                    if bar is not None:
-                        shown = ("fm_loss", "consistency_loss", "images_per_s")
-                        bar.set_postfix({k: f"{values[k]:.4g}" for k in shown if k in values})
-                    last = values
-                    tic, images_seen, logged_steps, sums = time.perf_counter(), 0, 0, {}
-                if bar is not None:
-                    bar.update(1)
-                saved = done % config.ckpt_every == 0 or done == end_step
-                if saved:
-                    save(done)
-                if (config.sample_every and done % config.sample_every == 0) or done == end_step:
-                    grid(done)
-                agreed = stops.poll()
-                if agreed:
-                    if not saved:
-                        save(done)
-                    name = signal.Signals(agreed).name
-                    if writer is not None:
-                        writer.event(done, "stopped", signal=name, checkpoint=checkpoint_path(ckpt_dir, done).name)
-                    if runtime.is_main:
-                        print(f"{name}: stopped at step {done}; run the same command again to resume", flush=True)
-                    raise SystemExit(128 + agreed)
-        finally:
-            stops.close()
-            if bar is not None:
-                bar.close()
-            if writer is not None:
-                writer.close()
+            row: dict[str, float] = {}
+            if log.due(done, end_step):  # the window's means over steps and ranks; a non-finite one stops the run
+                values = log.averages()
+                guard.check_window(done, values)
+                row = last = {**values, **throughput(log, model.optimizer, device)}
+                bar.show(row)
+                log.restart()
+            if evaluator.due(done):
+                scores = evaluator.run(done, ema_net.at(done))
+                log.leave_out(scores["evaluation_seconds"])
+                row.update(scores)
+            if row and writer is not None:
+                writer.write(done, row)
+            bar.update()
+            saved = saver.due(done, end_step)
+            if saved:
+                saver.save(done, checkpoint_state(done, model, plan, position, task, log, runtime), log)
+            if grid.due(done, end_step):
+                grid.write(done, ema_net.at(done))
+            signum = stops.poll()
+            if signum:
+                if not saved:
+                    saver.save(done, checkpoint_state(done, model, plan, position, task, log, runtime), log)
+                stop_on_signal(signum, done, writer, checkpoints, runtime)
+        if end_step > start.step:
+            evaluator.finish(end_step, out)
     return {"steps_done": end_step, "last": last}
+
+
+def throughput(log: MetricLog, optimizer: torch.optim.Optimizer, device: torch.device) -> dict[str, float]:
+    """The rest of a log row: images/s of the window, the learning rate, peak CUDA memory."""
+    values = {"images_per_s": log.images_per_s(), "lr": optimizer.param_groups[0]["lr"]}
+    if device.type == "cuda":
+        values["max_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return values
 
 
 def missing_data(message: str) -> None:

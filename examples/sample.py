@@ -37,8 +37,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _models as M
-import _training as T
 from _cli import HelpFormatter
+from _images import latent_preview, save_grid
+from _runtime import Runtime, barrier, distributed_runtime
 
 from soflow_core import sample_few_step, sample_one_step
 from soflow_core.nets import DiT
@@ -89,7 +90,7 @@ def sample_batch(model: M.OpenedModel, first: int, count: int, args, device: tor
     if shape[0] != 4:  # pixels in [-1, 1]
         return to_uint8_images(x).cpu().numpy()
     if vae is None:
-        return T.latent_preview(x).cpu().numpy()
+        return latent_preview(x).cpu().numpy()
     from _vae import decode_latents
 
     return to_uint8_images(decode_latents(vae, x)).cpu().numpy()
@@ -97,11 +98,11 @@ def sample_batch(model: M.OpenedModel, first: int, count: int, args, device: tor
 
 def main(argv: list[str] | None = None) -> Path | None:
     args = parse(argv)
-    with T.distributed_runtime(args.device) as runtime:
+    with distributed_runtime(args.device) as runtime:
         return run(args, runtime)
 
 
-def run(args: argparse.Namespace, runtime: T.Runtime) -> Path | None:
+def run(args: argparse.Namespace, runtime: Runtime) -> Path | None:
     device = runtime.device
     model = M.open_model(args)
     model.net.to(device).requires_grad_(False)
@@ -121,19 +122,19 @@ def run(args: argparse.Namespace, runtime: T.Runtime) -> Path | None:
     if runtime.is_main:
         shutil.rmtree(parts, ignore_errors=True)
         parts.mkdir(parents=True)
-    T.barrier(runtime)
+    barrier(runtime)
     starts = list(range(0, args.num_samples, args.batch_size))
     for b in range(runtime.rank, len(starts), runtime.world_size):  # batch b goes to rank b mod world
         count = min(args.batch_size, args.num_samples - starts[b])
         images = sample_batch(model, starts[b], count, args, device, vae)
         np.save(parts / f"batch-{b:07d}.npy", images)
-    T.barrier(runtime)
+    barrier(runtime)
     if not runtime.is_main:
         return None
     arr = np.concatenate([np.load(parts / f"batch-{b:07d}.npy") for b in range(len(starts))])
     shutil.rmtree(parts)
     np.savez(out, arr_0=arr)
-    T.save_grid(arr[: args.grid], out.with_suffix(".png"))
+    save_grid(arr[: args.grid], out.with_suffix(".png"))
     print(
         f"wrote {out} ({arr.shape[0]} samples, {arr.shape[1]}x{arr.shape[2]}, NFE {args.nfe}) "
         f"and {out.with_suffix('.png')}"

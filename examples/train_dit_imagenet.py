@@ -1,11 +1,20 @@
-"""Train a class-conditional SoFlow DiT on ImageNet-256 VAE latents (the official recipe).
+"""Train a class-conditional SoFlow DiT on ImageNet-256 VAE latents: each released SoFlow run is one preset.
 
-    # 1 GPU / 8 GPUs / several nodes (global batch 256 is split over ranks and --grad-accum)
-    python examples/train_dit_imagenet.py --data data/imagenet256_latents --out runs/dit_b4
-    torchrun --nproc_per_node 8 examples/train_dit_imagenet.py --data data/imagenet256_latents --out runs/dit_b4
+    # the released runs, one command each (global batch 256 is split over ranks and --grad-accum)
+    torchrun --nproc_per_node 8 examples/train_dit_imagenet.py --preset B-4-cond --data data/imagenet256_latents
+    torchrun --nproc_per_node 8 examples/train_dit_imagenet.py --preset XL-2-cond --data data/imagenet256_latents
     torchrun --nnodes 4 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
-        examples/train_dit_imagenet.py --model DiT-XL/2 --fsdp --data ... --out runs/dit_xl2
+        examples/train_dit_imagenet.py --preset XL-2-cond --fsdp --data data/imagenet256_latents
+    python examples/train_dit_imagenet.py --preset XL-2-cond --print-config   # what the run would be
     python examples/train_dit_imagenet.py --preset tiny --synthetic --out /tmp/tiny   # seconds, on a CPU
+
+Presets B-4-cond, B-4-uncond, B-2-cond, M-2-cond, L-2-cond and XL-2-cond are the released runs
+of the official repository (zlab-princeton/SoFlow): model, steps, K, batch, optimizer, EMA, ω,
+label drop and null row. The run length K (``--total-steps``) and ω (``--cfg-scale``) follow
+``--model`` unless given: ``--model DiT-B/2`` alone is the released B/2 run, 1.2 M steps, so the
+model size and the schedule r(k, K) cannot disagree by omission. The label-drop rate follows ω
+(0.1 with guidance, 0 without, as in the released runs), and the label table has the null row
+exactly when labels are dropped.
 
 The data are posterior means and standard deviations of the SD-VAE-ft-MSE encoder (``mean``,
 ``std`` of shape (N, 4, 32, 32), ``label`` of shape (N,)) in one .h5 file or a folder of .h5
@@ -30,8 +39,11 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _training as T
+from _images import latent_preview
+from _run_folder import RunFolder, run_folder
+from _runtime import Runtime, distributed_runtime
 
-from soflow_core import SoFlowObjective, sample_one_step
+from soflow_core import sample_one_step
 from soflow_core.train.latents import sample_latents
 
 NEEDS_DATA = """ImageNet-256 latents are needed: pass --data PATH (or --synthetic for a smoke run).
@@ -49,25 +61,68 @@ local copy of stabilityai/sd-vae-ft-mse
 then pass --data data/imagenet256_latents."""
 
 
+@dataclass(frozen=True)
+class ReleasedSize:
+    """The settings of a released run that depend on its DiT size."""
+
+    total_steps: int  # K, the run length
+    cfg_scale: float  # ω, the guidance scale baked in
+
+
+# The released runs per size (zlab-princeton/SoFlow). B/4: imagenet.yaml (400k steps, ω = 3.0). B/2, M/2, L/2 and
+# XL/2: 240 epochs at batch 256 = 1.2M steps (the README evaluates XL/2 at step 1 200 000) with K = the run length
+# (how the official train.py plans a run); their ω comes from the paper's text and is NOT confirmed against the
+# per-model config.yaml files published with the checkpoints, which were not read. Every other setting is the
+# imagenet.yaml recipe for all sizes (also unconfirmed for the sizes other than B/4).
+RELEASED_SIZES = {
+    "DiT-B/4": ReleasedSize(total_steps=400_000, cfg_scale=3.0),
+    "DiT-B/2": ReleasedSize(total_steps=1_200_000, cfg_scale=2.5),
+    "DiT-M/2": ReleasedSize(total_steps=1_200_000, cfg_scale=2.25),
+    "DiT-L/2": ReleasedSize(total_steps=1_200_000, cfg_scale=2.0),
+    "DiT-XL/2": ReleasedSize(total_steps=1_200_000, cfg_scale=2.0),
+}
+LABEL_DROP = 0.1  # the released label-drop rate with guidance (imagenet.yaml cfg_drop_rate); 0 without
+
+
 @dataclass(frozen=True, kw_only=True)
 class ImageNetConfig(T.TrainConfig):
-    """The ImageNet-256 run; defaults are the reference DiT-B/4 recipe (the official code's imagenet.yaml)."""
+    """The ImageNet-256 run; defaults are the released DiT-B/4 recipe (the official code's imagenet.yaml)."""
 
-    out: str = "runs/dit_imagenet"
+    out: str | None = (
+        None  # run folder; None: runs/<size>-<cond|uncond>, as the released runs are named (runs/XL-2-cond)
+    )
     model: str = "DiT-B/4"  # any of DIT_SIZES (B/4, B/2, M/2, L/2, XL/2) or a small extra size
     num_classes: int = 1000  # classes of the label table; the null (unconditional) class is num_classes
-    cfg_scale: float | None = None  # ω; None takes the per-size value (B/4 3.0, B/2 2.5, M/2 2.25, L/2 2.0, XL/2 2.0)
+    # K, the planned number of optimizer steps (drives r(k, K)); None: the released run's for --model (B/4 400 000;
+    # B/2, M/2, L/2, XL/2 1 200 000), and a size without a released run needs it
+    total_steps: int | None = None
+    # ω, the guidance scale baked in (1: no guidance); None: the released run's for --model (B/4 3.0, B/2 2.5, M/2
+    # 2.25, L/2 2.0, XL/2 2.0), and a size without a released run needs it
+    cfg_scale: float | None = None
+    # m, the share of the guided velocity in the target, the rest the model's own velocity (official mix_ratio)
+    cfg_mix: float = 0.25
+    cfg_decay_time: float = 0.8  # t_d: guidance fades out for t above it, >= 1: never (official cfg_decay_time)
+    # probability that a label is dropped to the null class (official cfg_drop_rate); None: 0.1 with guidance
+    # (ω > 1), 0 without, as the released runs; the label table has the null row exactly when labels are dropped
+    cfg_drop_rate: float | None = None
     vae: str | None = None  # local SD-VAE-ft-MSE folder to decode the sample grids
     gradient_checkpointing: bool = False  # recompute each DiT block in the backward pass (less memory)
     beta2: float = 0.99  # AdamW betas (0.9, beta2), weight decay 0
     backend: Literal["auto", "torch", "triton"] = "auto"  # loss-path kernels ("auto": Triton on CUDA)
 
 
+# The released runs: the size (and ω = 1 for the unconditional one); K, ω, the label drop and the null row follow.
 PRESETS = {
-    "paper": ImageNetConfig(),
+    "B-4-cond": ImageNetConfig(model="DiT-B/4"),
+    "B-4-uncond": ImageNetConfig(model="DiT-B/4", cfg_scale=1.0),
+    "B-2-cond": ImageNetConfig(model="DiT-B/2"),
+    "M-2-cond": ImageNetConfig(model="DiT-M/2"),
+    "L-2-cond": ImageNetConfig(model="DiT-L/2"),
+    "XL-2-cond": ImageNetConfig(model="DiT-XL/2"),
     "tiny": ImageNetConfig(
         model="DiT-tiny/4",
         num_classes=10,
+        cfg_scale=3.0,
         synthetic_size=256,
         total_steps=6,
         batch_size=8,
@@ -82,7 +137,14 @@ PRESETS = {
 
 
 PRESETS_HELP = {
-    "paper": "the paper's DiT-B/4 run: 400 000 steps at global batch 256 (a multi-GPU job)",
+    "B-4-cond": "the released SoFlow-B/4 (cond): DiT-B/4, ω = 3, 400 000 steps at global batch 256 (80 epochs)",
+    "B-4-uncond": "the released SoFlow-B/4 (uncond): DiT-B/4 with ω = 1, no label drop and no null row (labels are "
+    "still fed), 400 000 steps at global batch 256",
+    "B-2-cond": "the released SoFlow-B/2: ω = 2.5, 1 200 000 steps at global batch 256 (240 epochs)",
+    "M-2-cond": "the released SoFlow-M/2: ω = 2.25, 1 200 000 steps at global batch 256 (240 epochs)",
+    "L-2-cond": "the released SoFlow-L/2: ω = 2.0, 1 200 000 steps at global batch 256 (240 epochs)",
+    "XL-2-cond": "the released SoFlow-XL/2: ω = 2.0, 1 200 000 steps at global batch 256 (240 epochs); the released "
+    "runs are multi-GPU jobs",
     "tiny": "a 6-step smoke run of a tiny DiT on 10 classes (seconds on a CPU; EMA with warm-up)",
 }
 
@@ -106,30 +168,58 @@ class SyntheticLatents:
         return mean, torch.full_like(mean, 0.5), labels
 
 
-def resolve(config: ImageNetConfig) -> dict:
-    scale = config.cfg_scale if config.cfg_scale is not None else T.GUIDANCE_SCALE.get(config.model, 3.0)
-    return {**dataclasses.asdict(config), "task": "imagenet", "cfg_scale": scale}
+def resolve(config: ImageNetConfig) -> ImageNetConfig:
+    """``config`` with what it derives filled in: K and ω of --model's released run, the label drop of ω, --out.
+
+    Raises:
+        ValueError: An unknown --model, or a size without a released run and no --total-steps or --cfg-scale.
+    """
+    if config.model not in T.ALL_DIT_SIZES:
+        raise ValueError(f"--model must be one of {', '.join(T.ALL_DIT_SIZES)}; got {config.model!r}")
+    size = RELEASED_SIZES.get(config.model)
+    missing = [name for name in ("total_steps", "cfg_scale") if getattr(config, name) is None and size is None]
+    if missing:
+        flags = " and ".join(f"--{name.replace('_', '-')}" for name in missing)
+        raise ValueError(f"--model {config.model} has no released run to take {flags} from: pass {flags}")
+    total_steps = config.total_steps if config.total_steps is not None else size.total_steps
+    scale = config.cfg_scale if config.cfg_scale is not None else size.cfg_scale
+    drop = config.cfg_drop_rate if config.cfg_drop_rate is not None else (LABEL_DROP if scale > 1 else 0.0)
+    name = config.model.removeprefix("DiT-").replace("/", "-") + ("-cond" if scale > 1 else "-uncond")
+    out = config.out if config.out is not None else f"runs/{name}"
+    return dataclasses.replace(config, out=out, total_steps=total_steps, cfg_scale=scale, cfg_drop_rate=drop)
 
 
-def build_objective(config: ImageNetConfig, scale: float) -> SoFlowObjective:
-    objective = SoFlowObjective.from_preset("imagenet", backend=config.backend)
-    guidance = dataclasses.replace(objective.guidance, scale=scale, null_cond=config.num_classes)
-    return dataclasses.replace(objective, guidance=guidance)
+def record(config: ImageNetConfig) -> dict:
+    """What config.json holds for the resolved ``config``: its fields, the task, whether the labels have a null row."""
+    return {**dataclasses.asdict(config), "task": "imagenet", "null_class": config.cfg_drop_rate > 0}
+
+
+def make_optimizer(config: ImageNetConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    """AdamW, lr --lr, betas (0.9, --beta2), no weight decay (imagenet.yaml)."""
+    return torch.optim.AdamW(params, lr=config.lr, betas=(0.9, config.beta2), weight_decay=0.0)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    config, parser = T.parse_config(ImageNetConfig, PRESETS, argv, __doc__, "paper", PRESETS_HELP)
-    if config.model not in T.ALL_DIT_SIZES:
-        parser.error(f"--model must be one of {', '.join(T.ALL_DIT_SIZES)}; got {config.model!r}")
+    config = T.parse_config(ImageNetConfig, PRESETS, argv, __doc__, "B-4-cond", PRESETS_HELP, resolve, record)
     if not config.synthetic and (config.data is None or not Path(config.data).exists()):
         where = "" if config.data is None else f"\n(--data {config.data} does not exist)"
         T.missing_data(NEEDS_DATA + where)
-    with T.distributed_runtime(config.device) as runtime, T.run_folder(runtime, Path(config.out)) as folder:
+    with distributed_runtime(config.device) as runtime, run_folder(runtime, Path(config.out)) as folder:
         return run(config, runtime, folder)
 
 
-def run(config: ImageNetConfig, runtime: T.Runtime, folder: T.RunFolder) -> dict:
-    config_dict = resolve(config)
+def run(config: ImageNetConfig, runtime: Runtime, folder: RunFolder) -> dict:
+    """Train in ``folder`` (locked) and print a summary on rank 0."""
+    summary = T.train(build_task(config, runtime), runtime, folder)
+    if runtime.is_main:
+        print(f"done: {summary['steps_done']} steps; last metrics {summary['last']}; run folder {config.out}")
+    return summary
+
+
+def build_task(config: ImageNetConfig, runtime: Runtime) -> T.Task:
+    """What this trainer plugs into the shared loop: the network (on the device), objective, data and sampling."""
+    config = resolve(config)
+    config_dict = record(config)
     if config.synthetic:
         dataset = SyntheticLatents(config.synthetic_size, config.num_classes)
     else:
@@ -139,7 +229,7 @@ def run(config: ImageNetConfig, runtime: T.Runtime, folder: T.RunFolder) -> dict
     device = runtime.device
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     net = T.build_net(config_dict).to(device)
-    objective = build_objective(config, config_dict["cfg_scale"])
+    objective = T.build_objective(config_dict)
 
     def load_batch(raw, generator: torch.Generator, dev: torch.device) -> tuple[Tensor, Tensor]:
         mean, std, labels = raw
@@ -158,30 +248,24 @@ def run(config: ImageNetConfig, runtime: T.Runtime, folder: T.RunFolder) -> dict
         labels = torch.randint(0, config.num_classes, (count,), generator=generator).to(device)
         z = sample_one_step(eval_net, noise, param=objective.param, cond=labels)
         if vae is None:
-            return T.latent_preview(z)
+            return latent_preview(z)
         from _vae import decode_latents
 
         from soflow_core.train.latents import to_uint8_images
 
         return to_uint8_images(decode_latents(vae, z))
 
-    task = T.Task(
+    return T.Task(
         config=config,
         config_dict=config_dict,
         net=net,
         objective=objective,
-        make_optimizer=lambda params: torch.optim.AdamW(
-            params, lr=config.lr, betas=(0.9, config.beta2), weight_decay=0.0
-        ),
+        make_optimizer=lambda params: make_optimizer(config, params),
         num_samples=len(dataset),
         load_batch=load_batch,
         sample_images=sample_images,
         read_indices=dataset.read,
     )
-    summary = T.train(task, runtime, folder)
-    if runtime.is_main:
-        print(f"done: {summary['steps_done']} steps; last metrics {summary['last']}; run folder {config.out}")
-    return summary
 
 
 if __name__ == "__main__":

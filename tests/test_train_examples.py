@@ -94,6 +94,21 @@ def test_imagenet_example_trains_checkpoints_and_logs(imagenet_run):
     assert (imagenet_run / "samples" / "step-000000004.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_print_config_prints_what_config_json_holds_and_touches_nothing(imagenet_run):
+    files = {path: path.stat().st_mtime_ns for path in imagenet_run.rglob("*")}
+    args = [*TINY, "--total-steps", "4", "--out", str(imagenet_run), "--print-config"]
+    assert ok(run("train_dit_imagenet.py", *args)).stdout == (imagenet_run / "config.json").read_text()
+    assert {path: path.stat().st_mtime_ns for path in imagenet_run.rglob("*")} == files
+
+
+def test_keep_every_keeps_its_multiples_besides_the_newest(tmp_path):
+    out = tmp_path / "run"
+    ok(run("train_dit_imagenet.py", *TINY, "--total-steps", "7", "--ckpt-every", "1", "--keep", "2",
+           "--keep-every", "3", "--out", str(out)))  # fmt: skip
+    assert [s for s, _ in list_checkpoints(out / "checkpoints")] == [7, 6, 3]
+    assert json.loads((out / "config.json").read_text())["keep_every"] == 3
+
+
 def test_sample_writes_evaluator_npz_and_grid(imagenet_run, tmp_path):
     out = tmp_path / "samples.npz"
     ok(run("sample.py", "--ckpt", str(imagenet_run), "--num-samples", "5", "--batch-size", "2", "--nfe", "2",
@@ -388,6 +403,8 @@ def test_resume_applies_lr_and_refuses_what_must_match(tmp_path):
         (["--model", "DiT-tiny/2"], "--model 'DiT-tiny/2' (the run has 'DiT-tiny/4')"),
         (["--seed", "7"], "--seed 7 (the run has 42)"),
         (["--batch-size", "16"], "--batch-size 16 (the run has 8)"),
+        (["--fm-fraction", "0.5"], "--fm-fraction 0.5 (the run has 0.75)"),  # the recipe defines the model
+        (["--schedule", "cosine"], "--schedule 'cosine' (the run has 'exponent')"),
     ):
         refused = run("train_dit_imagenet.py", *TINY, "--total-steps", "4", *flags, "--out", str(out))
         assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr

@@ -248,6 +248,25 @@ def test_pruning_counts_valid_checkpoints_only_and_keeps_the_newest_valid(tmp_pa
     assert [s for s, _ in list_checkpoints(tmp_path)] == [50, 4]
 
 
+def test_pruning_never_removes_the_multiples_of_keep_every(tmp_path):
+    """keep=2 newest plus every multiple of 4, at every save; the multiples do not count among the newest."""
+    for step in range(1, 11):
+        save_checkpoint(tmp_path, step, payload(step), keep=2, keep_every=4)
+        newest = [s for s in range(step, 0, -1)][:2]
+        expected = sorted({*newest, *(s for s in range(4, step + 1, 4))}, reverse=True)
+        assert [s for s, _ in list_checkpoints(tmp_path)] == expected, step
+    assert all(load_checkpoint(checkpoint_path(tmp_path, s))["step"] == s for s in (4, 8, 9, 10))
+    # A multiple that is damaged is kept too (it is never read by pruning); keep_every=1 keeps everything.
+    checkpoint_path(tmp_path, 4).write_bytes(b"torn")
+    save_checkpoint(tmp_path, 11, payload(11), keep=1, keep_every=4)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [11, 8, 4]
+    for step in (12, 13):
+        save_checkpoint(tmp_path, step, payload(step), keep=1, keep_every=1)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [13, 12, 11, 8, 4]
+    with pytest.raises(ValueError, match="keep_every"):
+        save_checkpoint(tmp_path, 14, payload(14), keep=1, keep_every=0)
+
+
 def test_save_refuses_a_payload_that_would_not_load(tmp_path):
     save_checkpoint(tmp_path, 1, payload(1))
     with pytest.raises(ValueError, match=r"weights_only.*numpy.*payload\['data'\]\['order'\] \(numpy.ndarray\)"):

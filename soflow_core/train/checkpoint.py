@@ -21,7 +21,8 @@ falls back to the previous one. Files are created with the ordinary mode (0o666 
 Pruning (``save_checkpoint(..., keep=k)``) counts valid checkpoints only: it keeps the one just
 written, and the newest valid ones up to k in all; every other checkpoint, valid or not, is
 removed. The newest valid checkpoint is never removed, even when it has a higher step than
-the one just written.
+the one just written. ``keep_every=n`` also keeps every checkpoint whose step is a multiple of
+n, whatever k says (for curves of a score against steps, built after the run).
 
 A process killed mid-write leaves its temporary file behind;
 [`remove_stale_temporaries`][soflow_core.train.checkpoint.remove_stale_temporaries] removes
@@ -195,22 +196,29 @@ def _is_valid(path: Path) -> bool:
     return True
 
 
-def _prune(directory: Path, written: Path, keep: int) -> None:
-    """Keep ``written`` and the newest valid checkpoints, ``keep`` in all; remove every other one."""
+def _prune(directory: Path, written: Path, keep: int, keep_every: int | None) -> None:
+    """Keep ``written``, the newest valid ones (``keep`` in all) and multiples of ``keep_every``; remove the rest."""
     kept = 0
-    for _, path in list_checkpoints(directory):
+    for step, path in list_checkpoints(directory):
         # The newest valid checkpoint is met while kept < keep (only valid ones and `written` count),
         # so it is always verified and kept; older ones are removed without reading them.
         if path == written or (kept < keep and _is_valid(path)):
             kept += 1
             continue
+        if keep_every is not None and step % keep_every == 0:
+            continue  # kept for a curve, not counted among the newest
         logger.info("pruning checkpoint %s", path)
         _manifest_path(path).unlink(missing_ok=True)  # manifest first: a half-pruned pair is invalid
         path.unlink(missing_ok=True)
 
 
 def save_checkpoint(
-    directory: str | os.PathLike, step: int, payload: Mapping[str, Any], *, keep: int | None = None
+    directory: str | os.PathLike,
+    step: int,
+    payload: Mapping[str, Any],
+    *,
+    keep: int | None = None,
+    keep_every: int | None = None,
 ) -> Path:
     """Write ``payload`` as the checkpoint of ``step`` atomically, then its manifest, then prune.
 
@@ -229,17 +237,21 @@ def save_checkpoint(
             so that ``weights_only`` loading accepts it).
         keep: Keep only the newest ``keep`` valid checkpoints (after this one is complete), or
             None to keep all.
+        keep_every: With ``keep``, also keep every checkpoint whose step is a multiple of
+            ``keep_every`` (never pruned, and not counted among the newest ``keep``), or None.
 
     Returns:
         The path of the payload file.
 
     Raises:
-        ValueError: If ``keep`` < 1, ``payload`` is not a mapping or could not be loaded back
-            with ``weights_only=True`` (nothing is written then).
+        ValueError: If ``keep`` or ``keep_every`` < 1, ``payload`` is not a mapping or could not be
+            loaded back with ``weights_only=True`` (nothing is written then).
     """
     check_int("step", step, low=0)
     if keep is not None:
         check_int("keep", keep, low=1)
+    if keep_every is not None:
+        check_int("keep_every", keep_every, low=1)
     if not isinstance(payload, Mapping):
         raise ValueError(f"payload must be a mapping; got {type(payload).__name__}")
     directory = Path(directory)
@@ -256,7 +268,7 @@ def save_checkpoint(
     }
     atomic_write(_manifest_path(path), lambda f: f.write((json.dumps(manifest, indent=1) + "\n").encode()))
     if keep is not None:
-        _prune(directory, path, keep)
+        _prune(directory, path, keep, keep_every)
     return path
 
 

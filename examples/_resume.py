@@ -1,0 +1,225 @@
+"""Resume planning: which checkpoint a start resumes, whether this command line may resume it, and ``--init``.
+
+Rank 0 picks the newest usable checkpoint of the run folder (verified against its manifest,
+loadable with ``weights_only``, complete and finite; the others are reported and skipped) and
+compares its recorded settings with the command line's (``APPLIED_ON_RESUME``,
+``IGNORED_ON_RESUME``); every rank learns the resulting ``ResumePlan`` before anything is
+written. ``Resumed`` is what the loop starts from: the step, the data position and the
+averaging window of the log.
+"""
+
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from _runtime import Runtime, broadcast_object
+from torch import nn
+
+from soflow_core import SoFlowObjective
+from soflow_core.nets import load_weights, read_state_dict
+from soflow_core.parameterizations import param_name
+from soflow_core.paths import path_name
+from soflow_core.train.checkpoint import (
+    CheckpointError,
+    latest_loadable_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    non_finite_entries,
+    remove_stale_temporaries,
+)
+
+RUN_ENTRIES = ("step", "model", "ema", "optimizer", "config", "rng", "data")
+
+
+def check_run_payload(path: Path, payload: dict[str, Any]) -> None:
+    """Raise CheckpointError unless ``payload`` is a complete checkpoint of these trainers with finite state.
+
+    A checkpoint that fails here is reported and skipped like a damaged one: its manifest may
+    match, but it cannot resume a run (another writer's file, a truncated dict, or non-finite
+    weights written by an older version of these trainers).
+    """
+    missing = [key for key in RUN_ENTRIES if key not in payload]
+    if missing:
+        raise CheckpointError(path, f"not a checkpoint of these trainers: no {', '.join(map(repr, missing))} entry")
+    kinds = {"model": Mapping, "ema": Mapping, "optimizer": Mapping, "config": Mapping, "data": Mapping, "rng": list}
+    wrong = [f"{k!r} is a {type(payload[k]).__name__}" for k, kind in kinds.items() if not isinstance(payload[k], kind)]
+    if not isinstance(payload["step"], int) or payload["step"] < 0:
+        wrong.append(f"'step' is {payload['step']!r}")
+    if isinstance(payload["data"], Mapping) and not isinstance(payload["data"].get("position"), int):
+        wrong.append("'data' has no integer 'position'")
+    if isinstance(payload["rng"], list) and not payload["rng"]:
+        wrong.append("'rng' is empty")
+    if wrong:
+        raise CheckpointError(path, f"malformed checkpoint of these trainers: {'; '.join(wrong)}")
+    bad = non_finite_entries({key: payload[key] for key in ("model", "ema", "optimizer")})
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise CheckpointError(path, f"non-finite values in {', '.join(bad[:3])}{more}")
+
+
+def load_run_checkpoint(source: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest usable checkpoint of the run that ``source`` names, with its payload; None if it names no run.
+
+    A run folder gives its newest checkpoint (in ``checkpoints/`` or the folder itself) that
+    verifies against its manifest, loads with ``weights_only`` and passes ``check_run_payload``;
+    every one skipped is reported. A ``step-*.pt`` file with its manifest is loaded and checked
+    as it is. Raises SystemExit when nothing usable is found.
+    """
+    if source.is_file():
+        if not (source.name.startswith("step-") and source.with_suffix(".json").is_file()):
+            return None
+        try:
+            payload = load_checkpoint(source)
+            check_run_payload(source, payload)
+        except CheckpointError as error:
+            raise SystemExit(str(error)) from error
+        return source, payload
+    if not source.is_dir() or not ((source / "checkpoints").is_dir() or list_checkpoints(source)):
+        return None
+    for folder in (source / "checkpoints", source):
+        found = latest_loadable_checkpoint(folder, check=check_run_payload)
+        if found is not None:
+            return found
+    raise SystemExit(f"no usable checkpoint in {source} (looked in {source / 'checkpoints'} and {source})")
+
+
+def initialize_from(net: nn.Module, source: str, objective: SoFlowObjective) -> str:
+    """Load ``--init`` weights into ``net`` (EMA weights when the source has them); returns what was loaded.
+
+    ``source`` is a run of these trainers (its newest usable checkpoint, verified), a pretrained
+    folder, an official SoFlow training file, a state dict or a .safetensors file. Every key and
+    shape is checked first; a mismatch names the network the weights would fit.
+    """
+    run = load_run_checkpoint(Path(source))
+    try:
+        if run is not None:
+            report = load_weights(net, run[1])
+            return f"run checkpoint {run[0]}, entry {report.origin.entry!r}"
+        contents = read_state_dict(source)
+        saved = (contents.pretrained or {}).get("sampling", {})
+        ours = {"path": path_name(objective.path), "param": param_name(objective.param)}
+        if any(k in ours and v != ours[k] for k, v in saved.items()):
+            warnings.warn(f"{source} was saved for sampling with {saved}; this objective trains {ours}", stacklevel=1)
+        return str(load_weights(net, contents).origin)
+    except ValueError as error:
+        raise SystemExit(f"--init {source} cannot start this run: {error}") from error
+
+
+# ----------------------------------------------------------------------------- resuming with other settings
+
+# What a resumed run does with a setting that differs from the checkpoint's. APPLIED: the new
+# value holds from the resumed step on, is written to config.json and to later checkpoints, and
+# reaches the restored state (optimizer hyperparameters such as --lr and --beta2 are written into
+# the restored optimizer). IGNORED: only meaningful for a fresh run; the run keeps its recorded
+# value. Every other setting (the network, the objective's recipe, the data, the seed, the global
+# batch, the EMA rule) must match: a resume with another value is refused before anything is
+# written. The recipe (path, parameterization, λ, times, r schedule, p, ε, ω, m, t_d, label drop)
+# defines what the network learns, so changing it midway would train another model under the
+# run's name; of the objective's settings only --backend (where the same maths runs) and
+# --total-steps (K: a longer run, the schedule's documented dependence on it) are applied.
+APPLIED_ON_RESUME = frozenset(
+    {
+        "out", "data", "max_steps", "total_steps", "grad_accum", "lr", "beta2", "ckpt_every", "keep", "keep_every",
+        "log_every", "sample_every", "sample_grid", "precision", "tf32", "compile", "tensorboard", "device",
+        "progress", "vae", "gradient_checkpointing", "backend",
+    }
+)  # fmt: skip
+IGNORED_ON_RESUME = frozenset({"init"})
+
+
+@dataclass(frozen=True)
+class ResumePlan:
+    """What rank 0 decided about the start: the checkpoint to resume (or None), the config to record, why not."""
+
+    checkpoint: str | None
+    config: dict[str, Any]  # what config.json and later checkpoints record
+    applied: dict[str, tuple[Any, Any]]  # setting: (the checkpoint's value, the value now used)
+    refusal: str | None = None
+
+
+def plan_resume(now: Mapping[str, Any], num_samples: int, path: Path, payload: Mapping[str, Any]) -> ResumePlan:
+    """Compare the checkpoint's settings with the command line's, per ``APPLIED_ON_RESUME``/``IGNORED_ON_RESUME``.
+
+    ``now`` is the command line's resolved configuration and ``num_samples`` the size of its data set.
+    """
+    saved = payload["config"]
+    applied, ignored, refused = {}, {}, {}
+    for key in sorted(set(saved) & set(now)):  # a key only one side knows comes from another version
+        if saved[key] == now[key]:
+            continue
+        kind = applied if key in APPLIED_ON_RESUME else ignored if key in IGNORED_ON_RESUME else refused
+        kind[key] = (saved[key], now[key])
+    problems = [f"--{key.replace('_', '-')} {new!r} (the run has {old!r})" for key, (old, new) in refused.items()]
+    data = payload["data"]
+    if data.get("num_samples") not in (None, num_samples):
+        problems.append(f"a data set of {num_samples} samples (the run has {data.get('num_samples')})")
+    parallel = "fsdp" if now.get("fsdp") else "ddp"
+    if payload.get("parallel", "ddp") != parallel:
+        problems.append(f"--{'no-' if parallel == 'ddp' else ''}fsdp (the run was written with {payload['parallel']})")
+    record = {**now, **{key: old for key, (old, _) in ignored.items()}}
+    if ignored:
+        warnings.warn(f"{', '.join(ignored)} only apply to a fresh run; resuming {path} ignores them", stacklevel=2)
+    refusal = None
+    if problems:
+        refusal = (
+            f"cannot resume {path} with {'; '.join(problems)}: these settings must match the run's. Pass the run's "
+            "values, or start a new run in another --out (with --init to start from this run's weights)"
+        )
+    return ResumePlan(checkpoint=str(path), config=record, applied=applied, refusal=refusal)
+
+
+def apply_optimizer_settings(optimizer: torch.optim.Optimizer, wanted: list[dict[str, Any]]) -> None:
+    """Write the command line's hyperparameters (lr, betas, ...) into the param groups of a restored optimizer."""
+    for group, settings in zip(optimizer.param_groups, wanted):
+        group.update(settings)
+
+
+# The files a run writes whole through temporary files (see remove_stale_temporaries), by folder.
+WHOLE_FILES = {".": (r"config\.json", r"metrics\.jsonl"), "samples": (r"step-\d{9,}\.png",)}
+
+
+def plan_start(
+    runtime: Runtime, out: Path, config: Mapping[str, Any], num_samples: int
+) -> tuple[ResumePlan, dict[str, Any] | None]:
+    """Decide on rank 0 where this start begins, and tell every rank; SystemExit if the resume is refused.
+
+    Rank 0 first removes the temporary files of interrupted writes (it holds the folder's lock,
+    so no other writer can be mid-write), then picks the newest usable checkpoint. Returns the
+    plan and, on rank 0, the checkpoint's payload (None elsewhere and for a fresh run).
+
+    Args:
+        runtime: This process.
+        out: The run folder.
+        config: The command line's resolved configuration.
+        num_samples: The size of this command line's data set.
+    """
+    payload: dict[str, Any] | None = None
+    plan = None
+    if runtime.is_main:
+        removed = remove_stale_temporaries(out / "checkpoints")
+        for where, names in WHOLE_FILES.items():
+            removed += remove_stale_temporaries(out / where, names)
+        if removed:
+            print(f"removed {len(removed)} temporary file(s) of interrupted checkpoint writes", flush=True)
+        found = latest_loadable_checkpoint(out / "checkpoints", check=check_run_payload)
+        if found is None:
+            plan = ResumePlan(checkpoint=None, config=dict(config), applied={})
+        else:
+            path, payload = found
+            plan = plan_resume(config, num_samples, path, payload)
+    plan = broadcast_object(runtime, plan)
+    if plan.refusal is not None:
+        raise SystemExit(plan.refusal)
+    return plan, payload
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """Where the loop starts: the step, the data position (in samples) and this rank's averaging window."""
+
+    step: int = 0
+    position: int = 0
+    window: dict[str, Any] | None = None  # {"sums": {metric: tensor}, "steps": n}, or None for a fresh window
