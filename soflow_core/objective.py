@@ -363,7 +363,7 @@ class SoFlowObjective:
 
     @classmethod
     def from_preset(cls, name: str, *, num_classes: int | None = None, **overrides: object) -> "SoFlowObjective":
-        """One of the two released recipes or the library's toy recipe, with field overrides.
+        """One of the two released recipes or the library's toy and fine-tuning recipes, with field overrides.
 
         * ``"imagenet"``: DiT-B/4 on ImageNet-256 latents with CFG (ω = 3, m = 0.25, drop 0.1,
           t_d = 0.8, null class 1000), λ = 0.75, p = 1, ε = 0.01, times [FM, s, t] logit-normal
@@ -374,9 +374,15 @@ class SoFlowObjective:
           toys), tuned on the checkerboard: λ = 0.25, p = 0.35, ε = 1, FM times logit-normal
           (−0.2, 1.0), t uniform on [0, 1], s logit-normal (−3.0, 1.5), r Exponent 1.0 → 0.002,
           no guidance. See [Benchmarks](../benchmarks.md#a-recipe-for-low-dimensional-data).
+        * ``"finetune"``: not from the paper; this library's recipe for fine-tuning a velocity
+          model converted by [`from_velocity_model`][soflow_core.nets.convert.from_velocity_model]
+          (a Flow Matching model, SiT): the ``"toy"`` recipe with ``consistency_velocity="pretrained"``,
+          so every call takes ``velocity_model=`` the frozen converted network. r starts at 1.0, where
+          the converted network is a fixed point. Measured on the 2-D toys and 8×8 digits; see
+          [Fine-tune a pretrained flow model](../finetune.md).
 
         Args:
-            name: ``"imagenet"``, ``"cifar10"`` or ``"toy"``.
+            name: ``"imagenet"``, ``"cifar10"``, ``"toy"`` or ``"finetune"``.
             num_classes: The class count of a class-conditional model (``"imagenet"``: 1000). Dropped
                 labels become the null class ``num_classes``, the last row of a label table with
                 ``num_classes + 1`` rows, so a model with fewer classes needs it (with 10 classes the
@@ -764,6 +770,19 @@ PRESETS: dict[str, SoFlowObjective] = {
         weighting=AdaptiveWeighting(p=0.35, eps=1.0),
         guidance=None,
     ),
+    # Not the paper's: fine-tuning a converted velocity model (nets.from_velocity_model), measured in docs/finetune.md.
+    "finetune": SoFlowObjective(
+        fm_fraction=0.25,
+        fm_time=LogitNormal(mean=-0.2, std=1.0),
+        consistency_times=ConsistencyTimeSampler(
+            t_distribution=Uniform(low=0.0, high=1.0),
+            s_distribution=LogitNormal(mean=-3.0, std=1.5),
+            schedule=ExponentSchedule(r_init=1.0, r_end=0.002),
+        ),
+        weighting=AdaptiveWeighting(p=0.35, eps=1.0),
+        guidance=None,
+        consistency_velocity="pretrained",
+    ),
 }
-"""The two released recipes (``imagenet``, ``cifar10``) and the library's ``toy`` recipe; use
-[`SoFlowObjective.from_preset`][soflow_core.objective.SoFlowObjective.from_preset]."""
+"""The two released recipes (``imagenet``, ``cifar10``) and the library's ``toy`` and ``finetune``
+recipes; use [`SoFlowObjective.from_preset`][soflow_core.objective.SoFlowObjective.from_preset]."""

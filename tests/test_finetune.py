@@ -81,3 +81,11 @@ def test_call_with_velocity_model_is_sample_batch_then_with_pretrained_velocity_
     batch = objective.sample_batch(data, step=3, total_steps=10, generator=torch.Generator().manual_seed(4))
     expected = objective.loss(model, with_pretrained_velocity(batch, frozen, param=EulerParam()))
     torch.testing.assert_close(out.backprop, expected.backprop)
+
+
+def test_finetune_preset_is_the_toy_recipe_stepping_along_the_pretrained_velocity():
+    toy, finetune = SoFlowObjective.from_preset("toy"), SoFlowObjective.from_preset("finetune")
+    assert finetune.consistency_velocity == "pretrained" and toy.consistency_velocity == "conditional"
+    assert dataclasses.replace(finetune, consistency_velocity="conditional") == toy
+    # r starts at 1, where a converted network fine-tuned from its own weights is a fixed point
+    assert finetune.consistency_times.schedule(0, 100) == 1.0

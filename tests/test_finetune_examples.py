@@ -118,3 +118,53 @@ def test_imagenet_trainer_converts_a_flow_matching_model_and_follows_its_velocit
 def test_pretrained_consistency_velocity_needs_init(tmp_path):
     with pytest.raises(SystemExit):
         train_dit_imagenet.main([*TINY, "--consistency-velocity", "pretrained", "--out", str(tmp_path / "run")])
+
+
+def test_toy_trainer_fine_tunes_a_pretraining_stage_or_an_init(tmp_path, capsys):
+    import train_toy_2d
+
+    from soflow_core.nets import MLPBackbone
+
+    metrics = train_toy_2d.main(
+        [
+            "--preset",
+            "tiny",
+            "--recipe",
+            "finetune",
+            "--pretrain-steps",
+            "5",
+            "--no-progress",
+            "--out",
+            str(tmp_path / "a"),
+        ]
+    )
+    assert 0 < metrics["pretrain_cpu_seconds"] < metrics["train_cpu_seconds"]
+    assert "Flow Matching step" in capsys.readouterr().out
+    torch.manual_seed(0)
+    folder = MLPBackbone(dim=2, width=16, depth=1).save_pretrained(tmp_path / "fm")  # a velocity model of its own size
+    metrics = train_toy_2d.main(
+        [
+            "--preset",
+            "tiny",
+            "--recipe",
+            "finetune",
+            "--init",
+            str(folder),
+            "--no-progress",
+            "--out",
+            str(tmp_path / "b"),
+        ]
+    )
+    assert "pretrain_cpu_seconds" not in metrics and metrics["energy_distance_1_step"] > 0
+    for argv, message in (
+        (["--recipe", "finetune"], "--recipe finetune fine-tunes a velocity model: give --init or --pretrain-steps"),
+        (["--init", str(folder), "--pretrain-steps", "3"], "--init and --pretrain-steps both give"),
+        (["--init-convention", "sit"], "--init-convention sit converts the --init network: give --init"),
+    ):
+        with pytest.raises(SystemExit):
+            train_toy_2d.parse_config(["--preset", "tiny", *argv])
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit, match=r"num_classes=None; recipe imagenet on checkerboard needs 8"):
+        train_toy_2d.main(
+            ["--preset", "tiny", "--recipe", "imagenet", "--init", str(folder), "--out", str(tmp_path / "c")]
+        )
