@@ -66,6 +66,7 @@ from soflow_core.weighting import AdaptiveWeighting
 __all__ = [
     "PRESETS",
     "ConsistencyBatch",
+    "ConsistencyVelocity",
     "FlowMatchingBatch",
     "ForwardBatching",
     "ObjectiveOutput",
