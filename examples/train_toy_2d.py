@@ -6,6 +6,9 @@
                                                           # (strong guidance pushes classes apart: by design
                                                           # the samples then differ from the data)
     python examples/train_toy_2d.py --preset tiny         # a few seconds (smoke test)
+    python examples/train_toy_2d.py --recipe finetune --pretrain-steps 2500 --steps 2000
+                                                          # Flow Matching first, then SoFlow fine-tuning
+    python examples/train_toy_2d.py --recipe finetune --init runs/my_flow_matching_mlp
 
 Writes into ``--out`` (default ``runs/toy_2d``): ``samples.png`` (data | 1-step | 2-step samples),
 ``metrics.json`` (energy distances with the real-vs-real floor, each the mean over
@@ -23,6 +26,11 @@ with an ``MLPBackbone`` of width 96 and depth 3 that sees 32 random Fourier feat
 input, batch 2048, Adam at 2e-3 decaying linearly to 0 over the last 30 % of 4000 steps, EMA
 0.995, and a 2-step sampler that re-noises to t = 0.3. docs/benchmarks.md holds the ablation
 behind each value.
+
+Fine-tuning (docs/finetune.md): ``--init`` converts a velocity model (an ``MLPBackbone`` trained with
+Flow Matching; ``soflow_core.nets.from_velocity_model``) and trains from it; ``--pretrain-steps N``
+trains one with Flow Matching first, in the same run (same optimizer, decay and EMA). ``--recipe
+finetune`` then steps the consistency samples along the frozen converted network's velocity.
 """
 
 import copy
