@@ -330,9 +330,13 @@ def test_pretrained_folders_and_trainer_checkpoints_convert(tmp_path):
     torch.save({"model": {}, "ema": net.state_dict(), "optimizer": {}, "config": {}}, tmp_path / "run.pt")
     converted_run = from_velocity_model(tmp_path / "run.pt")
     assert converted_run.origin.entry == "ema"
+    wrapper = nn.Module()
+    wrapper.module = net  # a DDP-like wrapper: every key starts with "module."
+    converted_wrapped = from_velocity_model(wrapper)
+    assert converted_wrapped.origin.prefix == "module."
     x, t = torch.randn(4, 3), torch.rand(4)
     with torch.no_grad():
-        for model in (converted.model, converted_run.model):
+        for model in (converted.model, converted_run.model, converted_wrapped.model):
             torch.testing.assert_close(model(x, t, torch.zeros(4)), net(x, t, t), atol=1e-6, rtol=1e-5)
 
 

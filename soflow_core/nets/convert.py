@@ -276,9 +276,9 @@ def _read_source(
     if isinstance(source, nn.Module):
         if entry is not None:
             raise ValueError(f"entry={entry!r} was given for a module")
-        state = {k: v.detach() for k, v in source.state_dict().items()}
-        origin = CheckpointOrigin(location=f"<{type(source).__name__} module>", layout="state dict")
-        return CheckpointContents(state=state, origin=origin), None
+        contents = read_state_dict({k: v.detach() for k, v in source.state_dict().items()})  # DDP/compile prefixes go
+        location = f"<{type(source).__name__} module>"
+        return dataclasses.replace(contents, origin=dataclasses.replace(contents.origin, location=location)), None
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if path.is_file() and path.suffix != ".safetensors":
