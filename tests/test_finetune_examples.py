@@ -168,3 +168,26 @@ def test_toy_trainer_fine_tunes_a_pretraining_stage_or_an_init(tmp_path, capsys)
         train_toy_2d.main(
             ["--preset", "tiny", "--recipe", "imagenet", "--init", str(folder), "--out", str(tmp_path / "c")]
         )
+
+
+def test_cifar_trainer_converts_a_flow_matching_songunet(tmp_path, capsys):
+    import train_dit_cifar10
+
+    from soflow_core.nets import SongUNet
+
+    torch.manual_seed(4)
+    fm = SongUNet(model_channels=16, channel_mult=[1, 2], num_blocks=1)  # the tiny preset's network
+    with torch.no_grad():
+        for name, param in fm.named_parameters():
+            if name.endswith(("conv1.weight", "proj.weight", "aux_conv.weight")):
+                param.normal_(0.0, 0.05)
+    folder = fm.save_pretrained(tmp_path / "fm")
+    out = tmp_path / "run"
+    train_dit_cifar10.main([*TINY, "--init", str(folder), "--init-convention", "soflow", "--out", str(out)])
+    assert "converted from a velocity model (convention 'soflow')" in capsys.readouterr().out
+    net = SongUNet(model_channels=16, channel_mult=[1, 2], num_blocks=1)
+    net.load_state_dict(first_checkpoint(out)["model"])
+    x, t = torch.randn(2, 3, 32, 32), torch.rand(2)
+    with torch.no_grad():
+        expected = fm.eval()(x, t, t)
+        assert (net.eval()(x, t, torch.zeros(2)) - expected).abs().max() <= 1e-5 * expected.abs().max()
