@@ -19,7 +19,8 @@ to launch the ops, so wall time measures the host.
 Bandwidth counts the bytes each fused kernel must move (every tensor it has to read or write
 once, per-sample scalars ignored) and compares them with the measured device-to-device copy
 bandwidth. Rows (with device, versions, commit and the resolved config) go to
-``benchmarks/results/loss_kernels-<device>.json`` and a markdown table beside it.
+``<out-dir>/loss_kernels-<device>.json`` (``--out-dir``, default ``runs/benchmarks``; ``--out-dir
+benchmarks/results`` writes the committed results) and a markdown table beside it.
 
 On a CPU the Triton provider is Triton's interpreter, a correctness tool, so it is only timed
 with ``--providers`` naming it explicitly and ``TRITON_INTERPRET=1`` set.

@@ -23,8 +23,9 @@ Two sections:
   compiled; and the step time eager and compiled, timed alternately in the same loop so that the
   ratio holds under a shared machine's load.
 
-Rows (device, versions, commit, config) go to ``benchmarks/results/compile_step-<device>.json``
-with a markdown table beside them.
+Rows (device, versions, commit, config) go to ``<out-dir>/compile_step-<device>.json`` (``--out-dir``,
+default ``runs/benchmarks``; ``--out-dir benchmarks/results`` writes the committed results) with a
+markdown table beside them.
 """
 
 import copy

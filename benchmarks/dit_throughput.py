@@ -1,6 +1,6 @@
 """FLOPs of the ImageNet training step and one-step sampling throughput of the DiT.
 
-    python benchmarks/dit_throughput.py --model DiT-B/2 --batch-size 256        # FLOPs + sampling
+    python benchmarks/dit_throughput.py --models DiT-B/2 --batch-size 256       # FLOPs + sampling
     python benchmarks/dit_throughput.py --preset tiny                            # seconds on a CPU
 
 Training FLOPs are counted, not estimated: one full step of ``examples/train_dit_imagenet.py``'s
@@ -14,8 +14,9 @@ dense peak; the images/s come from the trainer's own ``metrics.jsonl`` (``--metr
 Sampling throughput times ``soflow_core.sample_one_step`` (one network evaluation per image)
 on random noise and labels, eager and, with ``--compile``, compiled, in images/s.
 
-Rows (device, versions, commit, config) go to ``benchmarks/results/dit_throughput-<device>.json``
-with a markdown table beside them.
+Rows (device, versions, commit, config) go to ``<out-dir>/dit_throughput-<device>.json`` (``--out-dir``,
+default ``runs/benchmarks``; ``--out-dir benchmarks/results`` writes the committed results) with a
+markdown table beside them.
 """
 
 import contextlib

@@ -1,6 +1,7 @@
 """SoFlow against JVP-based MeanFlow: training-step time and peak memory on the same DiT.
 
-    python benchmarks/jvp_vs_soflow.py                        # paper: DiT-B/2, batch 256, bf16, CFG
+    python benchmarks/jvp_vs_soflow.py                        # where CUDA is visible the paper preset (DiT-B/2,
+                                                              # batch 256, bf16, CFG); elsewhere the tiny one
     python benchmarks/jvp_vs_soflow.py --preset tiny          # seconds on a CPU; CI runs this
     python benchmarks/jvp_vs_soflow.py --model DiT-S/4 --batch-size 16 --dtype fp32 --device cpu \
         --compile --interleave --isolate                      # the committed CPU run
@@ -39,8 +40,9 @@ activations; not with ``--interleave``, where every row's weights are resident);
 above the RSS before the model was built; otherwise n/a.
 
 Rows (with device, versions, commit and the resolved config) go to
-``benchmarks/results/jvp_vs_soflow-<model>-<device>.json``, with a markdown table and a bar chart
-(PNG) beside them. A variant that runs out of memory becomes a row with status ``oom``.
+``<out-dir>/jvp_vs_soflow-<model>-<device>.json`` (``--out-dir``, default ``runs/benchmarks``,
+outside the tracked tree; ``--out-dir benchmarks/results`` writes the committed results), with a
+markdown table and a bar chart (PNG) beside them. A variant that runs out of memory becomes a row with status ``oom``.
 """
 
 import contextlib
@@ -625,10 +627,17 @@ def markdown_table(rows: list[dict], config: BenchConfig) -> str:
         )
     lines += ["", *setup, "", *measured, "", *headline(rows)]
     failed = [row for row in rows if row.get("status") not in ("ok", None)]
-    if failed:
+    if failed:  # in words; the exception's own text stays in the row's "error" field of the JSON file
         lines += ["", "Rows that did not run:", ""]
-        lines += [f"* `{row['variant']}` ({row['status']}): {row.get('error', '')}" for row in failed]
+        lines += [f"* `{row['variant']}` ({row['status']}): {_STATUS_WORDS.get(row['status'], '')}" for row in failed]
     return "\n".join(lines) + "\n"
+
+
+_STATUS_WORDS = {
+    "oom": "ran out of device memory.",
+    "unsupported": "torch.compile cannot compile this step; the error is in the JSON row.",
+    "error": "the step raised an error; it is in the JSON row.",
+}
 
 
 def _giga(value: float | None) -> float | None:

@@ -50,6 +50,11 @@ from soflow_core._validation import (
     check_real,
     check_same_shape,
     check_tensor,
+    check_values,
+    class_count,
+    is_tracing,
+    label_checks,
+    labels_unchecked,
 )
 from soflow_core.guidance import drop_cond, sample_drop_mask
 from soflow_core.time_samplers import LogitNormal
@@ -574,6 +579,12 @@ class MeanFlowObjective:
         z, v, cond, times = batch.z, batch.v, batch.cond, batch.times
         t, r = times.t, times.r
         n = z.shape[0]
+        # The labels' values are read once per step, as SoFlowObjective.loss does, and the SoFlow backbones
+        # then skip their own per-call value check (a device sync each), so both objectives pay the same.
+        declared = class_count(model)
+        if declared is not None and cond is not None and not is_tracing():
+            check_values(label_checks("cond", cond, declared[0], null_allowed=declared[1]))
+            model = labels_unchecked(model)
 
         # CFG: u(z, t, t | ∅) and, for κ ≠ 0, u(z, t, t | c) in one no-grad call.
         if self.guided:

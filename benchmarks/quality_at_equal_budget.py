@@ -29,7 +29,8 @@ floor = two halves of the held-out split) and confidence-based scores.
 
 Writes ``<out-dir>/<out>.json`` (rows with device, versions, commit, config), ``<out>.md``
 (tables), ``<out>-samples-<dataset>.png`` (methods × NFE), ``<out>-vs-nfe.png`` and
-``<out>-config.json``; default folder ``benchmarks/results``.
+``<out>-config.json`` (``--out-dir``, default ``runs/benchmarks``; ``--out-dir benchmarks/results``
+writes the committed results).
 """
 
 import copy

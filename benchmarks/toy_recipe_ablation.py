@@ -18,7 +18,8 @@ the share of samples on the checkerboard's squares (the data: 100 %), which show
 of the squares' edges that the energy distance barely sees.
 
 Writes ``<out-dir>/<out>.json`` (rows with device, versions, commit and config) and ``<out>.md``
-(the table); default folder ``benchmarks/results``.
+(the table) (``--out-dir``, default ``runs/benchmarks``; ``--out-dir benchmarks/results`` writes the
+committed results).
 """
 
 import dataclasses

@@ -6,10 +6,12 @@ each duty in turn; a duty says whether it is due and, if so, does its work:
 ==================  =====================================================================
 ``MetricLog``       the averaging window of ``metrics.jsonl``: the objective's metrics summed
                     over the steps since the last row, averaged over steps and ranks at a row
+                    (every ``--log-every`` steps and at ``--total-steps``, whatever the chunks)
 ``NonFiniteGuard``  "was every step finite", folded into a device-side flag each step (no host
                     sync) and read at log rows and before every save; stops the run
 ``Checkpointer``    a checkpoint every ``--ckpt-every`` steps and at the end, checked finite
 ``SampleGrid``      a PNG of 1-NFE samples of the EMA weights every ``--sample-every`` steps
+                    and at ``--total-steps``
 ``Evaluator``       the task's ``Evaluation`` every ``Evaluation.every`` steps (see below)
 ``StopAgreement``   SIGTERM/SIGINT agreed by every rank at a step boundary: save, then exit
 ==================  =====================================================================
@@ -70,10 +72,12 @@ from soflow_core.train.ema import EMA
 class MetricLog:
     """This rank's averaging window of ``metrics.jsonl``: the objective's metrics summed since the last row.
 
-    A row is due every ``every`` steps and at the end of the invocation. Its values are the
-    window's sums over its steps, averaged over the ranks (a collective every rank enters), plus
-    the images per second this process trained since the window opened. The window is part of
-    every checkpoint (``state``), so a resumed run goes on with the window where it stopped.
+    A row is due every ``every`` steps and at the run's last planned step (``--total-steps``),
+    never at the end of a ``--max-steps`` chunk or a stop: rows fall where an uninterrupted run
+    writes them. Its values are the window's sums over its steps, averaged over the ranks (a
+    collective every rank enters), plus the images per second this process trained since the
+    window opened. The window is part of every checkpoint (``state``), so a resumed run goes on
+    with the window where it stopped, and its rows equal the uninterrupted run's.
 
     Args:
         runtime: This process.
@@ -98,8 +102,8 @@ class MetricLog:
         self.steps += 1
         self._images += images
 
-    def due(self, done: int, end_step: int) -> bool:
-        return done % self.every == 0 or done == end_step
+    def due(self, done: int, total_steps: int) -> bool:
+        return done % self.every == 0 or done == total_steps
 
     def averages(self) -> dict[str, float]:
         """The objective's metrics averaged over the window's steps and over the ranks (a collective)."""
@@ -314,7 +318,10 @@ class Checkpointer:
         """Check, then write ``state`` as the checkpoint of ``step`` (every rank calls it with its state)."""
         self.guard.check_state(step, state, log)
         if self.runtime.is_main:
-            save_checkpoint(self.folder, step, state, keep=self.keep, keep_every=self.keep_every)
+            try:
+                save_checkpoint(self.folder, step, state, keep=self.keep, keep_every=self.keep_every)
+            except ValueError as error:  # e.g. a folder made at the checkpoint's name while the run trained
+                raise SystemExit(f"cannot write the checkpoint of step {step}: {error}") from error
         barrier(self.runtime)
 
 
@@ -351,11 +358,13 @@ class EmaNetwork:
 
 
 class SampleGrid:
-    """A PNG grid of samples of the EMA weights, every ``every`` steps (0: only at the end) and at the end.
+    """A PNG grid of samples of the EMA weights, every ``every`` steps and at the run's last planned step.
+
+    As the log's rows, grids fall where an uninterrupted run draws them (never at the end of a chunk).
 
     Args:
         folder: Where the grids go (``<out>/samples``).
-        every: ``--sample-every``.
+        every: ``--sample-every`` (0: only at the last planned step).
         count: ``--sample-grid``, the number of images.
         seed: The run's seed; every grid draws from the same generator, so grids of different steps compare.
         sample_images: The task's ``(network, count, generator) -> uint8 NHWC images``.
@@ -372,8 +381,8 @@ class SampleGrid:
         self.folder, self.every, self.count, self.seed = folder, every, count, seed
         self.sample_images = sample_images
 
-    def due(self, done: int, end_step: int) -> bool:
-        return bool(self.every and done % self.every == 0) or done == end_step
+    def due(self, done: int, total_steps: int) -> bool:
+        return bool(self.every and done % self.every == 0) or done == total_steps
 
     def write(self, step: int, network: nn.Module | None) -> None:
         """Sample and write the grid of ``step`` (on the rank that holds a network)."""

@@ -11,7 +11,7 @@ averaging window of the log.
 import copy
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -176,8 +176,9 @@ def pretrained_velocity(net: nn.Module, out: Path, *, fresh: bool, init: str | N
 APPLIED_ON_RESUME = frozenset(
     {
         "out", "data", "max_steps", "total_steps", "grad_accum", "lr", "beta2", "ckpt_every", "keep", "keep_every",
-        "log_every", "sample_every", "sample_grid", "precision", "tf32", "compile", "tensorboard", "device",
-        "progress", "vae", "gradient_checkpointing", "backend",
+        "log_every", "sample_every", "sample_grid", "precision", "tf32", "compile", "compile_mode", "compile_backend",
+        "tensorboard", "device", "progress", "vae", "gradient_checkpointing", "backend", "fid_every", "fid_samples",
+        "fid_nfe", "fid_batch_size", "fid_reference", "inception_weights", "allow_other_inception_weights",
     }
 )  # fmt: skip
 IGNORED_ON_RESUME = frozenset({"init", "init_convention"})
@@ -191,12 +192,36 @@ class ResumePlan:
     config: dict[str, Any]  # what config.json and later checkpoints record
     applied: dict[str, tuple[Any, Any]]  # setting: (the checkpoint's value, the value now used)
     refusal: str | None = None
+    step: int = 0  # the checkpoint's step
+    # a new process layout: {"world_size": [old, new]} when the world size changed, and {"micro_batches": [old,
+    # new]} when the micro-batches per step (world size × --grad-accum) changed, so that they hold other samples
+    layout: dict[str, list[int]] = field(default_factory=dict)
+
+    def layout_lines(self) -> list[str]:
+        """What the new layout changes, in words (empty when nothing changed)."""
+        lines = []
+        if "world_size" in self.layout:
+            old, new = self.layout["world_size"]
+            lines.append(f"world size {old} -> {new}: the metrics.jsonl averaging window restarts at step {self.step}")
+        if "micro_batches" in self.layout:
+            old, new = self.layout["micro_batches"]
+            lines.append(
+                f"micro-batches per step (world size × --grad-accum) {old} -> {new}: from step {self.step} on, each "
+                "holds other samples and draws from other seeds, so the run no longer repeats an uninterrupted "
+                f"run with {old} micro-batches bit for bit"
+            )
+        elif "world_size" in self.layout:
+            lines.append("the micro-batches per step are the same, so the draws equal an uninterrupted run's")
+        return lines
 
 
-def plan_resume(now: Mapping[str, Any], num_samples: int, path: Path, payload: Mapping[str, Any]) -> ResumePlan:
+def plan_resume(
+    now: Mapping[str, Any], num_samples: int, path: Path, payload: Mapping[str, Any], world_size: int = 1
+) -> ResumePlan:
     """Compare the checkpoint's settings with the command line's, per ``APPLIED_ON_RESUME``/``IGNORED_ON_RESUME``.
 
-    ``now`` is the command line's resolved configuration and ``num_samples`` the size of its data set.
+    ``now`` is the command line's resolved configuration, ``num_samples`` the size of its data set
+    and ``world_size`` the number of processes that train now.
     """
     saved = payload["config"]
     applied, ignored, refused = {}, {}, {}
@@ -212,6 +237,17 @@ def plan_resume(now: Mapping[str, Any], num_samples: int, path: Path, payload: M
     parallel = "fsdp" if now.get("fsdp") else "ddp"
     if payload.get("parallel", "ddp") != parallel:
         problems.append(f"--{'no-' if parallel == 'ddp' else ''}fsdp (the run was written with {payload['parallel']})")
+    step = int(payload["step"])
+    if now["total_steps"] < step:
+        problems.append(f"--total-steps {now['total_steps']}, below step {step} where the run resumes")
+    layout = {}
+    saved_world = payload.get("world_size")
+    if isinstance(saved_world, int):  # a checkpoint that does not record it is taken as it comes
+        if saved_world != world_size:
+            layout["world_size"] = [saved_world, world_size]
+        before, after = saved_world * saved.get("grad_accum", 1), world_size * now["grad_accum"]
+        if before != after:
+            layout["micro_batches"] = [before, after]
     record = {**now, **{key: old for key, (old, _) in ignored.items()}}
     if ignored:
         warnings.warn(f"{', '.join(ignored)} only apply to a fresh run; resuming {path} ignores them", stacklevel=2)
@@ -221,7 +257,7 @@ def plan_resume(now: Mapping[str, Any], num_samples: int, path: Path, payload: M
             f"cannot resume {path} with {'; '.join(problems)}: these settings must match the run's. Pass the run's "
             "values, or start a new run in another --out (with --init to start from this run's weights)"
         )
-    return ResumePlan(checkpoint=str(path), config=record, applied=applied, refusal=refusal)
+    return ResumePlan(checkpoint=str(path), config=record, applied=applied, refusal=refusal, step=step, layout=layout)
 
 
 def apply_optimizer_settings(optimizer: torch.optim.Optimizer, wanted: list[dict[str, Any]]) -> None:
@@ -262,7 +298,7 @@ def plan_start(
             plan = ResumePlan(checkpoint=None, config=dict(config), applied={})
         else:
             path, payload = found
-            plan = plan_resume(config, num_samples, path, payload)
+            plan = plan_resume(config, num_samples, path, payload, runtime.world_size)
     plan = broadcast_object(runtime, plan)
     if plan.refusal is not None:
         raise SystemExit(plan.refusal)

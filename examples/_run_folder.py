@@ -9,6 +9,7 @@ import contextlib
 import datetime
 import json
 import os
+import re
 import shutil
 import socket
 import sys
@@ -92,6 +93,15 @@ class RunFolder:
             shutil.rmtree(self.created, ignore_errors=True)
 
 
+# The files a run writes, by folder (regular expressions of their names). Anything else at one of these names (a
+# folder made by hand, say) would stop the run when it reaches that write, at every resume, so a start refuses it.
+RUN_FILES = {
+    ".": (r"config\.json", r"metrics\.jsonl", r"\.lock"),
+    "checkpoints": (r"step-\d{9,}\.pt", r"step-\d{9,}\.json"),
+    "samples": (r"step-\d{9,}\.png",),
+}
+
+
 def run_folder_problems(out: Path) -> list[str]:
     """What keeps ``out`` from holding a run, found before anything is created or loaded."""
     if out.exists() and not out.is_dir():
@@ -102,6 +112,13 @@ def run_folder_problems(out: Path) -> list[str]:
         if path.exists() and path.is_dir() != folder:
             wanted = "folder" if folder else "file"
             problems.append(f"{path} exists and is {'not ' if folder else ''}a folder; the run needs a {wanted} there")
+    if not problems:
+        for where, names in RUN_FILES.items():
+            folder = out / where
+            pattern = re.compile("|".join(f"(?:{name})" for name in names))
+            if folder.is_dir():
+                taken = sorted(p for p in folder.iterdir() if pattern.fullmatch(p.name) and not p.is_file())
+                problems += [f"{p} exists and is not a file; the run writes a file there: remove it" for p in taken]
     existing = out
     while not existing.exists():
         existing = existing.parent

@@ -39,6 +39,7 @@ import contextlib
 import copy
 import json
 import math
+import os
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -46,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import _fid
 import numpy as np
 import torch
 from _cli import config_parser, optional_import, resolve_config
@@ -140,6 +142,19 @@ class TrainConfig:
     tensorboard: bool = False  # also write TensorBoard scalars to <out>/tb
     device: Literal["auto", "cpu", "cuda"] = "auto"  # where to train ("auto": CUDA when visible)
     progress: bool = True  # tqdm progress bar on rank 0
+    # In-loop FID (docs/fid.md): samples of the EMA weights scored against --fid-reference with the ADM evaluator's
+    # Inception; on only when a reference is given
+    fid_every: int = 25_000  # in-loop FID period in steps, and at the run's last planned step (0: off)
+    fid_samples: int = 10_000  # samples per in-loop FID and NFE, spread over the ranks
+    fid_nfe: tuple[int, ...] = (1, 2)  # network evaluations per sample scored: fid_1nfe, fid_2nfe in metrics.jsonl
+    fid_batch_size: int = 125  # samples per batch and rank of in-loop FID (sampling and Inception)
+    # reference statistics: a file of examples/fid_reference.py or the ADM reference batch (None: no in-loop FID)
+    fid_reference: str | None = None
+    # torch-fidelity's Inception weights file (weights-inception-2015-12-05-6726825d.pth); None:
+    # $SOFLOW_INCEPTION_WEIGHTS, then torch.hub's checkpoint folder (a run never downloads)
+    inception_weights: str | None = None
+    # accept Inception weights whose SHA-256 does not start with 6726825d (their FIDs are not comparable with papers)
+    allow_other_inception_weights: bool = False
     # The objective (SoFlowObjective), one flag per setting; the defaults are the trainer's released recipe.
     path: Literal["linear", "trig"] = "linear"  # noising path x_t = α(t)·data + β(t)·noise (official noising_type)
     # solution parameterization f(x_t, t, s) = a(t, s)·x_t + b(t, s)·F (official coefficient_type)
@@ -262,7 +277,21 @@ def check_common(config: TrainConfig) -> list[str]:
             "--consistency-velocity pretrained steps along the --init network's velocity: give --init (a resumed run "
             f"reads it from <out>/{VELOCITY_MODEL})"
         )
+    if config.fsdp and not all(name in os.environ for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):
+        problems.append(
+            "--fsdp shards the network over the processes of a torchrun job, and this is no torchrun process: start it "
+            "with torchrun (torchrun --nproc_per_node N <script> ... --fsdp), or leave --fsdp out"
+        )
+    on_cpu = config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available())
+    if config.compile and config.precision == "bf16" and config.compile_backend == "inductor" and on_cpu:
+        # gcc rejects the C++ that Inductor generates for the bf16-autocast step ("conflicting declaration
+        # 'auto at_BFloat16_tmp_acc0_vec'", torch 2.13, gcc 12) and the run would die in its first step
+        problems.append(
+            "--compile --precision bf16 cannot run on the CPU: the C++ that Inductor generates for the bf16 step "
+            "does not compile. Use --precision fp32, --compile-backend aot_eager, no --compile, or a CUDA device"
+        )
     problems += run_folder_problems(Path(config.out))
+    problems += _fid.config_problems(config)
     return problems
 
 
@@ -700,6 +729,8 @@ def restore(model: TrainedModel, plan: ResumePlan, payload: dict[str, Any] | Non
         for key, (old, new) in plan.applied.items():
             flag = f"--{key.replace('_', '-')}"
             print(f"  {flag}: {old!r} -> {new!r} (applied from step {step} on)", flush=True)
+        for line in plan.layout_lines():
+            print(f"  {line}", flush=True)
     return Resumed(step=step, position=position, window=window)
 
 
@@ -736,7 +767,8 @@ def record_start(out: Path, plan: ResumePlan, start: Resumed, tensorboard: bool)
     writer = MetricsWriter(out, tensorboard)
     if plan.checkpoint is not None:
         applied = {key: list(values) for key, values in plan.applied.items()}
-        writer.event(start.step, "resume", checkpoint=Path(plan.checkpoint).name, applied=applied, dropped=dropped)
+        details = {"applied": applied, "dropped": dropped, **plan.layout}  # world_size, micro_batches: [old, new]
+        writer.event(start.step, "resume", checkpoint=Path(plan.checkpoint).name, **details)
     return writer
 
 
@@ -758,6 +790,13 @@ def train(task: Task, runtime: Runtime, folder: RunFolder) -> dict[str, Any]:
 
     # The start: resume planning (rank 0 decides, every rank learns), --init, wrapping, the restored state.
     plan, payload = plan_start(runtime, out, task.config_dict, task.num_samples)
+    if plan.checkpoint is not None and plan.step >= config.total_steps:  # finished: nothing to train or write
+        if runtime.is_main:
+            print(
+                f"{plan.checkpoint} is step {plan.step} of --total-steps {config.total_steps}: nothing to do",
+                flush=True,
+            )
+        return {"steps_done": plan.step, "last": {}}
     if plan.checkpoint is None and config.init:
         loaded = initialize_from(task.net, config.init, task.objective, config.init_convention)
         if runtime.is_main:
@@ -798,7 +837,7 @@ def train(task: Task, runtime: Runtime, folder: RunFolder) -> dict[str, Any]:
             log.add(shares, images=config.batch_size)
 
             row: dict[str, float] = {}
-            if log.due(done, end_step):  # the window's means over steps and ranks; a non-finite one stops the run
+            if log.due(done, config.total_steps):  # the window's means over steps and ranks; non-finite stops
                 values = log.averages()
                 guard.check_window(done, values)
                 row = last = {**values, **throughput(log, model.optimizer, device)}
@@ -814,15 +853,14 @@ def train(task: Task, runtime: Runtime, folder: RunFolder) -> dict[str, Any]:
             saved = saver.due(done, end_step)
             if saved:
                 saver.save(done, checkpoint_state(done, model, plan, position, task, log, runtime), log)
-            if grid.due(done, end_step):
+            if grid.due(done, config.total_steps):
                 grid.write(done, ema_net.at(done))
             signum = stops.poll()
             if signum:
                 if not saved:
                     saver.save(done, checkpoint_state(done, model, plan, position, task, log, runtime), log)
                 stop_on_signal(signum, done, writer, checkpoints, runtime)
-        if end_step > start.step:
-            evaluator.finish(end_step, out)
+        evaluator.finish(end_step, out)
     return {"steps_done": end_step, "last": last}
 
 

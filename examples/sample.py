@@ -2,15 +2,15 @@
 
     # EMA weights of a run (its newest valid checkpoint, verified), 50k samples for FID
     torchrun --nproc_per_node 8 examples/sample.py --ckpt runs/dit_b4 --vae checkpoints/sd-vae-ft-mse \\
-        --num-samples 50000 --nfe 1 --out samples/dit_b4_nfe1.npz
+        --num-samples 50000 --nfe 1 --out runs/samples/dit_b4_nfe1.npz
     # a released SoFlow model (git clone https://huggingface.co/zlab-princeton/SoFlow): its EMA weights,
     # the size read from the weights, path and parameterization from its config.yaml
     torchrun --nproc_per_node 8 examples/sample.py --ckpt SoFlow/XL-2-cond --ckpt-steps 1200000 \\
-        --vae checkpoints/sd-vae-ft-mse --num-samples 50000 --nfe 2 --out samples/xl2_nfe2.npz
+        --vae checkpoints/sd-vae-ft-mse --num-samples 50000 --nfe 2 --out runs/samples/xl2_nfe2.npz
     # the raw (not EMA) weights of a short run: an EMA of a few hundred steps is still mostly the initial weights
     python examples/sample.py --ckpt runs/dit_imagenet_tiny --weights raw --num-samples 16 --out /tmp/raw.npz
     # a pretrained folder (config.json + model.safetensors)
-    python examples/sample.py --ckpt published/dit_b4 --vae checkpoints/sd-vae-ft-mse --out samples/b4.npz
+    python examples/sample.py --ckpt published/dit_b4 --vae checkpoints/sd-vae-ft-mse --out runs/samples/b4.npz
 
 --ckpt takes a run folder or step-*.pt file of the example trainers, a pretrained folder, an
 official SoFlow training file (or a released model folder with --ckpt-steps), a bare state dict
@@ -21,7 +21,8 @@ inference-time guidance (ω is baked in at training). Sample i draws its noise a
 seed derived from (--seed, i), and the re-noising of 2-NFE sampling from (--seed, batch), so
 the output does not depend on the number of ranks. Each rank writes its batches to a part file;
 rank 0 concatenates them in order into ``arr_0`` (uint8, N×H×W×3), what the ADM evaluator
-reads, and writes ``<out>.png`` with the first ``--grid`` samples. Four-channel models are
+reads, and writes ``<out>.png`` with the first ``--grid`` samples; ``--out`` (default
+``runs/samples/<checkpoint name>-nfe<N>.npz``) is git-ignored there. Four-channel models are
 SD-VAE latent models and need ``--vae`` to give images; without it the first three latent
 channels are written (not for FID).
 """
@@ -40,13 +41,12 @@ import _models as M
 from _cli import HelpFormatter
 from _images import latent_preview, save_grid
 from _runtime import Runtime, barrier, distributed_runtime
+from _sampling import draw_samples
 
-from soflow_core import sample_few_step, sample_one_step
 from soflow_core.nets import DiT
-from soflow_core.seeding import seeded_generator
 from soflow_core.train.latents import to_uint8_images
 
-_RENOISE = 1  # key that separates the re-noising seeds from the per-sample seeds
+DEFAULT_OUT = "runs/samples/<checkpoint name>-nfe<N>.npz"  # filled in from --ckpt, --ckpt-steps and --nfe
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -57,43 +57,54 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=125, help="samples per batch and rank")
     parser.add_argument("--seed", type=int, default=0, help="seed of the per-sample noise")
     parser.add_argument("--vae", default=None, help="local SD-VAE-ft-MSE folder (diffusers layout)")
-    parser.add_argument("--out", default="samples/samples.npz", help="the .npz of uint8 samples to write")
+    parser.add_argument("--out", default=DEFAULT_OUT, help="the .npz of uint8 samples to write")
     parser.add_argument("--grid", type=int, default=64, help="samples in the PNG grid")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to sample")
     args = parser.parse_args(argv)
     M.check_source_arguments(parser, args)
     if args.num_samples < 1 or args.batch_size < 1:
         parser.error(f"--num-samples and --batch-size must be >= 1; got {args.num_samples}, {args.batch_size}")
+    if args.out == DEFAULT_OUT:
+        args.out = default_out(args.ckpt, args.ckpt_steps, args.nfe)
     return args
 
 
-@torch.no_grad()
+def default_out(ckpt: str, ckpt_steps: int | None, nfe: int) -> str:
+    """``runs/samples/<checkpoint name>[-<steps>]-nfe<N>.npz``: git-ignored, one file per source and NFE."""
+    name = Path(ckpt.rstrip("/\\")).name
+    name = name[: -len(Path(name).suffix)] if Path(name).suffix in (".pt", ".pth", ".safetensors") else name
+    steps = f"-{ckpt_steps}" if ckpt_steps is not None else ""
+    return f"runs/samples/{name or 'model'}{steps}-nfe{nfe}.npz"
+
+
 def sample_batch(model: M.OpenedModel, first: int, count: int, args, device: torch.device, vae) -> np.ndarray:
+    """Samples ``first`` … ``first + count − 1`` as uint8 NHWC (``_sampling``: the in-loop FID draws the same)."""
     net = model.net
     shape = M.image_shape(net)
-    classes = net.num_classes if isinstance(net, DiT) else None
-    noises, labels = [], []
-    for i in range(first, first + count):
-        generator = seeded_generator(args.seed, i)
-        noises.append(torch.randn(shape, generator=generator))
-        if classes:
-            labels.append(torch.randint(0, classes, (), generator=generator))
-    noise = torch.stack(noises).to(device)
-    cond = torch.stack(labels).to(device) if classes else None
-    if args.nfe == 1:
-        x = sample_one_step(net, noise, param=model.param, cond=cond)
-    else:
-        renoise = seeded_generator(args.seed, _RENOISE, first)
-        x = sample_few_step(
-            net, noise, param=model.param, path=model.path, num_steps=args.nfe, cond=cond, generator=renoise
-        )
-    if shape[0] != 4:  # pixels in [-1, 1]
-        return to_uint8_images(x).cpu().numpy()
-    if vae is None:
-        return latent_preview(x).cpu().numpy()
-    from _vae import decode_latents
 
-    return to_uint8_images(decode_latents(vae, x)).cpu().numpy()
+    def to_images(x: torch.Tensor) -> torch.Tensor:
+        if shape[0] != 4:  # pixels in [-1, 1]
+            return to_uint8_images(x)
+        if vae is None:
+            return latent_preview(x)
+        from _vae import decode_latents
+
+        return to_uint8_images(decode_latents(vae, x))
+
+    images = draw_samples(
+        net,
+        first=first,
+        count=count,
+        nfe=args.nfe,
+        seed=args.seed,
+        shape=shape,
+        num_classes=net.num_classes if isinstance(net, DiT) else None,
+        param=model.param,
+        path=model.path,
+        device=device,
+        to_images=to_images,
+    )
+    return images.cpu().numpy()
 
 
 def main(argv: list[str] | None = None) -> Path | None:

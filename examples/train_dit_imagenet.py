@@ -24,6 +24,13 @@ z = (mean + std·ε)·0.18215. ``--synthetic`` trains on generated latents of th
 The run folder ``--out`` holds config.json, metrics.jsonl, checkpoints/step-*.pt (with
 manifests) and samples/step-*.png (1-NFE samples of the EMA weights). Starting again with the
 same ``--out`` resumes from the newest valid checkpoint, skipping (and reporting) damaged ones.
+
+In-loop FID: with ``--fid-reference`` (statistics of examples/fid_reference.py or ADM's
+VIRTUAL_imagenet256_labeled.npz) and ``--vae``, every ``--fid-every`` steps the EMA weights draw
+``--fid-samples`` samples at 1 and 2 NFE, decoded and scored with the ADM evaluator's Inception
+(the "fid" extra; weights from ``--inception-weights``); ``fid_1nfe`` and ``fid_2nfe`` are logged
+in metrics.jsonl of the run folder and plotted in its fid.png. The FID page of the docs has the
+details.
 """
 
 import dataclasses
@@ -38,13 +45,15 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import _fid
 import _training as T
 from _images import latent_preview
 from _run_folder import RunFolder, run_folder
 from _runtime import Runtime, distributed_runtime
+from _sampling import draw_samples
 
 from soflow_core import sample_one_step
-from soflow_core.train.latents import sample_latents
+from soflow_core.train.latents import sample_latents, to_uint8_images
 
 NEEDS_DATA = """ImageNet-256 latents are needed: pass --data PATH (or --synthetic for a smoke run).
 
@@ -88,9 +97,8 @@ LABEL_DROP = 0.1  # the released label-drop rate with guidance (imagenet.yaml cf
 class ImageNetConfig(T.TrainConfig):
     """The ImageNet-256 run; defaults are the released DiT-B/4 recipe (the official code's imagenet.yaml)."""
 
-    out: str | None = (
-        None  # run folder; None: runs/<size>-<cond|uncond>, as the released runs are named (runs/XL-2-cond)
-    )
+    # run folder; None: runs/<size>-<cond|uncond>, as the released runs are named (runs/XL-2-cond)
+    out: str | None = None
     model: str = "DiT-B/4"  # any of DIT_SIZES (B/4, B/2, M/2, L/2, XL/2) or a small extra size
     num_classes: int = 1000  # classes of the label table; the null (unconditional) class is num_classes
     # K, the planned number of optimizer steps (drives r(k, K)); None: the released run's for --model (B/4 400 000;
@@ -131,6 +139,9 @@ PRESETS = {
         sample_every=0,
         sample_grid=4,
         ema_warmup=True,
+        fid_every=0,
+        fid_samples=16,
+        fid_batch_size=8,
         out="runs/dit_imagenet_tiny",
     ),
 }
@@ -184,6 +195,8 @@ def resolve(config: ImageNetConfig) -> ImageNetConfig:
     total_steps = config.total_steps if config.total_steps is not None else size.total_steps
     scale = config.cfg_scale if config.cfg_scale is not None else size.cfg_scale
     drop = config.cfg_drop_rate if config.cfg_drop_rate is not None else (LABEL_DROP if scale > 1 else 0.0)
+    if _fid.fid_active(config) and config.vae is None:
+        raise ValueError("in-loop FID (--fid-reference) scores images: pass --vae to decode the latent samples")
     name = config.model.removeprefix("DiT-").replace("/", "-") + ("-cond" if scale > 1 else "-uncond")
     out = config.out if config.out is not None else f"runs/{name}"
     return dataclasses.replace(config, out=out, total_steps=total_steps, cfg_scale=scale, cfg_drop_rate=drop)
@@ -237,23 +250,38 @@ def build_task(config: ImageNetConfig, runtime: Runtime) -> T.Task:
         return z, labels.to(dev)
 
     vae = None
-    if config.vae is not None and runtime.is_main:
+    if config.vae is not None and (runtime.is_main or _fid.fid_active(config)):  # grids on rank 0; FID everywhere
         from _vae import load_vae
 
         vae = load_vae(config.vae, device=device, dtype=torch.float32)
+
+    def to_images(z: Tensor) -> Tensor:
+        if vae is None:
+            return latent_preview(z)
+        from _vae import decode_latents
+
+        return to_uint8_images(decode_latents(vae, z))
 
     @torch.no_grad()
     def sample_images(eval_net: nn.Module, count: int, generator: torch.Generator) -> Tensor:
         noise = torch.randn(count, 4, 32, 32, generator=generator).to(device)
         labels = torch.randint(0, config.num_classes, (count,), generator=generator).to(device)
-        z = sample_one_step(eval_net, noise, param=objective.param, cond=labels)
-        if vae is None:
-            return latent_preview(z)
-        from _vae import decode_latents
+        return to_images(sample_one_step(eval_net, noise, param=objective.param, cond=labels))
 
-        from soflow_core.train.latents import to_uint8_images
-
-        return to_uint8_images(decode_latents(vae, z))
+    def draw(eval_net: nn.Module, first: int, count: int, nfe: int) -> Tensor:  # in-loop FID's samples
+        return draw_samples(
+            eval_net,
+            first=first,
+            count=count,
+            nfe=nfe,
+            seed=config.seed,
+            shape=(4, 32, 32),
+            num_classes=config.num_classes,
+            param=objective.param,
+            path=objective.path,
+            device=device,
+            to_images=to_images,
+        )
 
     return T.Task(
         config=config,
@@ -265,6 +293,7 @@ def build_task(config: ImageNetConfig, runtime: Runtime) -> T.Task:
         load_batch=load_batch,
         sample_images=sample_images,
         read_indices=dataset.read,
+        evaluation=_fid.in_loop_evaluation(config, runtime, net, draw),
     )
 
 

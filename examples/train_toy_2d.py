@@ -13,7 +13,9 @@
 Writes into ``--out`` (default ``runs/toy_2d``): ``samples.png`` (data | 1-step | 2-step samples),
 ``metrics.json`` (energy distances with the real-vs-real floor, each the mean over
 ``--eval-repeats`` independent draws; on the checkerboard also the share of samples on its
-squares; timings) and ``config.json`` (the resolved configuration).
+squares; timings), ``train_metrics.jsonl`` (the training metrics every ``--metrics-every``
+steps) and ``config.json`` (the resolved configuration). The quick start's "Reading the
+training metrics" says what each metric means and which to watch.
 
 ``--recipe`` names the training objective (``SoFlowObjective.from_preset``); the run size is
 ``--preset`` (``default`` or ``tiny``), as in the other trainers. ``--threads`` sets torch's CPU
@@ -24,7 +26,7 @@ bar on a terminal when tqdm is installed).
 The defaults are the library's recipe for low-dimensional data: ``SoFlowObjective.from_preset("toy")``
 with an ``MLPBackbone`` of width 96 and depth 3 that sees 32 random Fourier features of its
 input, batch 2048, Adam at 2e-3 decaying linearly to 0 over the last 30 % of 4000 steps, EMA
-0.995, and a 2-step sampler that re-noises to t = 0.3. docs/benchmarks.md holds the ablation
+0.995, and a 2-step sampler that re-noises to t = 0.3. docs/benchmarks/toy-recipe.md holds the ablation
 behind each value.
 
 Fine-tuning (docs/finetune.md): ``--init`` converts a velocity model (an ``MLPBackbone`` trained with
@@ -39,9 +41,10 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TextIO
 
 import torch
 from _cli import config_parser, resolve_config
@@ -87,7 +90,8 @@ class ToyConfig:
     seed: int = 0  # seeds the model's initialisation and every draw
     threads: int = 1  # torch CPU threads
     progress: bool = True  # a progress line (a tqdm bar on a terminal when installed) during training
-    out: str = "runs/toy_2d"  # the run folder: samples.png, metrics.json, config.json
+    metrics_every: int = 10  # append the training metrics to train_metrics.jsonl every this many steps (0: never)
+    out: str = "runs/toy_2d"  # the run folder: samples.png, metrics.json, train_metrics.jsonl, config.json
 
 
 CONFIGS = {
@@ -122,6 +126,8 @@ def parse_config(argv: list[str] | None = None) -> ToyConfig:
         )
     if config.fm_fraction is not None and not 0.0 <= config.fm_fraction <= 1.0:
         parser.error(f"--fm-fraction must lie in [0, 1]; got {config.fm_fraction}")
+    if config.metrics_every < 0:
+        parser.error(f"--metrics-every must be >= 0; got {config.metrics_every}")
     if config.pretrain_steps < 0:
         parser.error(f"--pretrain-steps must be >= 0; got {config.pretrain_steps}")
     if config.init is not None and config.pretrain_steps:
@@ -221,14 +227,22 @@ def fit(
     *,
     steps: int,
     conditional: bool,
+    start: float,
     velocity_model: torch.nn.Module | None = None,
-    stage: str = "",
+    stage: str | None = None,
+    log: TextIO | None = None,
+    on_step: Callable[[int, torch.nn.Module], None] | None = None,
 ) -> torch.nn.Module:
-    """``steps`` Adam steps of ``objective`` with the config's learning-rate decay; returns the EMA model."""
+    """``steps`` Adam steps of ``objective`` with the config's learning-rate decay; returns the EMA model.
+
+    Rows of the training metrics go to ``log`` (with ``"stage": stage`` when given); ``start`` is
+    the wall-clock start of the run, which their ``seconds`` count from.
+    """
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     progress = Progress(steps, config.progress)
     extra = {} if velocity_model is None else {"velocity_model": velocity_model}
+    label = "" if stage is None else f"{stage} "
     for step in range(steps):
         data, labels = sample_toy_2d(config.toy, config.batch_size, generator=generator)
         out = objective(
@@ -242,11 +256,18 @@ def fit(
         with torch.no_grad():
             for p_ema, p in zip(ema.parameters(), model.parameters()):
                 p_ema.lerp_(p, 1.0 - config.ema_decay)
+        if on_step is not None:
+            on_step(step, model)
         if not bool(out.metrics["finite"]):
-            raise FloatingPointError(f"non-finite loss at {stage}step {step}: {out.metrics}")
+            raise FloatingPointError(f"non-finite loss at {label}step {step}: {out.metrics}")
+        if log is not None and (step % config.metrics_every == 0 or step == steps - 1):
+            row = {"step": step, "r": objective.consistency_times.schedule(step, steps)}
+            row |= {"lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - start}
+            row |= {} if stage is None else {"stage": stage}
+            log.write(json.dumps(row | {k: v.item() for k, v in out.metrics.items()}) + "\n")
         if step % max(1, steps // 10) == 0 or step == steps - 1:
             shown = " ".join(f"{k}={v.item():.4g}" for k, v in out.metrics.items() if k != "finite")
-            progress.write(f"{stage}step {step:>6}/{steps}  {shown}")
+            progress.write(f"{label}step {step:>6}/{steps}  {shown}")
         progress.step()
     progress.close()
     return ema
@@ -262,49 +283,64 @@ def pretraining_objective(objective: SoFlowObjective) -> SoFlowObjective:
     return SoFlowObjective(fm_fraction=1.0, weighting=AdaptiveWeighting(p=0.0), guidance=guidance)
 
 
+def initial_model(config: ToyConfig, conditional: bool) -> torch.nn.Module:
+    """The MLP that ``--init`` holds, converted (F independent of s, equal to its velocity)."""
+    model = from_velocity_model(config.init, convention=config.init_convention or None).model.train()
+    if not isinstance(model, MLPBackbone) or model.dim != 2:
+        raise SystemExit(f"--init {config.init} holds a {type(model).__name__}, not an MLPBackbone on 2-D data")
+    classes = NUM_CLASSES[config.toy] if conditional else None
+    if model.num_classes != classes:
+        raise SystemExit(
+            f"--init {config.init} has num_classes={model.num_classes}; recipe {config.recipe} on {config.toy} "
+            f"needs {classes}"
+        )
+    return model
+
+
 def train(
-    config: ToyConfig, objective: SoFlowObjective | None = None
+    config: ToyConfig,
+    objective: SoFlowObjective | None = None,
+    *,
+    metrics_path: Path | None = None,
+    on_step: Callable[[int, torch.nn.Module], None] | None = None,
 ) -> tuple[torch.nn.Module, SoFlowObjective, dict[str, float]]:
     """Train with the config's objective (or ``objective``), after Flow Matching pretraining when asked.
 
-    Returns the EMA model, the objective and the training time: ``train_seconds`` (wall clock)
-    and ``train_cpu_seconds`` (process CPU time, all threads together), pretraining included
-    (also given alone as ``pretrain_seconds`` and ``pretrain_cpu_seconds``).
+    Every ``config.metrics_every`` steps (and at the last) a row goes to ``metrics_path`` (JSON
+    lines): the step, r(k, K), the learning rate, the seconds so far and every metric of the
+    step (rows of the pretraining stage also have ``"stage": "flow_matching"``). ``on_step(step,
+    model)`` is called after each SoFlow optimizer step with the trained (not EMA) model. Returns
+    the EMA model, the objective and the training time: ``train_seconds`` (wall clock) and
+    ``train_cpu_seconds`` (process CPU time, all threads together), pretraining included (also
+    given alone as ``pretrain_seconds`` and ``pretrain_cpu_seconds``).
     """
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     objective = build_objective(config) if objective is None else objective
     conditional = objective.guidance is not None
+    model = initial_model(config, conditional) if config.init is not None else build_model(config, conditional)
+    log = open(metrics_path, "w", buffering=1) if metrics_path and config.metrics_every else None  # noqa: SIM115
     start, cpu_start = time.perf_counter(), time.process_time()
     seconds: dict[str, float] = {}
-    if config.init is not None:
-        model = from_velocity_model(config.init, convention=config.init_convention or None).model.train()
-        if not isinstance(model, MLPBackbone) or model.dim != 2:
-            raise SystemExit(f"--init {config.init} holds a {type(model).__name__}, not an MLPBackbone on 2-D data")
-        classes = NUM_CLASSES[config.toy] if conditional else None
-        if model.num_classes != classes:
-            raise SystemExit(
-                f"--init {config.init} has num_classes={model.num_classes}; recipe {config.recipe} on {config.toy} "
-                f"needs {classes}"
-            )
-    else:
-        model = build_model(config, conditional)
-        if config.pretrain_steps:
-            pretrained = fit(
-                model, pretraining_objective(objective), config, generator,
-                steps=config.pretrain_steps, conditional=conditional, stage="Flow Matching ",
-            )  # fmt: skip
-            seconds = {
-                "pretrain_seconds": time.perf_counter() - start,
-                "pretrain_cpu_seconds": time.process_time() - cpu_start,
-            }
-            model = from_velocity_model(pretrained).model.train()
+    if config.pretrain_steps:
+        pretrained = fit(
+            model, pretraining_objective(objective), config, generator, steps=config.pretrain_steps,
+            conditional=conditional, start=start, stage="flow_matching", log=log,
+        )  # fmt: skip
+        seconds = {
+            "pretrain_seconds": time.perf_counter() - start,
+            "pretrain_cpu_seconds": time.process_time() - cpu_start,
+        }
+        model = from_velocity_model(pretrained).model.train()
     velocity_model = None
     if objective.consistency_velocity == "pretrained":
         velocity_model = copy.deepcopy(model).eval().requires_grad_(False)
     ema = fit(
-        model, objective, config, generator, steps=config.steps, conditional=conditional, velocity_model=velocity_model
-    )
+        model, objective, config, generator, steps=config.steps, conditional=conditional, start=start,
+        velocity_model=velocity_model, log=log, on_step=on_step,
+    )  # fmt: skip
+    if log is not None:
+        log.close()
     seconds |= {"train_seconds": time.perf_counter() - start, "train_cpu_seconds": time.process_time() - cpu_start}
     return ema, objective, seconds
 
@@ -405,7 +441,7 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
     torch.set_num_threads(config.threads)
-    model, objective, seconds = train(config)
+    model, objective, seconds = train(config, metrics_path=out / "train_metrics.jsonl")
     metrics, samples = evaluate(model, objective, config)
     metrics.update(
         **seconds,

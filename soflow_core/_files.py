@@ -48,8 +48,9 @@ def atomic_save(path: Path, save: Callable[[Path], None]) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX)
     os.close(fd)
     try:
-        os.chmod(tmp, default_file_mode())
         save(Path(tmp))
+        # after ``save``: a writer may replace the file it is given (safetensors writes a new one, mode 0o600)
+        os.chmod(tmp, default_file_mode())
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -80,7 +80,7 @@ def drop_cond(cond: Cond, mask: DropMask, null_cond: int | float | Tensor) -> Co
         >>> drop_cond(torch.tensor([3, 5, 7]), torch.tensor([False, True, False]), 1000).tolist()
         [3, 1000, 7]
     """
-    check_cond("cond", cond, mask.shape[0])
+    check_cond("cond", cond, mask.shape[0], device=mask.device)
     _check_null_cond(null_cond)
     integer_labels = not (cond.is_floating_point() or cond.is_complex())
     integer_null = isinstance(null_cond, int) or (

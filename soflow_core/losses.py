@@ -32,10 +32,7 @@ from soflow_core._validation import (
     check_tensor,
     check_time,
     check_time_order,
-    check_values,
-    checked_backbone,
-    class_count,
-    label_checks,
+    prepared_backbone,
 )
 from soflow_core.guidance import ClassifierFreeGuidance, drop_cond, guidance_coefficients
 from soflow_core.ops._dispatch import BACKENDS, Backend
@@ -590,21 +587,17 @@ def _check_batch(x_t: object, v: object, v_name: str, cond: object) -> Tensor:
     x_t = _check_like("x_t", x_t, {}, **{v_name: v})
     check_finite("x_t", x_t)
     check_finite(v_name, v)  # type: ignore[arg-type]
-    check_cond("cond", cond, x_t.shape[0])
+    check_cond("cond", cond, x_t.shape[0], device=x_t.device)
     return x_t
 
 
-def _checked_labels(backbone: Backbone, cond: object) -> Backbone:
-    """Check class labels against the backbone's declared class count (null class allowed); wrap its outputs.
+def _checked_labels(backbone: Backbone, x_t: Tensor, cond: object) -> Backbone:
+    """Check x_t's dtype and the class labels against the backbone (null class allowed); wrap its outputs.
 
     The conditions reach these losses after any label drop, so the null class is a valid label
     when the backbone has one.
     """
-    declared = class_count(backbone)
-    if declared is not None and isinstance(cond, Tensor):
-        num_classes, has_null = declared
-        check_values(label_checks("cond", cond, num_classes, null_allowed=has_null))
-    return checked_backbone(backbone)
+    return prepared_backbone(backbone, "x_t", x_t, cond)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -675,7 +668,7 @@ class FlowMatchingLoss:
                     f"cond={'None' if cond is None else 'a tensor'}, guidance={guidance!r}"
                 )
             cond = drop_cond(cond, drop_mask, guidance.null_cond)
-        backbone = _checked_labels(backbone, cond)
+        backbone = _checked_labels(backbone, x_t, cond)
         options = {"param": self.param, "weighting": self.weighting, "backend": self.backend}
         if guidance is None or not guidance.active:
             return flow_matching_loss_from_output(backbone(x_t, t, t, cond), x_t, v_t, t, **options)
@@ -757,7 +750,7 @@ class SolutionConsistencyLoss:
             check_time(name, value, n)
         check_time_order("s", s, "ell", ell, strict=False)
         check_time_order("ell", ell, "t", t, strict=True)
-        backbone = _checked_labels(backbone, cond)
+        backbone = _checked_labels(backbone, x_t, cond)
         replay = PassReplay(x_t.device, enabled=may_use_dropout(backbone))
         with replay.record():
             network_output = backbone(x_t, t, s, cond)

@@ -15,6 +15,8 @@ call and a consistency call, and the teacher replays the consistency call's mask
 """
 
 import dataclasses
+import functools
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -24,10 +26,13 @@ from torch import Tensor
 
 from soflow_core._rng import PassReplay, has_active_dropout, may_use_dropout, randn
 from soflow_core._validation import (
+    check_backbone_input,
+    check_bool,
     check_choice,
     check_cond,
     check_generator,
     check_int,
+    check_no_labels_for,
     check_real,
     check_same_dtype,
     check_same_shape,
@@ -37,7 +42,9 @@ from soflow_core._validation import (
     checked_backbone,
     class_count,
     finite_check,
+    is_tracing,
     label_checks,
+    labels_unchecked,
 )
 from soflow_core.guidance import ClassifierFreeGuidance, drop_cond, sample_drop_mask
 from soflow_core.losses import (
@@ -295,7 +302,12 @@ class SoFlowObjective:
             shape, dtype and device (metadata only). Class labels are recognised by an integer
             ``guidance.null_cond`` (the class count) or a ``num_classes`` attribute of the
             backbone (see [Conventions](../conventions.md#class-labels)); other conditions
-            (embeddings, augmentation labels) are passed through unchecked.
+            (embeddings, augmentation labels) are passed through unchecked. The data must be in
+            the dtype of the backbone's parameters (outside autocast). The library's backbones
+            check their labels in ``forward`` too (so a wrapper that hides ``num_classes``
+            cannot let a bad label through); where this objective has checked them, they skip
+            the value check (no extra sync). False also turns those backbone value checks off
+            during the step.
         backend: Where the fused loss-path ops (path build, guided target, teacher state, both
             loss rows) run: ``"auto"`` uses the Triton kernels for CUDA tensors when
             ``soflow_kernels`` is installed and PyTorch otherwise; ``"torch"`` always runs the
@@ -356,9 +368,9 @@ class SoFlowObjective:
         check_real("fm_fraction", self.fm_fraction, low=0.0, high=1.0)
         check_choice("forward_batching", self.forward_batching, ("auto", "joint", "split"))
         check_choice("backend", self.backend, BACKENDS)
+        object.__setattr__(self, "check_inputs", check_bool("check_inputs", self.check_inputs))
+        object.__setattr__(self, "differentiable_loss", check_bool("differentiable_loss", self.differentiable_loss))
         check_choice("consistency_velocity", self.consistency_velocity, ("conditional", "pretrained"))
-        if not isinstance(self.differentiable_loss, bool):
-            raise TypeError(f"differentiable_loss must be a bool; got {self.differentiable_loss!r}")
 
     # ------------------------------------------------------------------ construction
 
@@ -374,7 +386,7 @@ class SoFlowObjective:
         * ``"toy"``: not from the paper; this library's recipe for low-dimensional data (the 2-D
           toys), tuned on the checkerboard: λ = 0.25, p = 0.35, ε = 1, FM times logit-normal
           (−0.2, 1.0), t uniform on [0, 1], s logit-normal (−3.0, 1.5), r Exponent 1.0 → 0.002,
-          no guidance. See [Benchmarks](../benchmarks.md#a-recipe-for-low-dimensional-data).
+          no guidance. See [Benchmarks](../benchmarks/toy-recipe.md).
         * ``"finetune"``: not from the paper; this library's recipe for fine-tuning a velocity
           model converted by [`from_velocity_model`][soflow_core.nets.convert.from_velocity_model]
           (a Flow Matching model, SiT): the ``"toy"`` recipe with ``consistency_velocity="pretrained"``,
@@ -428,6 +440,15 @@ class SoFlowObjective:
     ) -> ObjectiveOutput:
         """Draw a training batch from ``data`` and evaluate the objective on ``model``.
 
+        Under a ``torch.compile`` of your own around this call, the draws run eagerly, outside
+        the graph (one graph break per step, with a warning the first time): dynamo can trace
+        neither an explicit ``torch.Generator`` nor the Python float r(k, K) of the schedule
+        without guarding on it, and a guard on a value that moves every step would recompile
+        every step. So the draws are exactly the eager ones, and the loss after them compiles
+        once and is reused at every step. For one graph without a break, draw with
+        ``sample_batch`` outside the compiled function and compile ``loss``, as
+        [`make_training_step`][soflow_core.train.make_training_step] does.
+
         Args:
             model: The backbone F_θ (a module, a DDP/FSDP wrapper or any callable).
             data: Clean samples, batch first.
@@ -458,7 +479,9 @@ class SoFlowObjective:
                 "velocity_model was given, but consistency_velocity='conditional' does not use it; build the "
                 "objective with consistency_velocity='pretrained' (or the 'finetune' preset)"
             )
-        batch = self.sample_batch(data, cond, step=step, total_steps=total_steps, generator=generator, noise=noise)
+        # torch.compiler.disable is applied here, only while tracing: at import it would load dynamo (and Triton).
+        draw = torch.compiler.disable(_sample_batch_eagerly) if is_tracing() else SoFlowObjective.sample_batch
+        batch = draw(self, data, cond, step=step, total_steps=total_steps, generator=generator, noise=noise)
         if pretrained:
             batch = with_pretrained_velocity(batch, velocity_model, param=self.param)  # type: ignore[arg-type]
         return self.loss(model, batch)
@@ -544,7 +567,7 @@ class SoFlowObjective:
     def _check_draw_inputs(self, data: object, cond: object, noise: object) -> None:
         """Types, shapes and dtypes, then finiteness and label ranges with one device sync."""
         data = check_tensor("data", data, min_ndim=2)
-        check_cond("cond", cond, data.shape[0])
+        check_cond("cond", cond, data.shape[0], device=data.device)
         checks = [finite_check("data", data)]
         if noise is not None:
             noise = check_tensor("noise", noise, min_ndim=2)
@@ -557,11 +580,23 @@ class SoFlowObjective:
         check_values(checks)
 
     def _check_backbone(self, model: Backbone, batch: TrainingBatch) -> Backbone:
-        """Check the batch's labels against the backbone's class count; wrap it to check every output."""
+        """Check the batch against the backbone before any call; wrap it to check every output.
+
+        The data's dtype must be the backbone's parameters' (outside autocast). The labels are
+        checked against the class count the backbone declares (one device sync); inside the
+        step the backbone then skips its own value check (`label_values_checked`). A backbone
+        that hides its class count (a function around the network) is not checked here, but the
+        library's backbones check their labels in ``forward``: a bad label (or a guidance
+        ``null_cond`` that is not the model's class count) fails at the first call, with the
+        library's message.
+        """
+        first = batch.flow_matching or batch.consistency
+        check_backbone_input("data", first.x_t, model)  # type: ignore[union-attr]
+        check_no_labels_for(model, first.cond)  # type: ignore[union-attr]
         declared = class_count(model)
+        guidance = self.guidance
         if declared is not None:
             num_classes, has_null = declared
-            guidance = self.guidance
             if guidance is not None and guidance.num_classes not in (None, num_classes):
                 raise ValueError(
                     f"guidance.null_cond = {guidance.num_classes} says the model has {guidance.num_classes} classes; "
@@ -578,11 +613,16 @@ class SoFlowObjective:
                     dropped = part.drop_mask if part.drop_mask is not None else False
                     checks += label_checks(name, part.cond, num_classes, null_allowed=dropped)
             check_values(checks)
-        return checked_backbone(
-            model,
+        context = (
             f"the objective's step over {batch.batch_size} samples (its backbone calls concatenate sub-batches: "
-            "guidance, Flow Matching and consistency samples; forward_batching='split' calls them one by one)",
+            "guidance, Flow Matching and consistency samples; forward_batching='split' calls them one by one)"
         )
+        if guidance is not None and guidance.num_classes is not None:
+            context += (
+                f"; dropped labels become guidance.null_cond = {guidance.num_classes}, which must be the model's "
+                "class count (SoFlowObjective.from_preset(..., num_classes=N))"
+            )
+        return checked_backbone(model, context, labels_checked=declared is not None)
 
     def use_joint_forward(self, model: Backbone) -> bool:
         """Whether the grad calls of the two sub-batches are concatenated into one call for ``model``.
@@ -633,8 +673,7 @@ class SoFlowObjective:
         guidance = self.guidance if self.guidance is not None and self.guidance.active else None
         joint = self.use_joint_forward(model)
         param = self.param
-        if self.check_inputs:
-            model = self._check_backbone(model, batch)
+        model = self._check_backbone(model, batch) if self.check_inputs else labels_unchecked(model)
 
         # 1. Guidance outputs, all without gradient, in one call when joint.
         uncond_fm = uncond_sc = model_sc = None
@@ -707,6 +746,31 @@ class SoFlowObjective:
         return _combine(fm_result, sc_result, batch.batch_size, sc_equivalent, self.differentiable_loss)
 
 
+_EAGER_DRAWS_WARNING = (
+    "SoFlowObjective(...) is being compiled with torch.compile: its random draws run eagerly, outside the graph "
+    "(one graph break per step; explicit generators and the moving schedule r(k, K) cannot be traced without "
+    "recompiling every step). For one graph without a break, draw with objective.sample_batch(...) outside the "
+    "compiled function and compile objective.loss(model, batch), as soflow_core.train.make_training_step does."
+)
+
+
+def _sample_batch_eagerly(objective: SoFlowObjective, data: Data, cond: Cond | None, **kwargs: object) -> TrainingBatch:
+    """``objective.sample_batch``, kept out of a user's ``torch.compile`` of ``objective(...)``.
+
+    dynamo breaks the graph here and runs the draws eagerly: the explicit generator cannot be
+    traced, and the schedule's float r(k, K), were it traced, would be guarded on and recompile
+    the step whenever it moves. Warns once per process.
+    """
+    _warn_eager_draws()
+    return objective.sample_batch(data, cond, **kwargs)  # type: ignore[arg-type]
+
+
+@functools.cache
+def _warn_eager_draws() -> None:
+    # Cached rather than left to the default warnings filter, which dynamo's catch_warnings blocks reset.
+    warnings.warn(_EAGER_DRAWS_WARNING, UserWarning, stacklevel=2)
+
+
 def _combine(
     fm: FlowMatchingOutput | None,
     sc: ConsistencyOutput | None,
@@ -759,7 +823,7 @@ PRESETS: dict[str, SoFlowObjective] = {
         weighting=AdaptiveWeighting(p=0.75, eps=1e-3),
         guidance=None,
     ),
-    # Not the paper's: tuned for 2-D data with the ablation in docs/benchmarks.md.
+    # Not the paper's: tuned for 2-D data with the ablation in docs/benchmarks/toy-recipe.md.
     "toy": SoFlowObjective(
         fm_fraction=0.25,
         fm_time=LogitNormal(mean=-0.2, std=1.0),

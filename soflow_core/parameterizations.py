@@ -15,12 +15,12 @@ from torch import Tensor
 
 from soflow_core._tensor import bcast_right
 from soflow_core._validation import (
-    check_backbone_output,
     check_choice,
     check_cond,
     check_tensor,
     check_time,
     check_time_order,
+    prepared_backbone,
     registered_name,
 )
 from soflow_core.typing import Backbone, Cond, Data, Time
@@ -37,7 +37,7 @@ def _check_call(x_t: Tensor, t: Tensor, s: Tensor, cond: object) -> None:
     check_time("t", t, x_t.shape[0])
     check_time("s", s, x_t.shape[0])
     check_time_order("s", s, "t", t, strict=False)
-    check_cond("cond", cond, x_t.shape[0])
+    check_cond("cond", cond, x_t.shape[0], device=x_t.device)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -123,7 +123,7 @@ class AbstractParam(ABC):
             True
         """
         _check_call(x_t, t, s, cond)
-        return self.combine(x_t, check_backbone_output(backbone(x_t, t, s, cond), x_t), t, s)
+        return self.combine(x_t, prepared_backbone(backbone, "x_t", x_t, cond)(x_t, t, s, cond), t, s)
 
     def velocity(self, backbone: Backbone, x_t: Data, t: Time, cond: Cond | None = None) -> Data:
         """Evaluate the model velocity v_θ(x_t, t): the backbone at s = t (see the Method page).
@@ -142,7 +142,7 @@ class AbstractParam(ABC):
                 like ``x_t``.
         """
         _check_call(x_t, t, t, cond)
-        return self.velocity_from_output(x_t, check_backbone_output(backbone(x_t, t, t, cond), x_t), t)
+        return self.velocity_from_output(x_t, prepared_backbone(backbone, "x_t", x_t, cond)(x_t, t, t, cond), t)
 
 
 @dataclass(frozen=True, kw_only=True)

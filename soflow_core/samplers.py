@@ -7,6 +7,7 @@ explicit ``generator`` where it draws noise.
 import itertools
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from soflow_core._rng import randn
@@ -16,16 +17,17 @@ from soflow_core._validation import (
     check_instance,
     check_int,
     check_tensor,
+    check_time_list,
     check_time_order,
-    check_values,
-    checked_backbone,
-    class_count,
     finite_check,
-    label_checks,
+    prepared_backbone,
 )
 from soflow_core.parameterizations import AbstractParam
 from soflow_core.paths import AbstractPath
 from soflow_core.typing import Backbone, Cond, Data
+
+TimeGrid = Sequence[float] | torch.Tensor | np.ndarray
+"""Times given to a sampler: a list or tuple of floats, or a 1-d floating-point tensor or array (never booleans)."""
 
 __all__ = ["renoise_times", "sample_chain", "sample_few_step", "sample_one_step", "uniform_time_grid"]
 
@@ -51,18 +53,15 @@ def uniform_time_grid(num_steps: int, *, dtype: torch.dtype = torch.float64) -> 
 def _check_inputs(backbone: Backbone, noise: object, cond: object, param: object) -> tuple[Backbone, torch.Tensor]:
     """Check the sampler's inputs (one device sync for noise and labels); return the output-checking backbone.
 
-    Class labels are checked against a backbone that declares ``num_classes``; the null class
-    (index ``num_classes``) is a valid label when the backbone has one.
+    Noise must be in the dtype of the backbone's parameters. Class labels are checked against a
+    backbone that declares ``num_classes``; the null class (index ``num_classes``) is a valid
+    label when the backbone has one. A backbone that hides its class count (behind a function)
+    checks them itself: the library's backbones refuse a bad label in their ``forward``.
     """
     check_instance("param", param, AbstractParam, "EulerParam()")
     noise = check_tensor("noise", noise, min_ndim=2)
-    check_cond("cond", cond, noise.shape[0])
-    checks = [finite_check("noise", noise)]
-    declared = class_count(backbone)
-    if declared is not None and isinstance(cond, torch.Tensor):
-        checks += label_checks("cond", cond, declared[0], null_allowed=declared[1])
-    check_values(checks)
-    return checked_backbone(backbone), noise
+    check_cond("cond", cond, noise.shape[0], device=noise.device)
+    return prepared_backbone(backbone, "noise", noise, cond, checks=[finite_check("noise", noise)]), noise
 
 
 def _full(x: torch.Tensor, value: float) -> torch.Tensor:
@@ -94,7 +93,8 @@ def sample_one_step(backbone: Backbone, noise: Data, *, param: AbstractParam, co
     Raises:
         ValueError: On bad shapes, non-finite noise, labels outside the backbone's class count,
             or a backbone output not shaped like its input.
-        TypeError: On a ``param`` that is not a parameterization object, or non-integer labels.
+        TypeError: On a ``param`` that is not a parameterization object, non-integer labels, or
+            noise in another dtype than the backbone's parameters (outside autocast).
 
     Examples:
         >>> import torch
@@ -108,7 +108,7 @@ def sample_one_step(backbone: Backbone, noise: Data, *, param: AbstractParam, co
     return _solve(backbone, param, noise, 1.0, 0.0, cond)
 
 
-def renoise_times(num_steps: int | None = None, times: Sequence[float] | torch.Tensor | None = None) -> list[float]:
+def renoise_times(num_steps: int | None = None, times: TimeGrid | None = None) -> list[float]:
     r"""The evaluation times τ_0 = 1 > τ_1 > … > τ_{N−1} > 0 of the re-noising few-step sampler.
 
     Without ``times`` it is the reference grid τ_i = 1 − i/N
@@ -138,7 +138,7 @@ def renoise_times(num_steps: int | None = None, times: Sequence[float] | torch.T
             raise ValueError("give num_steps or times; got neither")
         n = check_int("num_steps", num_steps, low=1)
         return uniform_time_grid(n).tolist()[:n]
-    grid = torch.as_tensor(times, dtype=torch.float64).flatten().tolist()
+    grid = check_time_list("times", times)
     if num_steps is not None and check_int("num_steps", num_steps, low=1) != len(grid):
         raise ValueError(f"num_steps must equal the number of times; got num_steps={num_steps} and times={grid}")
     if not grid or grid[0] != 1.0:
@@ -156,7 +156,7 @@ def sample_few_step(
     param: AbstractParam,
     path: AbstractPath,
     num_steps: int | None = None,
-    times: Sequence[float] | torch.Tensor | None = None,
+    times: TimeGrid | None = None,
     cond: Cond | None = None,
     generator: torch.Generator | None = None,
 ) -> Data:
@@ -213,7 +213,7 @@ def sample_few_step(
 def sample_chain(
     backbone: Backbone,
     noise: Data,
-    times: torch.Tensor | list[float],
+    times: TimeGrid,
     *,
     param: AbstractParam,
     cond: Cond | None = None,
@@ -246,7 +246,7 @@ def sample_chain(
         torch.Size([5, 2])
     """
     backbone, noise = _check_inputs(backbone, noise, cond, param)
-    grid = torch.as_tensor(times, dtype=torch.float64).flatten()
+    grid = torch.tensor(check_time_list("times", times), dtype=torch.float64)
     if grid.numel() < 2:
         raise ValueError(f"times must hold at least two times; got {grid.tolist()}")
     if not bool(torch.isfinite(grid).all()) or bool((grid < 0).any() or (grid > 1).any()):

@@ -159,6 +159,40 @@ def check_traced_step_reproduces_eager_bit_for_bit() -> None:
         assert all(torch.equal(a, b) for a, b in zip(net.parameters(), twin.parameters())), step
 
 
+def check_users_compile_of_the_objective_never_recompiles() -> None:
+    """torch.compile around objective(...) over a moving r(k, K): no recompile, eager results, one warning.
+
+    Both with dynamo's automatic dynamic shapes and with ``dynamic=False`` (which ``mode=
+    "max-autotune"`` users often pass), where every value that moves used to recompile the step
+    until the recompile limit.
+    """
+    import warnings
+
+    objective = SoFlowObjective.from_preset("imagenet", guidance=CFG)
+    net = random_mlp(3, num_classes=5, dtype=torch.float32)
+    data, labels = torch.randn(16, 3), torch.randint(0, 5, (16,))
+
+    def step(data, k, generator):
+        return objective(net, data, labels, step=k, total_steps=10, generator=generator).backprop
+
+    for dynamic in (None, False):
+        torch._dynamo.reset()
+        counter = CompileCounterWithBackend("aot_eager")
+        compiled = torch.compile(step, backend=counter, dynamic=dynamic)
+        frames = []
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for k in range(6):  # r(k, 10) moves at every step
+                got = compiled(data, k, torch.Generator().manual_seed(k))
+                want = step(data, k, torch.Generator().manual_seed(k))
+                assert torch.equal(got, want), (dynamic, k, got, want)
+                frames.append(counter.frame_count)
+        assert frames == [frames[0]] * len(frames), (dynamic, frames)
+        if dynamic is None:  # warned once per process: the first loop
+            messages = [str(w.message) for w in caught if "make_training_step" in str(w.message)]
+            assert len(messages) == 1, messages
+
+
 def main() -> int:
     torch.set_num_threads(1)
     checks = {name: fn for name, fn in globals().items() if name.startswith("check_")}

@@ -23,10 +23,22 @@
 """
 
 import os
+import sys
+import types
+from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
+
+# torch-fidelity 0.4.0's wheel (the `fid` extra) installs its own test suite as a top-level package named
+# `tests`. A regular package wins over this folder, a namespace package (no __init__.py, so that test modules
+# also import `_helpers` by its bare name), and `tests._helpers` would then be looked up in site-packages.
+# Bind the name to this folder before any test module imports through it.
+_TESTS = str(Path(__file__).resolve().parent)
+if list(getattr(sys.modules.get("tests"), "__path__", [])) != [_TESTS]:
+    sys.modules["tests"] = types.ModuleType("tests", "this project's test suite")
+    sys.modules["tests"].__path__ = [_TESTS]
 
 _threads = os.environ.get("SOFLOW_TEST_THREADS", "2")
 if not _threads.isdigit() or int(_threads) < 1:

@@ -11,6 +11,10 @@ Two HTML comments, on the line right above a block, adapt it; a reader of the re
   each OLD must occur in the block.
 * ``<!-- code: not run (REASON) -->``: skipped; the reason must be given (a released checkpoint, a file the
   reader brings). Keep these rare.
+
+A block that trains (it calls ``.backward()`` or a compiled training step) states what it should reach in a
+top-level ``assert`` a reader sees, e.g. ``assert score < 0.01  # 0.0051 measured``, and no substitution may touch
+that line: the test runs the check as written, so the figure on the page is the one checked.
 """
 
 from __future__ import annotations
@@ -105,6 +109,35 @@ def test_python_blocks_run(page: Path, tmp_path: Path) -> None:
         env=os.environ | {"PYTHONPATH": path, "OMP_NUM_THREADS": "1"},
     )
     assert done.returncode == 0, done.stderr[-4000:]
+
+
+def _trains(code: str) -> bool:
+    return ".backward(" in code or re.search(r"\bstep_fn(\.accumulate)?\(", code) is not None
+
+
+TRAINING_BLOCKS = [
+    (page, line, code, marker)
+    for page in PYTHON_PAGES
+    for line, lang, code, marker in blocks(page)
+    if lang == "python" and _trains(code) and "not run" not in marker
+]
+
+
+@pytest.mark.parametrize(
+    ("page", "line", "code", "marker"), TRAINING_BLOCKS, ids=[f"{_relative(p)}:{n}" for p, n, *_ in TRAINING_BLOCKS]
+)
+def test_training_blocks_state_what_they_reach(page: Path, line: int, code: str, marker: str) -> None:
+    import ast
+
+    checks = [node for node in ast.parse(code).body if isinstance(node, ast.Assert)]
+    assert checks, f"{_relative(page)}:{line}: a block that trains needs a top-level assert of what it reaches"
+    lines = code.splitlines()
+    stated = {lines[node.lineno - 1] for node in checks}
+    match = _MARK.search(marker)
+    for pair in match.group("arg").split(";") if match else ():
+        old = pair.partition("->")[0].strip()
+        touched = [row for row in stated if old and old in row]
+        assert not touched, f"{_relative(page)}:{line}: the substitution {old!r} changes the checked line {touched}"
 
 
 _SCRIPT = re.compile(r"(?:^|\s)((?:examples|benchmarks)/[\w/]+\.py)(?=\s|$)")

@@ -1,6 +1,8 @@
 """sample.py, export_pretrained.py and the trainers' --init on every checkpoint layout (tiny models, in-process)."""
 
 import json
+import os
+import stat
 import sys
 from pathlib import Path
 
@@ -134,6 +136,10 @@ def test_a_run_exports_to_a_folder_that_samples_like_the_run(tmp_path):
         ["--preset", "tiny", "--synthetic", "--no-progress", "--total-steps", "2", "--out", str(run)]
     )
     folder = export_pretrained.main(["--ckpt", str(run), "--out", str(tmp_path / "published")])
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("config.json", "model.safetensors"):  # the ordinary mode, as the run's own files
+        assert stat.S_IMODE((folder / name).stat().st_mode) == 0o666 & ~umask, name
     document = json.loads((folder / "config.json").read_text())
     assert document["metadata"]["step"] == 2 and document["metadata"]["entry"] == "ema"
     assert document["metadata"]["run"]["model"] == "DiT-tiny/4"
@@ -193,3 +199,15 @@ def test_cifar_trainer_starts_from_a_pretrained_folder_and_resumes_over_it(tmp_p
     printed = capsys.readouterr().out
     assert "resuming from" in printed and "initialised" not in printed
     assert "--total-steps: 1 -> 2 (applied from step 1 on)" in printed
+
+
+def test_samples_go_under_runs_without_out(files: dict[str, Path], tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the default is relative to where the command runs, as runs/ of the other scripts
+    written = sample.main(
+        ["--ckpt", str(files["dit"]), *DIT_SIZE, "--num-samples", "2", "--device", "cpu", "--nfe", "2"]
+    )
+    assert written == Path("runs/samples/dit-nfe2.npz") and written.is_file()
+    assert sample.default_out("SoFlow/XL-2-cond/", 1200000, 1) == "runs/samples/XL-2-cond-1200000-nfe1.npz"
+    assert (
+        sample.default_out("runs/dit_b4/checkpoints/step-0000400.pt", None, 1) == "runs/samples/step-0000400-nfe1.npz"
+    )

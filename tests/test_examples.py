@@ -30,6 +30,10 @@ def test_toy_example_runs_end_to_end(tmp_path, recipe):
     assert config["threads"] == 1 and metrics["device"] == "cpu (1 threads)"
     assert metrics["train_cpu_seconds"] > 0 and metrics["train_seconds"] > 0
     assert (out / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = [json.loads(line) for line in (out / "train_metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [0, 10, 20, 29]  # every --metrics-every steps and the last
+    assert rows[0]["r"] == (0.1 if recipe == "imagenet" else 1.0) and rows[-1]["lr"] > 0 and rows[-1]["finite"] == 1.0
+    assert {"consistency_mse", "consistency_loss"} <= set(rows[0]) and rows[0]["seconds"] >= 0
     assert "one-step energy distance" in result.stdout
     assert "30/30" in result.stdout  # the progress bar or line reached the end
 
@@ -37,7 +41,10 @@ def test_toy_example_runs_end_to_end(tmp_path, recipe):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--preset", "imagenet"], "argument --preset: invalid choice: 'imagenet' (choose from 'default', 'tiny')"),
+        (
+            ["--preset", "imagenet"],
+            "unknown preset 'imagenet'; choose from default, tiny. 'imagenet' is a value of --recipe",
+        ),
         (["--recipe", "tiny"], "argument --recipe: unknown 'tiny'; choose from toy, imagenet, cifar10"),
         (["--config", "tiny", "--steps", "0"], "--steps must be >= 1"),
         (["--threads", "0"], "--threads must be >= 1; got 0"),

@@ -1,8 +1,9 @@
 """The framework recipes under examples/recipes, each run on 2 gloo ranks on CPU with the real framework.
 
 Every recipe is run twice with torchrun: once for the whole run (2 epochs), writing a checkpoint
-after epoch 1, and once resumed from that checkpoint. The tests check, from each rank's trace of
-its draws and the optimizer's own step counter:
+after epoch 1 (Lightning: after every optimizer step), and once resumed from that checkpoint
+(Lightning: from one in the middle of epoch 1). The tests check, from each rank's trace of its
+draws, of the points it trained on and of the optimizer's own step counter:
 
 * the ranks draw different times on every micro-batch;
 * the ℓ schedule r(k, K) advances once per optimizer step: the ratio (t − ℓ)/(t − s) of every
@@ -48,13 +49,15 @@ def ell_at(record: dict, optimizer_steps: int, total_steps: int) -> torch.Tensor
     return consistency_times(t, s, SCHEDULE(optimizer_steps, total_steps)).ell
 
 
-def check_recipe(script: str, checkpoint_of, tmp_path: Path) -> None:
+def check_recipe(script: str, checkpoint_of, tmp_path: Path, *, save: str = "--save-every-epoch") -> None:
+    """Run, resume from the checkpoint at the end of epoch 1, or (``save="--save-every-steps"``) mid-epoch."""
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    torchrun(script, whole, "--save-every-epoch")
+    torchrun(script, whole, *([save, "1"] if save == "--save-every-steps" else [save]))
     first = [trace(whole, rank) for rank in range(2)]
     total_steps = first[0][-1]["step"] + 1
     assert total_steps >= 4 and total_steps % 2 == 0
-    torchrun(script, resumed, "--resume", str(checkpoint_of(whole, total_steps // 2)))
+    start = total_steps // 2 - 1 if save == "--save-every-steps" else total_steps // 2  # 3 of 4 steps per epoch
+    torchrun(script, resumed, "--resume", str(checkpoint_of(whole, start)))
 
     for rank0, rank1 in zip(*first, strict=True):
         assert (rank0["step"], rank0["micro"]) == (rank1["step"], rank1["micro"])
@@ -66,7 +69,7 @@ def check_recipe(script: str, checkpoint_of, tmp_path: Path) -> None:
             assert record["optimizer_steps"] == record["step"], "step must count optimizer steps"
             ell = torch.tensor(record["ell"], dtype=torch.float32)
             torch.testing.assert_close(ell, ell_at(record, record["optimizer_steps"], total_steps), rtol=0, atol=0)
-        after = [r for r in records if r["step"] >= total_steps // 2]
+        after = [r for r in records if r["step"] >= start]
         assert trace(resumed, rank) == after, "the resumed run drew differently"
     got, expected = torch.load(resumed / "final.pt"), torch.load(whole / "final.pt")
     assert got.keys() == expected.keys()
@@ -93,8 +96,9 @@ def accelerate_state(out: Path, step: int) -> Path:
     return out / f"state-{step}"
 
 
-def test_lightning_recipe(tmp_path):
-    check_recipe("lightning_ddp.py", lightning_checkpoint, tmp_path)
+def test_lightning_recipe_resumes_mid_epoch_exactly(tmp_path):
+    """Its data order follows the optimizer step, so a checkpoint in the middle of an epoch resumes exactly."""
+    check_recipe("lightning_ddp.py", lightning_checkpoint, tmp_path, save="--save-every-steps")
 
 
 def test_accelerate_recipe(tmp_path):

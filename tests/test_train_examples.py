@@ -207,6 +207,12 @@ def test_two_ranks_match_one_rank_with_accumulation(tmp_path):
             for name, value in reference[key].items():
                 assert torch.equal(got[key][name], value), (mode, key, name)
         assert losses(out) == losses(single)
+    # One process resumes the DDP run: another micro-batch layout, printed and recorded in the resume event.
+    resumed = ok(run("train_dit_imagenet.py", *TINY, "--total-steps", "4", "--out", str(tmp_path / "ddp")))
+    assert "world size 2 -> 1: the metrics.jsonl averaging window restarts at step 3" in resumed.stdout
+    assert "micro-batches per step (world size × --grad-accum) 2 -> 1: from step 3 on" in resumed.stdout
+    [event] = events(tmp_path / "ddp")
+    assert (event["world_size"], event["micro_batches"]) == ([2, 1], [2, 1])
 
 
 def test_sigkill_and_corrupt_checkpoint_resume_exactly(tmp_path):
@@ -351,7 +357,7 @@ def test_a_non_finite_step_stops_the_run_and_is_never_saved(tmp_path):
     resumed = ok(run("train_dit_imagenet.py", *common))  # the checkpoint holds the sane lr: nothing to apply
     assert f"resuming from {checkpoint_path(out / 'checkpoints', 2)} at step 2" in resumed.stdout
     assert json.loads((out / "config.json").read_text())["lr"] == 1e-4
-    assert sorted(losses(out)) == [2, 5, 6] and [e["event"] for e in events(out)] == ["resume", "non_finite", "resume"]
+    assert sorted(losses(out)) == [5, 6] and [e["event"] for e in events(out)] == ["resume", "non_finite", "resume"]
 
 
 def test_a_second_trainer_on_the_same_folder_is_refused_and_a_stale_lock_is_taken_over(tmp_path):
@@ -399,7 +405,12 @@ def test_resume_applies_lr_and_refuses_what_must_match(tmp_path):
     out = tmp_path / "run"
     ok(run("train_dit_imagenet.py", *TINY, "--total-steps", "2", "--out", str(out)))
     config = (out / "config.json").read_text()
+    for _ in range(2):  # a finished run run again: nothing to do, nothing written, no event
+        again = ok(run("train_dit_imagenet.py", *TINY, "--total-steps", "2", "--out", str(out)))
+        assert "is step 2 of --total-steps 2: nothing to do" in again.stdout
+    assert events(out) == [] and (out / "config.json").read_text() == config
     for flags, named in (
+        (["--total-steps", "1"], "--total-steps 1, below step 2 where the run resumes"),
         (["--model", "DiT-tiny/2"], "--model 'DiT-tiny/2' (the run has 'DiT-tiny/4')"),
         (["--seed", "7"], "--seed 7 (the run has 42)"),
         (["--batch-size", "16"], "--batch-size 16 (the run has 8)"),
@@ -417,6 +428,13 @@ def test_resume_applies_lr_and_refuses_what_must_match(tmp_path):
     assert payload["config"]["lr"] == 3e-4 and {g["lr"] for g in payload["optimizer"]["param_groups"]} == {3e-4}
     assert [row["lr"] for row in rows(out) if row["step"] > 2] == [3e-4, 3e-4]
     assert events(out)[0]["applied"] == {"lr": [1e-4, 3e-4], "total_steps": [2, 4]}
+    # The compile options follow --compile's rule, also for a run that never compiled.
+    compiled = ["--compile-backend", "aot_eager", "--compile-mode", "max-autotune-no-cudagraphs"]
+    resumed = ok(
+        run("train_dit_imagenet.py", *TINY, "--total-steps", "5", "--lr", "3e-4", *compiled, "--out", str(out))
+    )
+    assert "--compile-backend: 'inductor' -> 'aot_eager' (applied from step 4 on)" in resumed.stdout
+    assert events(out)[1]["applied"]["compile_mode"] == ["", "max-autotune-no-cudagraphs"]
 
 
 def test_unusable_checkpoints_with_valid_manifests_are_reported_and_skipped(tmp_path):
@@ -447,9 +465,12 @@ def test_start_problems_are_found_before_anything_is_written(tmp_path):
     for flags, message in (
         (["--max-steps", "-1"], "--max-steps must be >= 0; got -1"),
         (["--lr", "nan"], "--lr must be a finite number >= 0"),
+        (["--fsdp"], "--fsdp shards the network over the processes of a torchrun job"),  # not a torchrun process
+        (["--compile", "--precision", "bf16", "--device", "cpu"], "--compile --precision bf16 cannot run on the CPU"),
     ):
         result = run("train_dit_imagenet.py", *TINY, *flags, "--out", str(tmp_path / "new"))
         assert result.returncode == 2 and message in result.stderr and not (tmp_path / "new").exists()
+        assert "Traceback" not in result.stderr
     if not torch.cuda.is_available():
         result = run("train_dit_imagenet.py", *TINY, "--device", "cuda", "--out", str(tmp_path / "new"))
         assert result.returncode == 2 and "--device cuda:" in result.stderr and "Traceback" not in result.stderr
@@ -461,6 +482,35 @@ def test_start_problems_are_found_before_anything_is_written(tmp_path):
     result = run("train_dit_imagenet.py", *TINY, "--init", str(tmp_path / "other.pt"), "--out", str(nested))
     assert result.returncode == 1 and "cannot start this run" in result.stderr
     assert not (tmp_path / "new").exists()
+
+
+def test_a_folder_at_the_next_checkpoints_name_is_refused_at_start_and_the_run_gets_past_it(tmp_path):
+    out = tmp_path / "run"
+    ok(run("train_dit_imagenet.py", *TINY, "--total-steps", "2", "--out", str(out)))
+    config = (out / "config.json").read_text()
+    for blocker in (checkpoint_path(out / "checkpoints", 4), out / "samples" / "step-000000004.png"):
+        blocker.mkdir()
+        result = run("train_dit_imagenet.py", *TINY, "--total-steps", "4", "--out", str(out))
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert f"{blocker} exists and is not a file; the run writes a file there: remove it" in result.stderr
+        assert (out / "config.json").read_text() == config and events(out) == []
+        blocker.rmdir()
+    ok(run("train_dit_imagenet.py", *TINY, "--total-steps", "4", "--out", str(out)))
+    assert [s for s, _ in list_checkpoints(out / "checkpoints")] == [4, 2]
+
+
+def test_a_chunked_run_logs_and_draws_grids_where_an_uninterrupted_one_does(tmp_path):
+    """--max-steps chunks that --log-every does not divide: no extra row or grid, no shortened window."""
+    common = [*TINY, "--total-steps", "10", "--log-every", "3", "--ckpt-every", "5", "--sample-every", "4"]
+    reference = tmp_path / "reference"
+    ok(run("train_dit_imagenet.py", *common, "--out", str(reference)))
+    out = tmp_path / "chunked"
+    for _ in range(3):  # steps 1-4, 5-8, 9-10
+        ok(run("train_dit_imagenet.py", *common, "--max-steps", "4", "--out", str(out)))
+    assert sorted(losses(reference)) == [3, 6, 9, 10]
+    assert losses(out) == losses(reference)  # the window of steps 4-6 spans two chunks, bit for bit
+    grids = [sorted(p.name for p in (d / "samples").iterdir()) for d in (out, reference)]
+    assert grids[0] == grids[1] == ["step-000000004.png", "step-000000008.png", "step-000000010.png"]
 
 
 def test_interrupted_writes_leave_nothing_behind_and_files_get_the_ordinary_mode(tmp_path):

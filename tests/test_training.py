@@ -267,6 +267,36 @@ def test_pruning_never_removes_the_multiples_of_keep_every(tmp_path):
         save_checkpoint(tmp_path, 14, payload(14), keep=1, keep_every=0)
 
 
+def test_a_folder_at_a_checkpoints_name_is_no_checkpoint_and_is_never_written_over(tmp_path):
+    save_checkpoint(tmp_path, 1, payload(1))
+    checkpoint_path(tmp_path, 2).mkdir()  # what `mkdir run/checkpoints/step-000000002.pt` leaves
+    checkpoint_path(tmp_path, 3).with_suffix(".json").mkdir()
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [1]
+    assert latest_valid_checkpoint(tmp_path) == checkpoint_path(tmp_path, 1)
+    for step in (2, 3):
+        with pytest.raises(ValueError, match=f"step-00000000{step}.(pt|json) exists and is not a file"):
+            save_checkpoint(tmp_path, step, payload(step), keep=1)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [1] and list(tmp_path.glob(".*")) == []
+    save_checkpoint(tmp_path, 4, payload(4), keep=1)  # pruning passes the folders by
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [4] and checkpoint_path(tmp_path, 2).is_dir()
+
+
+def test_atomic_save_gives_the_ordinary_mode_whatever_the_writer_does(tmp_path):
+    """A writer that replaces the file it is given (safetensors does) still leaves 0o666 less the umask."""
+    from soflow_core._files import atomic_save
+
+    def replace_privately(tmp):
+        tmp.unlink()
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+    old = os.umask(0o022)
+    try:
+        atomic_save(tmp_path / "weights.bin", replace_privately)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "weights.bin").stat().st_mode) == 0o644
+
+
 def test_save_refuses_a_payload_that_would_not_load(tmp_path):
     save_checkpoint(tmp_path, 1, payload(1))
     with pytest.raises(ValueError, match=r"weights_only.*numpy.*payload\['data'\]\['order'\] \(numpy.ndarray\)"):

@@ -2,7 +2,8 @@
 
 The recipes keep the generator pattern in plain sight; only the parts that are the same in every
 framework live here. ``--trace`` makes each rank write one JSON line per micro-batch with the
-times the objective drew and the optimizer's own step count, which the recipe tests read.
+times the objective drew, sums of the points x_t it trained on (they change with the data order)
+and the optimizer's own step count, which the recipe tests read.
 """
 
 import argparse
@@ -57,7 +58,7 @@ def optimizer_steps_taken(optimizer: torch.optim.Optimizer) -> int:
 
 
 class DrawTrace:
-    """One JSON line per micro-batch: step, micro, rank, the optimizer's count and the drawn times."""
+    """One JSON line per micro-batch: step, micro, rank, the optimizer's count, the drawn times and x_t's sums."""
 
     def __init__(self, out: Path, rank: int, enabled: bool) -> None:
         self.path = out / f"trace-rank{rank}.jsonl" if enabled else None
@@ -76,6 +77,8 @@ class DrawTrace:
             "t": times.t.tolist(),
             "s": times.s.tolist(),
             "ell": times.ell.tolist(),
+            # the data the step trained on (x_t mixes it with the noise): equal only for the same batches
+            "x_t_sums": [part.x_t.sum().item() for part in (batch.flow_matching, times)],
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as file:

@@ -1,9 +1,11 @@
 """Launcher helpers shared by the kernels: row views, block sizes, argument checks."""
 
+import math
 import os
 
 import torch
 import triton
+import triton.language as tl
 from torch import Tensor
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -33,10 +35,31 @@ def as_rows(name: str, x: Tensor, batch: int) -> Tensor:
         raise ValueError(f"{name} must have batch size {batch} in its first dimension; got shape {tuple(x.shape)}")
     if x.dtype not in KERNEL_DTYPES:
         raise ValueError(f"{name} must be float32, bfloat16 or float16 for the Triton kernels; got {x.dtype}")
-    rows = x.reshape(batch, -1)
+    rows = flat_rows(x)
     if rows.shape[1] > 1 and rows.stride(1) != 1:
         rows = rows.contiguous()
     return rows
+
+
+def flat_rows(x: Tensor) -> Tensor:
+    """``x`` as (b, n), n the product of its trailing sizes (``reshape(b, -1)`` fails for b = 0).
+
+    Args:
+        x: A tensor whose first dimension is the batch.
+
+    Returns:
+        The rows, a view where one exists.
+    """
+    return x.reshape(x.shape[0], math.prod(x.shape[1:]))
+
+
+@triton.jit
+def inverse_power(x, p):
+    """x^−p as the reference's ``1 / x**p``: exp2(−p·log2 x), and 1 for p = 0 whatever x is.
+
+    IEEE pow gives x^0 = 1 for every x, 0, ∞ and NaN included, where exp2(−0·log2 x) is NaN.
+    """
+    return tl.where(p == 0.0, 1.0, tl.exp2(-p * tl.log2(x)))
 
 
 def check_same_shape(reference_name: str, reference: Tensor, **others: Tensor | None) -> None:

@@ -12,7 +12,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from soflow_kernels._rows import as_rows, check_coefficients, check_same_shape, elementwise_block, reduction_block
+from soflow_kernels._rows import (
+    as_rows,
+    check_coefficients,
+    check_same_shape,
+    elementwise_block,
+    inverse_power,
+    reduction_block,
+)
 
 __all__ = ["consistency_rows"]
 
@@ -105,7 +112,7 @@ def _consistency_fwd_kernel(
         acc_fq += f * q
     q_mse = tl.sum(acc_qq, axis=0) / n_cols
     fq = tl.sum(acc_fq, axis=0) / n_cols
-    weight = tl.exp2(-p * tl.log2(q_mse + eps))
+    weight = inverse_power(q_mse + eps, p)
     tl.store(quotient_mse + row, q_mse)
     tl.store(weight_out + row, weight)
     tl.store(surrogate + row, sign * weight * fq)

@@ -11,7 +11,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from soflow_kernels._rows import as_rows, check_coefficients, check_same_shape, elementwise_block, reduction_block
+from soflow_kernels._rows import (
+    as_rows,
+    check_coefficients,
+    check_same_shape,
+    elementwise_block,
+    inverse_power,
+    reduction_block,
+)
 
 __all__ = ["flow_matching_rows"]
 
@@ -69,7 +76,7 @@ def _flow_matching_fwd_kernel(
         )
         acc += delta * delta
     mse = tl.sum(acc, axis=0) / n_cols
-    weight = w_scale * tl.exp2(-p * tl.log2(mse + eps))
+    weight = w_scale * inverse_power(mse + eps, p)
     tl.store(mse_out + row, mse)
     tl.store(weight_out + row, weight)
     tl.store(per_sample + row, weight * mse)

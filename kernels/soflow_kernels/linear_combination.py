@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from soflow_kernels._rows import as_rows, check_coefficients, check_same_shape, elementwise_block
+from soflow_kernels._rows import as_rows, check_coefficients, check_same_shape, elementwise_block, flat_rows
 
 __all__ = ["linear_combination"]
 
@@ -156,8 +156,8 @@ def _backward(ctx, grads):
     grad_coefficients = None
     if ctx.save_coefficient_inputs:
         # Only when times carry gradients (never in training): a per-row reduction in PyTorch.
-        g = torch.stack([x.reshape(x.shape[0], -1).float() for x in grads], dim=1)
-        x = torch.stack([x.reshape(x.shape[0], -1).float() for x in tensors], dim=1)
+        g = torch.stack([flat_rows(x).float() for x in grads], dim=1)
+        x = torch.stack([flat_rows(x).float() for x in tensors], dim=1)
         grad_coefficients = torch.einsum("bjd,bkd->bjk", g, x).to(coefficients.dtype)
     return grad_inputs, grad_coefficients
 

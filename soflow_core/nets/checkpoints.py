@@ -53,6 +53,7 @@ import torch
 from torch import Tensor, nn
 
 from soflow_core._files import atomic_save, atomic_write, sha256_file
+from soflow_core._validation import check_bool
 from soflow_core.parameterizations import AbstractParam, make_param, param_name
 from soflow_core.paths import AbstractPath, make_path, path_name
 
@@ -532,6 +533,7 @@ def read_state_dict(
         >>> print(contents.origin)
         training checkpoint <mapping>, entry 'ema_model' (EMA weights), key prefix 'network.' stripped
     """
+    check_bool("verify", verify)
     if isinstance(source, CheckpointContents):
         if entry is not None:
             raise ValueError(f"entry={entry!r} was given for contents already read from {source.origin.location}")
@@ -683,6 +685,7 @@ def load_weights(
         >>> load_weights(dst, official).origin.entry
         'ema_model'
     """
+    check_bool("strict", strict)
     model = _unwrap_model(model)
     contents = read_state_dict(source, entry=entry)
     missing = _check_fits(model, contents.state, strict=strict)

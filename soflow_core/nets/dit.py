@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from soflow_core._validation import check_int, check_real
+from soflow_core._validation import check_bool, check_int, check_real, class_labels
 from soflow_core.nets._inputs import check_image_inputs
 from soflow_core.nets.checkpoints import AbstractBackbone, resolve_config, state_shape
 from soflow_core.nets.mlp import sinusoidal_embedding
@@ -206,6 +206,10 @@ class DiT(AbstractBackbone):
     ``null_class`` is set, the last row (index ``num_classes``) being the null class that
     classifier-free guidance drops labels to; ``cond=None`` selects it. The network drops no
     labels itself. ``num_classes=None`` (or 0) builds an unconditional DiT without a label table.
+    ``forward`` checks the labels by the objective's rule (integers in [0, ``num_classes``), the
+    null class only with its row), so no label reaches the table as an ``IndexError``; the value
+    check is skipped where a caller already made it and under ``torch.compile``
+    (see [Conventions](../conventions.md#class-labels)).
 
     Named sizes come from [`DIT_SIZES`][soflow_core.nets.dit.DIT_SIZES] through
     [`from_name`][soflow_core.nets.dit.DiT.from_name]. ``save_pretrained`` and
@@ -262,9 +266,9 @@ class DiT(AbstractBackbone):
         if hidden_size % 4:
             raise ValueError(f"hidden_size must be a multiple of 4 (2-D sin-cos positions); got {hidden_size}")
         self.num_classes = None if not num_classes else check_int("num_classes", num_classes, low=1)
-        self.null_class = bool(null_class) and self.num_classes is not None
+        self.null_class = check_bool("null_class", null_class) and self.num_classes is not None
         self.out_channels = in_channels
-        self.gradient_checkpointing = bool(gradient_checkpointing)
+        self.gradient_checkpointing = check_bool("gradient_checkpointing", gradient_checkpointing)
         grid = input_size // patch_size
 
         self.x_embedder = _PatchEmbed(patch_size, in_channels, hidden_size)
@@ -315,6 +319,11 @@ class DiT(AbstractBackbone):
         )
 
     signature_keys = frozenset({"x_embedder.proj.weight", "t_embedder.mlp.0.weight"})
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """The shape of one input sample (the objective and the samplers check data against it)."""
+        return (self.in_channels, self.input_size, self.input_size)
 
     @property
     def config(self) -> dict[str, Any]:
@@ -492,21 +501,6 @@ class DiT(AbstractBackbone):
         with torch.no_grad():
             self.pos_embed.copy_(table[None].to(device=self.pos_embed.device, dtype=self.pos_embed.dtype))
 
-    def _labels(self, cond: Tensor | None, batch: int, device: torch.device) -> Tensor:
-        if cond is None:
-            if not self.null_class:
-                raise ValueError(
-                    "cond=None asks for the null class, but this DiT has no null row "
-                    f"(num_classes={self.num_classes}, null_class=False); pass labels or build it with null_class=True"
-                )
-            return torch.full((batch,), self.num_classes, dtype=torch.long, device=device)  # type: ignore[arg-type]
-        if cond.shape != (batch,) or cond.is_floating_point() or cond.is_complex():
-            raise ValueError(
-                f"cond must hold one integer class label per image of x ({batch} images); got shape "
-                f"{tuple(cond.shape)} and dtype {cond.dtype}"
-            )
-        return cond.long()
-
     def _unpatchify(self, tokens: Tensor) -> Tensor:
         """(b, T, p·p·C) → (b, C, H, W); each token holds its patch as (row, column, channel)."""
         b, p, c = tokens.shape[0], self.patch_size, self.out_channels
@@ -528,13 +522,17 @@ class DiT(AbstractBackbone):
             The network output, shaped like ``x``.
 
         Raises:
-            ValueError: On a wrong input shape, labels given to an unconditional model, or
+            ValueError: On a wrong input shape or device, labels given to an unconditional model,
+                labels outside [0, num_classes] (num_classes only with the null row), or
                 ``cond=None`` for a model without a null class.
+            TypeError: On labels that are not integers, times that are not floating point, or
+                ``x`` in another dtype than the parameters outside autocast.
         """
-        batch = check_image_inputs(x, t, s, channels=self.in_channels, resolution=self.input_size)
+        check_image_inputs(x, t, s, channels=self.in_channels, resolution=self.input_size, model=self)
         c = self.t_embedder(t) + self.s_embedder(t - s)
         if self.y_embedder is not None:
-            c = c + self.y_embedder(self._labels(cond, batch, x.device))
+            labels = class_labels(cond, x, num_classes=self.num_classes, null_class=self.null_class, model="DiT")
+            c = c + self.y_embedder(labels)
         elif cond is not None:
             raise ValueError("cond was given to an unconditional DiT (num_classes=None)")
         h = self.x_embedder(x) + self.pos_embed

@@ -9,7 +9,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from soflow_core._validation import check_int, check_real
+from soflow_core._validation import check_int, check_real, class_labels
+from soflow_core.nets._inputs import check_flat_inputs
 from soflow_core.nets.checkpoints import AbstractBackbone, resolve_config, state_shape
 from soflow_core.typing import Cond, Data, Time
 
@@ -77,7 +78,8 @@ class MLPBackbone(AbstractBackbone):
     Times are embedded as the SoFlow networks do (sinusoids of t and of t − s, unscaled), mapped
     by a small MLP and added in every block. With ``num_classes``, a label table of
     ``num_classes + 1`` rows embeds the labels, the last row being the null class used by
-    classifier-free guidance. With ``fourier_features`` = k > 0 the input layer sees
+    classifier-free guidance; ``forward`` checks them by the objective's rule (see
+    [Conventions](../conventions.md#class-labels)). With ``fourier_features`` = k > 0 the input layer sees
     [`fourier_features`][soflow_core.nets.mlp.fourier_features] of x, with B drawn once from
     N(0, ``fourier_scale``²) by a generator seeded with ``fourier_seed`` and kept as the buffer
     ``input_frequencies`` (saved in the state dict, so a loaded MLP uses the saved B whatever its
@@ -146,6 +148,11 @@ class MLPBackbone(AbstractBackbone):
     signature_keys = frozenset({"input.weight", "time_mlp.0.weight", "output.weight"})
 
     @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """The shape of one input sample (the objective and the samplers check data against it)."""
+        return (self.dim,)
+
+    @property
     def config(self) -> dict[str, Any]:
         """The constructor arguments that rebuild this MLP."""
         return {
@@ -204,16 +211,19 @@ class MLPBackbone(AbstractBackbone):
             The network output, shaped like ``x``.
 
         Raises:
-            ValueError: If ``x`` is not (b, dim) or labels are given to an unconditional model.
+            ValueError: If ``x`` is not (b, dim), labels are given to an unconditional model, or
+                labels lie outside [0, num_classes].
+            TypeError: On labels that are not integers (never cast: 3.9 is not class 3), times
+                that are not floating point, or ``x`` in another dtype than the parameters
+                outside autocast.
         """
-        if x.ndim != 2 or x.shape[1] != self.dim:
-            raise ValueError(f"x must have shape (b, {self.dim}); got {tuple(x.shape)}")
+        check_flat_inputs(x, t, s, dim=self.dim, model=self)
         t_feat = sinusoidal_embedding(t.to(x.dtype), self.time_features)
         gap_feat = sinusoidal_embedding((t - s).to(x.dtype), self.time_features)
         emb = self.time_mlp(torch.cat([t_feat, gap_feat], dim=1))
         if self.label_embedding is not None:
-            labels = cond if cond is not None else torch.full_like(t, self.num_classes, dtype=torch.long)
-            emb = emb + self.label_embedding(labels.long())
+            labels = class_labels(cond, x, num_classes=self.num_classes, null_class=True, model="MLPBackbone")
+            emb = emb + self.label_embedding(labels)
         elif cond is not None:
             raise ValueError("cond was given to an unconditional MLPBackbone (num_classes=None)")
         h = self.input(x if self.input_frequencies is None else fourier_features(x, self.input_frequencies))

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from soflow_core._validation import check_int, check_real
+from soflow_core._validation import check_bool, check_int, check_real, check_sequence
 from soflow_core.nets._inputs import check_image_inputs
 from soflow_core.nets.checkpoints import AbstractBackbone, resolve_config, state_shape
 from soflow_core.typing import Cond, Data, Time
@@ -201,6 +201,11 @@ class _UNetBlock(nn.Module):
         return x
 
 
+def _checked_tap(name: str, value: object) -> object:
+    check_real(name, value)
+    return value
+
+
 class SongUNet(AbstractBackbone):
     r"""F_θ(x, t, s): EDM's SongUNet (DDPM++ "standard" encoder/decoder) for unconditional images.
 
@@ -276,19 +281,22 @@ class SongUNet(AbstractBackbone):
         self.num_blocks = check_int("num_blocks", num_blocks, low=1)
         self.dropout = check_real("dropout", dropout, low=0.0, high=1.0, high_open=True)
         self.max_positions = check_real("max_positions", max_positions, low=1.0, low_open=True)
-        if not channel_mult:
-            raise ValueError("channel_mult must hold at least one multiplier")
-        for m in channel_mult:
-            check_int("channel_mult entries", m, low=1)
+        channel_mult = check_sequence("channel_mult", channel_mult, lambda n, v: check_int(n, v, low=1), min_length=1)
+        attn_resolutions = check_sequence("attn_resolutions", attn_resolutions, lambda n, v: check_int(n, v, low=1))
+        # Taps are kept as given (integers stay integers in the saved config).
+        resample_filter = check_sequence("resample_filter", resample_filter, _checked_tap, min_length=1)
+        if not any(resample_filter):
+            raise ValueError(f"resample_filter must have a non-zero tap; got {resample_filter}")
+        adaptive_scale = check_bool("adaptive_scale", adaptive_scale)
         if img_resolution % (1 << (len(channel_mult) - 1)):
             raise ValueError(
                 f"img_resolution must be divisible by 2^(len(channel_mult) - 1) = {1 << (len(channel_mult) - 1)}; "
                 f"got {img_resolution}"
             )
-        self.channel_mult = [int(m) for m in channel_mult]
-        self.attn_resolutions = [int(r) for r in attn_resolutions]
+        self.channel_mult = channel_mult
+        self.attn_resolutions = attn_resolutions
         self.resample_filter = list(resample_filter)
-        self.adaptive_scale = bool(adaptive_scale)
+        self.adaptive_scale = adaptive_scale
         self.channel_mult_emb = check_int("channel_mult_emb", channel_mult_emb, low=1)
         self.channel_mult_noise = check_int("channel_mult_noise", channel_mult_noise, low=1)
         emb_channels = model_channels * self.channel_mult_emb
@@ -340,6 +348,12 @@ class SongUNet(AbstractBackbone):
         self.dec[f"{img_resolution}x{img_resolution}_aux_conv"] = _Conv2d(cout, self.out_channels, 3, init_weight=1e-5)
 
     signature_keys = frozenset({"map_layer0.weight", "map_layer1.weight"})
+    num_classes = None  # unconditional: the objective and the samplers refuse a cond before calling it
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """The shape of one input sample (the objective and the samplers check data against it)."""
+        return (self.in_channels, self.img_resolution, self.img_resolution)
 
     @property
     def config(self) -> dict[str, Any]:
@@ -451,11 +465,13 @@ class SongUNet(AbstractBackbone):
             The network output, shape (b, out_channels, img_resolution, img_resolution).
 
         Raises:
-            ValueError: If ``cond`` is given, or on wrong input shapes.
+            ValueError: If ``cond`` is given, or on wrong input shapes or devices.
+            TypeError: On times that are not floating point, or ``x`` in another dtype than the
+                parameters outside autocast.
         """
         if cond is not None:
             raise ValueError("SongUNet is unconditional: cond must be None (use augment_labels for augmentation)")
-        batch = check_image_inputs(x, t, s, channels=self.in_channels, resolution=self.img_resolution)
+        batch = check_image_inputs(x, t, s, channels=self.in_channels, resolution=self.img_resolution, model=self)
 
         # Mapping.
         weight = self.map_layer0.weight

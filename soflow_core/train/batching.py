@@ -19,7 +19,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from soflow_core._validation import check_int
+from soflow_core._validation import check_bool, check_int
 from soflow_core.seeding import micro_batch_index, seeded_generator
 
 __all__ = ["EpochStream"]
@@ -58,6 +58,7 @@ class EpochStream:
     def __post_init__(self) -> None:
         check_int("num_samples", self.num_samples, low=1)
         check_int("seed", self.seed, low=0)
+        check_bool("shuffle", self.shuffle)
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """The sample indices of one epoch, in stream order.

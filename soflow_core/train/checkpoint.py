@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from soflow_core._files import atomic_save, atomic_write, sha256_file, temporary_names
-from soflow_core._validation import check_int
+from soflow_core._validation import check_bool, check_int
 
 __all__ = [
     "CheckpointError",
@@ -116,6 +116,10 @@ def _manifest_path(path: Path) -> Path:
 def list_checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]]:
     """The ``step-*.pt`` files of ``directory`` (valid or not), newest step first.
 
+    Only files count: a folder (or anything else that is not a file) with a checkpoint's name is
+    no checkpoint, and [`save_checkpoint`][soflow_core.train.checkpoint.save_checkpoint] refuses to
+    write over it.
+
     Args:
         directory: The checkpoint folder (may not exist).
 
@@ -125,7 +129,7 @@ def list_checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]]:
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _NAME.match(p.name))]
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _NAME.match(p.name)) and p.is_file()]
     return sorted(found, reverse=True)
 
 
@@ -245,7 +249,8 @@ def save_checkpoint(
 
     Raises:
         ValueError: If ``keep`` or ``keep_every`` < 1, ``payload`` is not a mapping or could not be
-            loaded back with ``weights_only=True`` (nothing is written then).
+            loaded back with ``weights_only=True``, or the checkpoint's file or manifest name is
+            taken by something that is not a file, such as a folder (nothing is written then).
     """
     check_int("step", step, low=0)
     if keep is not None:
@@ -257,6 +262,11 @@ def save_checkpoint(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = checkpoint_path(directory, step)
+    for taken in (path, _manifest_path(path)):
+        if taken.exists() and not taken.is_file():
+            raise ValueError(
+                f"{taken} exists and is not a file: the checkpoint of step {step} is written there; remove it"
+            )
     _manifest_path(path).unlink(missing_ok=True)  # an old manifest must never vouch for a new payload
     atomic_save(path, lambda tmp: _save_loadable(tmp, dict(payload)))
     manifest = {
@@ -322,7 +332,7 @@ def load_checkpoint(
         CheckpointError: If the file is missing, incomplete, corrupt or does not unpickle.
     """
     path = Path(path)
-    if verify:
+    if check_bool("verify", verify):
         verify_checkpoint(path)
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)

@@ -28,7 +28,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from soflow_core._validation import check_int, check_real
+from soflow_core._validation import check_bool, check_int, check_real
 
 __all__ = ["EMA", "ema_coefficient", "ema_warmup_coefficient"]
 
@@ -123,9 +123,7 @@ class EMA:
     ):
         self.decay = check_real("decay", decay, low=0.0, high=1.0, high_open=True)
         self.every = check_int("every", every, low=1)
-        if not isinstance(warmup, bool):
-            raise TypeError(f"warmup must be a bool; got {type(warmup).__name__}: {warmup!r}")
-        self.warmup = warmup
+        self.warmup = check_bool("warmup", warmup)
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
@@ -211,6 +209,7 @@ class EMA:
         Returns:
             A mapping from parameter and buffer names to tensors.
         """
+        check_bool("full", full)
         out: dict[str, Tensor] = {}
         for name, value in {**self.params, **self.buffers}.items():
             out[name] = _full(value).detach().cpu().clone() if full else value
@@ -220,23 +219,36 @@ class EMA:
     def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
         """Restore the shadow from [`state_dict`][soflow_core.train.ema.EMA.state_dict] (full or local tensors).
 
-        Whole tensors are re-sharded onto a DTensor shadow's mesh and placements.
+        Whole tensors are re-sharded onto a DTensor shadow's mesh and placements. Every entry is
+        checked before anything is written, so a refused state leaves the shadow as it was.
 
         Args:
             state: A mapping with every tracked name.
 
         Raises:
-            ValueError: If names are missing or shapes differ.
+            ValueError: If names are missing, shapes differ, or an entry holds NaN or Inf (the
+                shadow of a run that diverged; a sharded entry is checked on its local shard).
+            TypeError: If an entry is not a tensor.
         """
         missing = sorted(set(self.params) - set(state))
         if missing:
             raise ValueError(f"state is missing EMA entries: {missing[:5]} ({len(missing)} in all)")
-        for name, target in {**self.params, **self.buffers}.items():
-            if name not in state:
-                continue
-            value = state[name]
+        entries = {name: state[name] for name in {**self.params, **self.buffers} if name in state}
+        for name, value in entries.items():
+            target = self.params.get(name, self.buffers.get(name))
+            if not isinstance(value, Tensor):
+                raise TypeError(f"state[{name!r}] must be a tensor; got {type(value).__name__}")
             if tuple(value.shape) != tuple(target.shape):
                 raise ValueError(f"state[{name!r}] has shape {tuple(value.shape)}; the EMA has {tuple(target.shape)}")
+            local = value.to_local() if _is_dtensor(value) else value
+            if local.is_floating_point() and not bool(torch.isfinite(local).all()):
+                bad = int((~torch.isfinite(local)).sum())
+                raise ValueError(
+                    f"state[{name!r}] holds {bad} non-finite value(s) (NaN or Inf): the EMA of a run that diverged; "
+                    "load an earlier checkpoint"
+                )
+        for name, value in entries.items():
+            target = self.params.get(name, self.buffers.get(name))
             if _is_dtensor(target) and not _is_dtensor(value):
                 from torch.distributed.tensor import distribute_tensor
 

@@ -41,7 +41,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from soflow_core._validation import check_choice, check_int
+from soflow_core._validation import check_bool, check_choice, check_int
 from soflow_core.objective import TrainingBatch
 from soflow_core.typing import Backbone
 
@@ -187,6 +187,9 @@ def make_training_step(
         >>> sorted(step_fn(batch))[:2]
         ['consistency_loss', 'consistency_mse']
     """
+    check_bool("compile", compile)
+    if fullgraph is not None:
+        check_bool("fullgraph", fullgraph)
     choice = check_choice("backward", backward, BACKWARDS)
     steps = check_int("accumulation_steps", accumulation_steps, low=1)
     hooked = has_gradient_hooks(model)

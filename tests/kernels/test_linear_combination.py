@@ -1,4 +1,9 @@
-"""The fused linear combination (path build, teacher state, guided target) against its reference."""
+"""The fused linear combination (path build, teacher state, guided target) against its reference.
+
+The strategies reach the edges: empty batches, and inputs and coefficients holding ±inf, NaN,
+zeros, subnormals and values whose products overflow; where the float32 reference is NaN or inf
+the kernel must give the same value (``assert_within_rule``).
+"""
 
 import pytest
 import torch
@@ -6,7 +11,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from soflow_core.ops.fused import linear_combination, linear_combination_reference
-from tests.kernels._support import CASES, assert_within_rule, make_tensor, sample_shapes, soflow_kernels, to64
+from tests.kernels._support import (
+    CASES,
+    assert_within_rule,
+    make_tensor,
+    sample_shapes,
+    soflow_kernels,
+    to64,
+    with_edges,
+)
 
 LAYOUTS = st.sampled_from(["contiguous", "sliced", "permuted"])
 
@@ -18,17 +31,19 @@ LAYOUTS = st.sampled_from(["contiguous", "sliced", "permuted"])
     n_out=st.integers(1, 4),
     layout=LAYOUTS,
     coefficient_grad=st.booleans(),
+    edges=st.sampled_from([0, 0, 1, 3]),
     seed=st.integers(0, 2**16),
 )
 def test_forward_and_every_gradient_follow_the_reference(
-    device, dtype, shape, n_in, n_out, layout, coefficient_grad, seed
+    device, dtype, shape, n_in, n_out, layout, coefficient_grad, edges, seed
 ):
     inputs = [
-        make_tensor(shape, seed=seed + k, device=device, dtype=dtype, layout=layout).requires_grad_()
+        make_tensor(shape, seed=seed + k, device=device, dtype=dtype, layout=layout, edges=edges).requires_grad_()
         for k in range(n_in)
     ]
     generator = torch.Generator().manual_seed(seed)
-    coefficients = torch.randn(shape[0], n_out, n_in, generator=generator).to(device)
+    coefficients = with_edges(torch.randn(shape[0], n_out, n_in, generator=generator), seed=seed, count=edges)
+    coefficients = coefficients.to(device)
     coefficients.requires_grad_(coefficient_grad)
     grads = [torch.randn(shape, generator=generator).to(device, dtype) for _ in range(n_out)]
 

@@ -4,6 +4,9 @@ Every function takes two samples as (n, d) and (m, d) tensors, computes in float
 CPU and returns a Python float. All are estimates from finite samples: two independent draws
 of the same distribution give a small positive value of order 1/n, so compare a model's
 score with that real-vs-real floor at the same sample sizes, not with 0.
+
+FID, sFID, Inception Score and precision/recall of images, as the ADM evaluator computes them,
+live in ``soflow_core.metrics.fid`` (optional dependency: torch-fidelity, the ``fid`` extra).
 """
 
 import math
@@ -214,8 +217,15 @@ def gaussian_frechet_distance(
     $$d_F^2 = \lVert \mu_x - \mu_y\rVert^2
       + \operatorname{Tr}\!\Big(\Sigma_x + \Sigma_y - 2\big(\Sigma_x^{1/2}\Sigma_y\Sigma_x^{1/2}\big)^{1/2}\Big).$$
 
-    The matrix square roots come from symmetric eigendecompositions (negative eigenvalues from
-    rounding are clipped to 0), in float64.
+    The matrix square roots come from symmetric eigendecompositions in float64, with eigenvalues
+    that rounding pushed below 0 clipped to 0. The trace term equals
+    $\operatorname{Tr}\big((\Sigma_x\Sigma_y)^{1/2}\big)$, the form the ADM and TTUR FID evaluators pass
+    to ``scipy.linalg.sqrtm``, since $\Sigma_x\Sigma_y$ and $\Sigma_x^{1/2}\Sigma_y\Sigma_x^{1/2}$ share
+    their eigenvalues; the symmetric form keeps them real and non-negative, so a singular covariance
+    (fewer samples than dimensions) needs none of the evaluators' fallbacks (adding $10^{-6} I$ when
+    ``sqrtm`` fails, dropping an imaginary part). Both routes take square roots of eigenvalues near
+    0 and so leave an error of about $\sqrt{\epsilon}$ relative to the largest eigenvalue there
+    (~1e-7 of the trace for a singular covariance, far below FID's reported digits).
 
     Args:
         mean_x: Mean of the first Gaussian.
