@@ -8,6 +8,7 @@ written. ``Resumed`` is what the loop starts from: the step, the data position a
 averaging window of the log.
 """
 
+import copy
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from _runtime import Runtime, broadcast_object
 from torch import nn
 
 from soflow_core import SoFlowObjective
-from soflow_core.nets import load_weights, read_state_dict
+from soflow_core.nets import DiT, from_velocity_model, load_weights, read_state_dict
 from soflow_core.parameterizations import param_name
 from soflow_core.paths import path_name
 from soflow_core.train.checkpoint import (
@@ -32,6 +33,7 @@ from soflow_core.train.checkpoint import (
 )
 
 RUN_ENTRIES = ("step", "model", "ema", "optimizer", "config", "rng", "data")
+VELOCITY_MODEL = "velocity_model"  # <out>/velocity_model: the frozen --init network of a pretrained-velocity run
 
 
 def check_run_payload(path: Path, payload: dict[str, Any]) -> None:
@@ -86,26 +88,77 @@ def load_run_checkpoint(source: Path) -> tuple[Path, dict[str, Any]] | None:
     raise SystemExit(f"no usable checkpoint in {source} (looked in {source / 'checkpoints'} and {source})")
 
 
-def initialize_from(net: nn.Module, source: str, objective: SoFlowObjective) -> str:
+def initialize_from(net: nn.Module, source: str, objective: SoFlowObjective, convention: str = "") -> str:
     """Load ``--init`` weights into ``net`` (EMA weights when the source has them); returns what was loaded.
 
     ``source`` is a run of these trainers (its newest usable checkpoint, verified), a pretrained
     folder, an official SoFlow training file, a state dict or a .safetensors file. Every key and
     shape is checked first; a mismatch names the network the weights would fit.
+
+    A velocity model is converted first (``soflow_core.nets.from_velocity_model``), so that
+    F(x, t, s) starts as its velocity for every s: with ``convention`` (``--init-convention``:
+    ``"soflow"`` for a Flow Matching model of this library, ``"sit"``, ``"sit_gvp"``), and
+    without it for a DiT-layout checkpoint that lacks SoFlow's s_embedder (a SiT training file
+    says its convention in its args; a bare SiT state dict needs the flag).
     """
     run = load_run_checkpoint(Path(source))
     try:
         if run is not None:
+            if convention:
+                return _convert_into(net, run[1], convention, objective, f"run checkpoint {run[0]}")
             report = load_weights(net, run[1])
             return f"run checkpoint {run[0]}, entry {report.origin.entry!r}"
+        if convention:
+            return _convert_into(net, source, convention, objective)
         contents = read_state_dict(source)
-        saved = (contents.pretrained or {}).get("sampling", {})
-        ours = {"path": path_name(objective.path), "param": param_name(objective.param)}
-        if any(k in ours and v != ours[k] for k, v in saved.items()):
-            warnings.warn(f"{source} was saved for sampling with {saved}; this objective trains {ours}", stacklevel=1)
+        if "x_embedder.proj.weight" in contents.state and "s_embedder.mlp.0.weight" not in contents.state:
+            return _convert_into(net, source, None, objective)  # SiT's layout: a velocity model
+        _warn_sampling(source, (contents.pretrained or {}).get("sampling", {}), objective)
         return str(load_weights(net, contents).origin)
     except ValueError as error:
-        raise SystemExit(f"--init {source} cannot start this run: {error}") from error
+        hint = " (the flag --init-convention)" if "convention=" in str(error) else ""
+        raise SystemExit(f"--init {source} cannot start this run: {error}{hint}") from error
+
+
+def _warn_sampling(source: object, saved: Mapping[str, str], objective: SoFlowObjective) -> None:
+    ours = {"path": path_name(objective.path), "param": param_name(objective.param)}
+    if any(k in ours and v != ours[k] for k, v in saved.items()):
+        warnings.warn(f"{source} was saved for sampling with {dict(saved)}; this objective trains {ours}", stacklevel=2)
+
+
+def _convert_into(
+    net: nn.Module, source: object, convention: str | None, objective: SoFlowObjective, name: str | None = None
+) -> str:
+    """Convert a velocity model with the trainer's class count and heads, then load it into ``net``."""
+    hints = {"num_classes": net.num_classes, "num_heads": net.num_heads} if isinstance(net, DiT) else {}
+    converted = from_velocity_model(source, convention=convention, param=objective.param, **hints)
+    _warn_sampling(source, {"path": path_name(converted.path)}, objective)
+    load_weights(net, converted.model.state_dict())
+    return f"{name or converted.origin}, converted from a velocity model (convention {converted.convention.name!r})"
+
+
+def pretrained_velocity(net: nn.Module, out: Path, *, fresh: bool, init: str | None, is_main: bool) -> nn.Module:
+    """The frozen network whose velocity steps the consistency samples to x_ℓ (``--consistency-velocity pretrained``).
+
+    A fresh run takes ``net`` as ``--init`` made it and writes it to ``<out>/velocity_model`` (a
+    pretrained folder, on the main rank) before the first step; a resumed run reads it back, so
+    every step of a run, resumed or not, follows the same velocity.
+    """
+    folder = out / VELOCITY_MODEL
+    if fresh:
+        if init is None:
+            raise SystemExit(
+                "--consistency-velocity pretrained steps along the --init network's velocity: a fresh run needs --init"
+            )
+        frozen = copy.deepcopy(net)
+        if is_main:
+            frozen.save_pretrained(folder, metadata={"init": init})
+    else:
+        if not folder.is_dir():
+            raise SystemExit(f"{folder} is missing: this pretrained-velocity run cannot resume without it")
+        frozen = copy.deepcopy(net)
+        load_weights(frozen, folder)
+    return frozen.eval().requires_grad_(False)
 
 
 # ----------------------------------------------------------------------------- resuming with other settings
@@ -128,7 +181,7 @@ APPLIED_ON_RESUME = frozenset(
         "fid_nfe", "fid_batch_size", "fid_reference", "inception_weights", "allow_other_inception_weights", "omega",
     }
 )  # fmt: skip
-IGNORED_ON_RESUME = frozenset({"init"})
+IGNORED_ON_RESUME = frozenset({"init", "init_convention"})
 
 
 @dataclass(frozen=True)

@@ -66,7 +66,15 @@ from _duties import (
     stop_on_signal,
     truncate_metrics,
 )
-from _resume import Resumed, ResumePlan, apply_optimizer_settings, initialize_from, plan_start
+from _resume import (
+    VELOCITY_MODEL,
+    Resumed,
+    ResumePlan,
+    apply_optimizer_settings,
+    initialize_from,
+    plan_start,
+    pretrained_velocity,
+)
 from _run_folder import RunFolder, run_folder_problems
 from _runtime import Runtime, all_gather_object, barrier, cuda_missing
 from torch import Tensor, nn
@@ -76,6 +84,7 @@ from soflow_core._files import atomic_write
 from soflow_core.guidance import GuidanceScaleDistribution
 from soflow_core.nets import DIT_SIZES, DiT, SongUNet
 from soflow_core.nets.dit import DiTSize
+from soflow_core.objective import with_pretrained_velocity
 from soflow_core.time_samplers import ConsistencyTimeSampler, LogitNormal, make_schedule
 from soflow_core.train import EpochStream
 from soflow_core.train.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state
@@ -98,6 +107,10 @@ class TrainConfig:
     out: str = "runs/run"  # run folder: config.json, metrics.jsonl, checkpoints/, samples/
     data: str | None = None  # dataset path (see the trainer's docstring)
     init: str | None = None  # fine-tune from: a pretrained folder, an official SoFlow file, a state dict, a run
+    # how --init's network relates to this trainer's: "" loads SoFlow weights as they are; a convention converts a
+    # velocity model so that F(x, t, s) starts as its velocity (soflow_core.nets.from_velocity_model): "soflow" a
+    # Flow Matching model of this library, "sit"/"sit_gvp" SiT (a SiT training file is recognised without the flag)
+    init_convention: Literal["", "soflow", "sit", "sit_gvp"] = ""
     synthetic: bool = False  # generated data of the right shape instead of --data
     synthetic_size: int = 4096  # samples in the synthetic dataset
     total_steps: int = 400_000  # K, the planned number of optimizer steps (drives r(k, K))
@@ -163,6 +176,9 @@ class TrainConfig:
     r_end: float = 0.002  # r at step K (official l_end_ratio)
     p: float = 1.0  # power p of both adaptive loss weights 1/(mse + ε)^p (official p)
     eps: float = 0.01  # ε of both adaptive loss weights 1/(mse + ε)^p (official eps)
+    # the velocity of the step to the teacher time ℓ: "conditional" (the paper's, data and noise of the sample) or
+    # "pretrained" (the --init network's velocity, frozen; kept in <out>/velocity_model for resuming; fine-tuning)
+    consistency_velocity: Literal["conditional", "pretrained"] = "conditional"
 
 
 # ----------------------------------------------------------------------------- command line
@@ -251,6 +267,17 @@ def check_common(config: TrainConfig) -> list[str]:
         problems.append(f"--ema-decay must lie in [0, 1); got {config.ema_decay}")
     if config.init is not None and not Path(config.init).exists():
         problems.append(f"--init {config.init} does not exist")
+    if config.init_convention and config.init is None:
+        problems.append(f"--init-convention {config.init_convention} converts the --init network: give --init")
+    if (
+        config.consistency_velocity == "pretrained"
+        and config.init is None
+        and not (Path(config.out) / VELOCITY_MODEL).is_dir()
+    ):
+        problems.append(
+            "--consistency-velocity pretrained steps along the --init network's velocity: give --init (a resumed run "
+            f"reads it from <out>/{VELOCITY_MODEL})"
+        )
     if config.fsdp and not all(name in os.environ for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):
         problems.append(
             "--fsdp shards the network over the processes of a torchrun job, and this is no torchrun process: start it "
@@ -391,6 +418,7 @@ def build_objective(config: Mapping[str, Any]) -> SoFlowObjective:
             weighting=weighting,
             guidance=guidance,
             backend=config["backend"],
+            consistency_velocity=config.get("consistency_velocity", "conditional"),
         ),
     )
 
@@ -605,6 +633,8 @@ class TrainedModel:
         ema: The EMA of ``net``.
         settings: The command line's optimizer hyperparameters (lr, betas, ...) per param group,
             written over those of a restored optimizer.
+        velocity_model: The frozen pretrained network whose velocity steps the consistency samples
+            to x_ℓ (``--consistency-velocity pretrained``, autocast like ``backbone``), or None.
     """
 
     net: nn.Module
@@ -615,6 +645,7 @@ class TrainedModel:
     step_fn: TrainingStep
     ema: EMA
     settings: list[dict[str, Any]]
+    velocity_model: nn.Module | None = None
 
     def train_step(
         self, batches: MicroBatches, step: int, position: int, objective: SoFlowObjective, total_steps: int
@@ -639,6 +670,8 @@ class TrainedModel:
                     self.net.set_requires_gradient_sync(j == accum - 1)
             # The draws run eagerly from the explicit generator; the step itself may be compiled.
             batch = objective.sample_batch(data, cond, step=step, total_steps=total_steps, generator=generator)
+            if self.velocity_model is not None:
+                batch = with_pretrained_velocity(batch, self.velocity_model, param=objective.param)
             with sync:
                 metrics = self.step_fn.accumulate(batch)
             shares.append({key: value.detach().float() / accum for key, value in metrics.items()})
@@ -655,8 +688,11 @@ class TrainedModel:
         }
 
 
-def wrap(task: Task, runtime: Runtime) -> TrainedModel:
-    """Shard (FSDP2) or wrap (DDP) ``task.net``, build its optimizer, (compiled) step and EMA."""
+def wrap(task: Task, runtime: Runtime, velocity_model: nn.Module | None = None) -> TrainedModel:
+    """Shard (FSDP2) or wrap (DDP) ``task.net``, build its optimizer, (compiled) step and EMA.
+
+    ``velocity_model`` (frozen, unsharded, a full copy on every rank) is autocast like the network.
+    """
     config, net, device = task.config, task.net, runtime.device
     if config.fsdp:
         from torch.distributed.fsdp import fully_shard
@@ -692,7 +728,12 @@ def wrap(task: Task, runtime: Runtime) -> TrainedModel:
         dtype=torch.float64 if config.ema_float64 else None,
         warmup=config.ema_warmup,
     )
-    return TrainedModel(net, backbone, ddp, config.fsdp, optimizer, step_fn, ema, settings)
+    if velocity_model is not None:
+        velocity_model = TrainingBackbone(
+            velocity_model.to(device), precision=config.precision, device_type=device.type,
+            augment_labels=task.augment_labels,
+        )  # fmt: skip
+    return TrainedModel(net, backbone, ddp, config.fsdp, optimizer, step_fn, ema, settings, velocity_model)
 
 
 def restore(model: TrainedModel, plan: ResumePlan, payload: dict[str, Any] | None, runtime: Runtime) -> Resumed:
@@ -789,10 +830,14 @@ def train(task: Task, runtime: Runtime, folder: RunFolder) -> dict[str, Any]:
             )
         return {"steps_done": plan.step, "last": {}}
     if plan.checkpoint is None and config.init:
-        loaded = initialize_from(task.net, config.init, task.objective)
+        loaded = initialize_from(task.net, config.init, task.objective, config.init_convention)
         if runtime.is_main:
             print(f"initialised from {loaded}", flush=True)
-    model = wrap(task, runtime)
+    velocity = None
+    if task.objective.consistency_velocity == "pretrained":
+        fresh = plan.checkpoint is None
+        velocity = pretrained_velocity(task.net, out, fresh=fresh, init=config.init, is_main=runtime.is_main)
+    model = wrap(task, runtime, velocity)
     start = restore(model, plan, payload, runtime)
     del payload
     ema_net = EmaNetwork(model.ema, sampling_copy(task, runtime), sharded=config.fsdp)

@@ -6,6 +6,9 @@
                                                           # (strong guidance pushes classes apart: by design
                                                           # the samples then differ from the data)
     python examples/train_toy_2d.py --preset tiny         # a few seconds (smoke test)
+    python examples/train_toy_2d.py --recipe finetune --pretrain-steps 2500 --steps 2000
+                                                          # Flow Matching first, then SoFlow fine-tuning
+    python examples/train_toy_2d.py --recipe finetune --init runs/my_flow_matching_mlp
 
 Writes into ``--out`` (default ``runs/toy_2d``): ``samples.png`` (data | 1-step | 2-step samples),
 ``metrics.json`` (energy distances with the real-vs-real floor, each the mean over
@@ -25,6 +28,11 @@ with an ``MLPBackbone`` of width 96 and depth 3 that sees 32 random Fourier feat
 input, batch 2048, Adam at 2e-3 decaying linearly to 0 over the last 30 % of 4000 steps, EMA
 0.995, and a 2-step sampler that re-noises to t = 0.3. docs/benchmarks/toy-recipe.md holds the ablation
 behind each value.
+
+Fine-tuning (docs/finetune.md): ``--init`` converts a velocity model (an ``MLPBackbone`` trained with
+Flow Matching; ``soflow_core.nets.from_velocity_model``) and trains from it; ``--pretrain-steps N``
+trains one with Flow Matching first, in the same run (same optimizer, decay and EMA). ``--recipe
+finetune`` then steps the consistency samples along the frozen converted network's velocity.
 """
 
 import copy
@@ -36,15 +44,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TextIO
 
 import torch
 from _cli import config_parser, resolve_config
 
-from soflow_core import SoFlowObjective, sample_few_step, sample_one_step
+from soflow_core import AdaptiveWeighting, ClassifierFreeGuidance, SoFlowObjective, sample_few_step, sample_one_step
 from soflow_core.data import TOY_DISTRIBUTIONS, on_checkerboard, sample_toy_2d
 from soflow_core.metrics import energy_distance
-from soflow_core.nets import MLPBackbone
+from soflow_core.nets import MLPBackbone, from_velocity_model
 
 NUM_CLASSES = {"checkerboard": 8, "eight_gaussians": 8, "two_moons": 2}
 
@@ -55,8 +63,15 @@ class ToyConfig:
 
     toy: str = "checkerboard"  # the 2-D distribution to learn
     # the training objective: "toy", SoFlowObjective.from_preset("toy"), the library's recipe for
-    # low-dimensional data; "imagenet" (with CFG) and "cifar10": the released recipes
-    recipe: Literal["toy", "imagenet", "cifar10"] = "toy"
+    # low-dimensional data; "imagenet" (with CFG) and "cifar10": the released recipes; "finetune": the library's
+    # recipe for fine-tuning a velocity model (from --init or --pretrain-steps), stepping along its velocity
+    recipe: Literal["toy", "imagenet", "cifar10", "finetune"] = "toy"
+    # start from a velocity model: a pretrained folder or checkpoint of an MLPBackbone on 2-D data trained with Flow
+    # Matching, converted by soflow_core.nets.from_velocity_model (its size replaces --width, --depth, Fourier flags)
+    init: str | None = None
+    init_convention: Literal["", "soflow", "sit", "sit_gvp"] = ""  # --init's convention ("": recognised or soflow)
+    # Flow Matching steps (plain squared error) before the SoFlow steps; their EMA model is converted and fine-tuned
+    pretrain_steps: int = 0
     p: float | None = None  # overrides the recipe's adaptive-weight power when given
     eps: float | None = None  # overrides the recipe's adaptive-weight offset when given
     fm_fraction: float | None = None  # overrides the recipe's Flow Matching share λ when given
@@ -113,6 +128,16 @@ def parse_config(argv: list[str] | None = None) -> ToyConfig:
         parser.error(f"--fm-fraction must lie in [0, 1]; got {config.fm_fraction}")
     if config.metrics_every < 0:
         parser.error(f"--metrics-every must be >= 0; got {config.metrics_every}")
+    if config.pretrain_steps < 0:
+        parser.error(f"--pretrain-steps must be >= 0; got {config.pretrain_steps}")
+    if config.init is not None and config.pretrain_steps:
+        parser.error("--init and --pretrain-steps both give the velocity model to fine-tune: pass one")
+    if config.init is not None and not Path(config.init).exists():
+        parser.error(f"--init {config.init} does not exist")
+    if config.init_convention and config.init is None:
+        parser.error(f"--init-convention {config.init_convention} converts the --init network: give --init")
+    if config.recipe == "finetune" and config.init is None and not config.pretrain_steps:
+        parser.error("--recipe finetune fine-tunes a velocity model: give --init or --pretrain-steps")
     return config
 
 
@@ -188,43 +213,43 @@ class Progress:
             self.bar.close()
 
 
-def lr_factor(step: int, config: ToyConfig) -> float:
-    decay_steps = max(1, int(config.lr_decay_fraction * config.steps))
-    return min(1.0, (config.steps - step) / decay_steps)
+def lr_factor(step: int, config: ToyConfig, steps: int | None = None) -> float:
+    total = config.steps if steps is None else steps
+    decay_steps = max(1, int(config.lr_decay_fraction * total))
+    return min(1.0, (total - step) / decay_steps)
 
 
-def train(
+def fit(
+    model: torch.nn.Module,
+    objective: SoFlowObjective,
     config: ToyConfig,
-    objective: SoFlowObjective | None = None,
+    generator: torch.Generator,
     *,
-    metrics_path: Path | None = None,
+    steps: int,
+    conditional: bool,
+    start: float,
+    velocity_model: torch.nn.Module | None = None,
+    stage: str | None = None,
+    log: TextIO | None = None,
     on_step: Callable[[int, torch.nn.Module], None] | None = None,
-) -> tuple[torch.nn.Module, SoFlowObjective, dict[str, float]]:
-    """Train with the config's objective (or ``objective``).
+) -> torch.nn.Module:
+    """``steps`` Adam steps of ``objective`` with the config's learning-rate decay; returns the EMA model.
 
-    Every ``config.metrics_every`` steps (and at the last) a row goes to ``metrics_path`` (JSON
-    lines): the step, r(k, K), the learning rate, the seconds so far and every metric of the
-    step. ``on_step(step, model)`` is called after each optimizer step with the trained (not
-    EMA) model. Returns the EMA model, the objective and the training time: ``train_seconds``
-    (wall clock) and ``train_cpu_seconds`` (process CPU time, all threads together).
+    Rows of the training metrics go to ``log`` (with ``"stage": stage`` when given); ``start`` is
+    the wall-clock start of the run, which their ``seconds`` count from.
     """
-    torch.manual_seed(config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
-    objective = build_objective(config) if objective is None else objective
-    conditional = objective.guidance is not None
-    model = build_model(config, conditional)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    progress = Progress(config.steps, config.progress)
-    log = open(metrics_path, "w", buffering=1) if metrics_path and config.metrics_every else None  # noqa: SIM115
-    start, cpu_start = time.perf_counter(), time.process_time()
-    for step in range(config.steps):
+    progress = Progress(steps, config.progress)
+    extra = {} if velocity_model is None else {"velocity_model": velocity_model}
+    label = "" if stage is None else f"{stage} "
+    for step in range(steps):
         data, labels = sample_toy_2d(config.toy, config.batch_size, generator=generator)
         out = objective(
-            model, data, labels if conditional else None, step=step, total_steps=config.steps, generator=generator
+            model, data, labels if conditional else None, step=step, total_steps=steps, generator=generator, **extra
         )
         for group in optimizer.param_groups:
-            group["lr"] = config.lr * lr_factor(step, config)
+            group["lr"] = config.lr * lr_factor(step, config, steps)
         optimizer.zero_grad(set_to_none=True)
         out.backprop.backward()
         optimizer.step()
@@ -234,19 +259,89 @@ def train(
         if on_step is not None:
             on_step(step, model)
         if not bool(out.metrics["finite"]):
-            raise FloatingPointError(f"non-finite loss at step {step}: {out.metrics}")
-        if log is not None and (step % config.metrics_every == 0 or step == config.steps - 1):
-            row = {"step": step, "r": objective.consistency_times.schedule(step, config.steps)}
+            raise FloatingPointError(f"non-finite loss at {label}step {step}: {out.metrics}")
+        if log is not None and (step % config.metrics_every == 0 or step == steps - 1):
+            row = {"step": step, "r": objective.consistency_times.schedule(step, steps)}
             row |= {"lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - start}
+            row |= {} if stage is None else {"stage": stage}
             log.write(json.dumps(row | {k: v.item() for k, v in out.metrics.items()}) + "\n")
-        if step % max(1, config.steps // 10) == 0 or step == config.steps - 1:
+        if step % max(1, steps // 10) == 0 or step == steps - 1:
             shown = " ".join(f"{k}={v.item():.4g}" for k, v in out.metrics.items() if k != "finite")
-            progress.write(f"step {step:>6}/{config.steps}  {shown}")
+            progress.write(f"{label}step {step:>6}/{steps}  {shown}")
         progress.step()
     progress.close()
+    return ema
+
+
+def pretraining_objective(objective: SoFlowObjective) -> SoFlowObjective:
+    """Flow Matching alone (λ = 1) with the plain squared error; labels dropped as the SoFlow recipe drops them."""
+    guidance = objective.guidance
+    if guidance is not None:  # train the null class too, without guidance
+        guidance = ClassifierFreeGuidance(
+            scale=1.0, drop_rate=max(guidance.drop_rate, 0.1), null_cond=guidance.null_cond
+        )
+    return SoFlowObjective(fm_fraction=1.0, weighting=AdaptiveWeighting(p=0.0), guidance=guidance)
+
+
+def initial_model(config: ToyConfig, conditional: bool) -> torch.nn.Module:
+    """The MLP that ``--init`` holds, converted (F independent of s, equal to its velocity)."""
+    model = from_velocity_model(config.init, convention=config.init_convention or None).model.train()
+    if not isinstance(model, MLPBackbone) or model.dim != 2:
+        raise SystemExit(f"--init {config.init} holds a {type(model).__name__}, not an MLPBackbone on 2-D data")
+    classes = NUM_CLASSES[config.toy] if conditional else None
+    if model.num_classes != classes:
+        raise SystemExit(
+            f"--init {config.init} has num_classes={model.num_classes}; recipe {config.recipe} on {config.toy} "
+            f"needs {classes}"
+        )
+    return model
+
+
+def train(
+    config: ToyConfig,
+    objective: SoFlowObjective | None = None,
+    *,
+    metrics_path: Path | None = None,
+    on_step: Callable[[int, torch.nn.Module], None] | None = None,
+) -> tuple[torch.nn.Module, SoFlowObjective, dict[str, float]]:
+    """Train with the config's objective (or ``objective``), after Flow Matching pretraining when asked.
+
+    Every ``config.metrics_every`` steps (and at the last) a row goes to ``metrics_path`` (JSON
+    lines): the step, r(k, K), the learning rate, the seconds so far and every metric of the
+    step (rows of the pretraining stage also have ``"stage": "flow_matching"``). ``on_step(step,
+    model)`` is called after each SoFlow optimizer step with the trained (not EMA) model. Returns
+    the EMA model, the objective and the training time: ``train_seconds`` (wall clock) and
+    ``train_cpu_seconds`` (process CPU time, all threads together), pretraining included (also
+    given alone as ``pretrain_seconds`` and ``pretrain_cpu_seconds``).
+    """
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    objective = build_objective(config) if objective is None else objective
+    conditional = objective.guidance is not None
+    model = initial_model(config, conditional) if config.init is not None else build_model(config, conditional)
+    log = open(metrics_path, "w", buffering=1) if metrics_path and config.metrics_every else None  # noqa: SIM115
+    start, cpu_start = time.perf_counter(), time.process_time()
+    seconds: dict[str, float] = {}
+    if config.pretrain_steps:
+        pretrained = fit(
+            model, pretraining_objective(objective), config, generator, steps=config.pretrain_steps,
+            conditional=conditional, start=start, stage="flow_matching", log=log,
+        )  # fmt: skip
+        seconds = {
+            "pretrain_seconds": time.perf_counter() - start,
+            "pretrain_cpu_seconds": time.process_time() - cpu_start,
+        }
+        model = from_velocity_model(pretrained).model.train()
+    velocity_model = None
+    if objective.consistency_velocity == "pretrained":
+        velocity_model = copy.deepcopy(model).eval().requires_grad_(False)
+    ema = fit(
+        model, objective, config, generator, steps=config.steps, conditional=conditional, start=start,
+        velocity_model=velocity_model, log=log, on_step=on_step,
+    )  # fmt: skip
     if log is not None:
         log.close()
-    seconds = {"train_seconds": time.perf_counter() - start, "train_cpu_seconds": time.process_time() - cpu_start}
+    seconds |= {"train_seconds": time.perf_counter() - start, "train_cpu_seconds": time.process_time() - cpu_start}
     return ema, objective, seconds
 
 
@@ -327,8 +422,9 @@ def draw(samples: dict, metrics: dict, config: ToyConfig, path: Path) -> None:
         detail = f"energy distance {value:.5f} ({value / max(floor, 1e-12):.1f}× floor)"
         share = metrics.get(f"share_on_squares_{keys[name]}")
         ax.set_title(label + "\n" + detail + ("" if share is None else f", {100 * share:.0f}% on squares"), fontsize=9)
+    pretraining = f"{config.pretrain_steps} Flow Matching steps, then " if config.pretrain_steps else ""
     fig.suptitle(
-        f"{config.steps} steps, batch {config.batch_size}, recipe {config.recipe}; metrics: means over "
+        f"{pretraining}{config.steps} steps, batch {config.batch_size}, recipe {config.recipe}; metrics: means over "
         f"{config.eval_repeats} draws of {config.eval_samples} points; untrained (= noise) "
         f"{metrics['energy_distance_noise']:.4f}",
         fontsize=10,

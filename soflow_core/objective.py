@@ -77,6 +77,7 @@ from soflow_core.weighting import AdaptiveWeighting
 __all__ = [
     "PRESETS",
     "ConsistencyBatch",
+    "ConsistencyVelocity",
     "FlowMatchingBatch",
     "ForwardBatching",
     "ObjectiveOutput",
@@ -84,10 +85,13 @@ __all__ = [
     "TrainingBatch",
     "has_active_dropout",
     "split_sizes",
+    "with_pretrained_velocity",
 ]
 
 ForwardBatching = Literal["auto", "joint", "split"]
 """How the grad calls of a step are grouped; see `SoFlowObjective.forward_batching`."""
+ConsistencyVelocity = Literal["conditional", "pretrained"]
+"""The velocity of the step to x_ℓ; see `SoFlowObjective.consistency_velocity`."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -206,6 +210,51 @@ def split_sizes(batch_size: int, fm_fraction: float) -> tuple[int, int]:
     return n_fm, batch_size - n_fm
 
 
+def with_pretrained_velocity(batch: TrainingBatch, velocity_model: Backbone, *, param: AbstractParam) -> TrainingBatch:
+    r"""The batch whose consistency samples step to x_ℓ along a pretrained model's velocity.
+
+    The paper steps along the conditional velocity of each sample's own path,
+    ṽ = α'_t·data + β'_t·noise (consistency *training*). With a frozen pretrained velocity
+    model v_pre, as in consistency *distillation* (Song et al., "Consistency Models", ICML 2023),
+
+    $$x_\ell = x_t + v_{\mathrm{pre}}(x_t, t, c)\,(\ell - t),$$
+
+    the step follows the pretrained ODE, so the consistency target has far less variance. For a
+    backbone made by [`from_velocity_model`][soflow_core.nets.convert.from_velocity_model] and
+    fine-tuned from its own weights, the start is then a fixed point: with r(k, K) = 1 the
+    target f(x_ℓ, s, s) = x_t + v_pre·(s − t) is what the untrained network already returns.
+    The Flow Matching samples keep the conditional velocity as their target (measured: the
+    pretrained velocity there made the one-step samples worse; see the Fine-tune page). With
+    guidance, ṽ replaces v_t inside the guided velocity, so the guided step uses the pretrained
+    conditional velocity and the online model's unconditional one. Dropped labels call the
+    pretrained model with the null class, as the batch's ``cond`` holds it.
+
+    Args:
+        batch: The draws from [`sample_batch`][soflow_core.objective.SoFlowObjective.sample_batch].
+        velocity_model: The pretrained backbone, called without gradient at s = t; its velocity is
+            ``param.velocity(velocity_model, x_t, t, cond)``.
+        param: The parameterization both networks use.
+
+    Returns:
+        The batch with ``consistency.v_t`` replaced (the Flow Matching part as it was).
+
+    Examples:
+        >>> import torch
+        >>> from soflow_core.nets import MLPBackbone
+        >>> objective = SoFlowObjective.from_preset("toy")
+        >>> batch = objective.sample_batch(torch.randn(8, 2), step=0, total_steps=10)
+        >>> frozen = MLPBackbone(dim=2)  # F ≡ 0: a zero velocity
+        >>> with_pretrained_velocity(batch, frozen, param=objective.param).consistency.v_t.abs().max()
+        tensor(0.)
+    """
+    part = batch.consistency
+    if part is None:
+        return batch
+    with torch.no_grad():
+        v_pre = param.velocity(velocity_model, part.x_t, part.t, part.cond)
+    return dataclasses.replace(batch, consistency=dataclasses.replace(part, v_t=v_pre.detach()))
+
+
 def _cat(parts: Sequence[Tensor | None]) -> Tensor | None:
     if all(p is None for p in parts):
         return None
@@ -279,6 +328,12 @@ class SoFlowObjective:
             explicit form that may be differentiated twice. ``backprop`` is right to first order
             only: its gradient is the loss's, its second derivatives are not. Costs one
             elementwise pass over the consistency samples.
+        consistency_velocity: The velocity of the step to the intermediate time,
+            x_ℓ = x_t + ṽ·(ℓ − t): ``"conditional"`` (the paper's: ṽ = α'_t·data + β'_t·noise,
+            the sample's own path) or ``"pretrained"`` (ṽ = the velocity of a frozen pretrained
+            model, passed to each call as ``velocity_model``; see
+            [`with_pretrained_velocity`][soflow_core.objective.with_pretrained_velocity]). The
+            ``"finetune"`` preset uses ``"pretrained"``.
 
     Examples:
         >>> import torch
@@ -300,6 +355,7 @@ class SoFlowObjective:
     check_inputs: bool = True
     backend: Backend = "auto"
     differentiable_loss: bool = False
+    consistency_velocity: ConsistencyVelocity = "conditional"
 
     def __post_init__(self) -> None:
         # Names are resolved once, here; afterwards `path` and `param` are always objects.
@@ -325,12 +381,13 @@ class SoFlowObjective:
         check_choice("backend", self.backend, BACKENDS)
         object.__setattr__(self, "check_inputs", check_bool("check_inputs", self.check_inputs))
         object.__setattr__(self, "differentiable_loss", check_bool("differentiable_loss", self.differentiable_loss))
+        check_choice("consistency_velocity", self.consistency_velocity, ("conditional", "pretrained"))
 
     # ------------------------------------------------------------------ construction
 
     @classmethod
     def from_preset(cls, name: str, *, num_classes: int | None = None, **overrides: object) -> "SoFlowObjective":
-        """One of the two released recipes or the library's toy recipe, with field overrides.
+        """One of the two released recipes or the library's toy and fine-tuning recipes, with field overrides.
 
         * ``"imagenet"``: DiT-B/4 on ImageNet-256 latents with CFG (ω = 3, m = 0.25, drop 0.1,
           t_d = 0.8, null class 1000), λ = 0.75, p = 1, ε = 0.01, times [FM, s, t] logit-normal
@@ -341,9 +398,15 @@ class SoFlowObjective:
           toys), tuned on the checkerboard: λ = 0.25, p = 0.35, ε = 1, FM times logit-normal
           (−0.2, 1.0), t uniform on [0, 1], s logit-normal (−3.0, 1.5), r Exponent 1.0 → 0.002,
           no guidance. See [Benchmarks](../benchmarks/toy-recipe.md).
+        * ``"finetune"``: not from the paper; this library's recipe for fine-tuning a velocity
+          model converted by [`from_velocity_model`][soflow_core.nets.convert.from_velocity_model]
+          (a Flow Matching model, SiT): the ``"toy"`` recipe with ``consistency_velocity="pretrained"``,
+          so every call takes ``velocity_model=`` the frozen converted network. r starts at 1.0, where
+          the converted network is a fixed point. Measured on the 2-D toys and 8×8 digits; see
+          [Fine-tune a pretrained flow model](../finetune.md).
 
         Args:
-            name: ``"imagenet"``, ``"cifar10"`` or ``"toy"``.
+            name: ``"imagenet"``, ``"cifar10"``, ``"toy"`` or ``"finetune"``.
             num_classes: The class count of a class-conditional model (``"imagenet"``: 1000). Dropped
                 labels become the null class ``num_classes``, the last row of a label table with
                 ``num_classes + 1`` rows, so a model with fewer classes needs it (with 10 classes the
@@ -384,6 +447,7 @@ class SoFlowObjective:
         total_steps: int,
         generator: torch.Generator | None = None,
         noise: Data | None = None,
+        velocity_model: Backbone | None = None,
     ) -> ObjectiveOutput:
         """Draw a training batch from ``data`` and evaluate the objective on ``model``.
 
@@ -404,17 +468,33 @@ class SoFlowObjective:
             total_steps: Planned run length K ≥ 1.
             generator: Source of every random draw of the step, or None for the global RNG.
             noise: Noise to use instead of drawing it, shaped like ``data``.
+            velocity_model: With ``consistency_velocity="pretrained"`` (and only then), the frozen
+                pretrained backbone whose velocity steps the consistency samples to x_ℓ.
 
         Returns:
             The [`ObjectiveOutput`][soflow_core.ObjectiveOutput].
 
         Raises:
-            ValueError: On bad shapes, non-finite data, bad step counts, or guidance without ``cond``.
+            ValueError: On bad shapes, non-finite data, bad step counts, guidance without ``cond``,
+                or a ``velocity_model`` missing for (or given to) the consistency velocity.
             TypeError: On non-tensor inputs or non-integer step counts.
         """
+        pretrained = self.consistency_velocity == "pretrained"
+        if pretrained and velocity_model is None:
+            raise ValueError(
+                "velocity_model: consistency_velocity='pretrained' steps to x_ℓ along a pretrained model's velocity; "
+                "pass the frozen pretrained backbone (e.g. a copy of the converted model before fine-tuning)"
+            )
+        if not pretrained and velocity_model is not None:
+            raise ValueError(
+                "velocity_model was given, but consistency_velocity='conditional' does not use it; build the "
+                "objective with consistency_velocity='pretrained' (or the 'finetune' preset)"
+            )
         # torch.compiler.disable is applied here, only while tracing: at import it would load dynamo (and Triton).
         draw = torch.compiler.disable(_sample_batch_eagerly) if is_tracing() else SoFlowObjective.sample_batch
         batch = draw(self, data, cond, step=step, total_steps=total_steps, generator=generator, noise=noise)
+        if pretrained:
+            batch = with_pretrained_velocity(batch, velocity_model, param=self.param)  # type: ignore[arg-type]
         return self.loss(model, batch)
 
     def sample_batch(
@@ -835,6 +915,19 @@ PRESETS: dict[str, SoFlowObjective] = {
         weighting=AdaptiveWeighting(p=0.35, eps=1.0),
         guidance=None,
     ),
+    # Not the paper's: fine-tuning a converted velocity model (nets.from_velocity_model), measured in docs/finetune.md.
+    "finetune": SoFlowObjective(
+        fm_fraction=0.25,
+        fm_time=LogitNormal(mean=-0.2, std=1.0),
+        consistency_times=ConsistencyTimeSampler(
+            t_distribution=Uniform(low=0.0, high=1.0),
+            s_distribution=LogitNormal(mean=-3.0, std=1.5),
+            schedule=ExponentSchedule(r_init=1.0, r_end=0.002),
+        ),
+        weighting=AdaptiveWeighting(p=0.35, eps=1.0),
+        guidance=None,
+        consistency_velocity="pretrained",
+    ),
 }
-"""The two released recipes (``imagenet``, ``cifar10``) and the library's ``toy`` recipe; use
-[`SoFlowObjective.from_preset`][soflow_core.objective.SoFlowObjective.from_preset]."""
+"""The two released recipes (``imagenet``, ``cifar10``) and the library's ``toy`` and ``finetune``
+recipes; use [`SoFlowObjective.from_preset`][soflow_core.objective.SoFlowObjective.from_preset]."""

@@ -15,7 +15,8 @@ in-memory mapping and tells apart
   (``torch.compile``), stripped in any nesting;
 * a pretrained folder written by ``save_pretrained`` (see below).
 
-Files are read with ``torch.load(weights_only=True)`` only. The returned
+Files are read with ``torch.load(weights_only=True)`` only, which allows tensors, plain containers
+and (for the ``args`` of SiT's training files) ``argparse.Namespace``. The returned
 [`CheckpointOrigin`][soflow_core.nets.checkpoints.CheckpointOrigin] says which entry and prefix
 were used; the loaders also log it (logger ``soflow_core.nets.checkpoints``, level INFO).
 
@@ -36,6 +37,7 @@ crash never leaves a folder that loads. Safetensors is an optional dependency
 read or written.
 """
 
+import argparse
 import inspect
 import json
 import logging
@@ -83,6 +85,7 @@ WEIGHTS_FILE = "model.safetensors"
 _EMA_ENTRIES = ("ema", "ema_model")  # this project's trainers, the official training code
 _RAW_ENTRIES = ("model", "state_dict")
 _KEY_PREFIXES = ("module.", "_orig_mod.", "network.")
+_SAFE_GLOBALS = [argparse.Namespace]  # allowed in weights_only loads besides tensors and containers
 _INSTALL = 'pip install "soflow-core[pretrained]"'
 _SHOWN = 5
 _BACKBONES: dict[str, type["AbstractBackbone"]] = {}
@@ -455,7 +458,9 @@ def _strip_prefixes(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], str
 
 def _torch_load(path: Path) -> object:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # SiT's training files keep their command line as an argparse.Namespace of plain values.
+        with torch.serialization.safe_globals(_SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
         raise ValueError(
             f"{path} cannot be read with torch.load(weights_only=True): {str(error).splitlines()[0]}. "
