@@ -49,6 +49,7 @@ from soflow_core._validation import (
     label_checks,
     labels_unchecked,
     omega_checks,
+    omega_range,
 )
 from soflow_core.guidance import ClassifierFreeGuidance, GuidanceScaleDistribution, drop_cond, sample_drop_mask
 from soflow_core.losses import (
@@ -227,7 +228,9 @@ def with_pretrained_velocity(batch: TrainingBatch, velocity_model: Backbone, *, 
     pretrained velocity there made the one-step samples worse; see the Fine-tune page). With
     guidance, ṽ replaces v_t inside the guided velocity, so the guided step uses the pretrained
     conditional velocity and the online model's unconditional one. Dropped labels call the
-    pretrained model with the null class, as the batch's ``cond`` holds it.
+    pretrained model with the null class, as the batch's ``cond`` holds it. A pretrained model
+    that is itself ω-conditioned (it declares ``omega_range``) gets each sample's ω; any other
+    gets none, whether or not the batch draws ω.
 
     Args:
         batch: The draws from [`sample_batch`][soflow_core.objective.SoFlowObjective.sample_batch].
@@ -251,7 +254,8 @@ def with_pretrained_velocity(batch: TrainingBatch, velocity_model: Backbone, *, 
     if part is None:
         return batch
     with torch.no_grad():
-        v_pre = param.velocity(velocity_model, part.x_t, part.t, part.cond)
+        omega = part.omega if omega_range(velocity_model) is not None else None
+        v_pre = param.velocity(velocity_model, part.x_t, part.t, part.cond, omega=omega)
     return dataclasses.replace(batch, consistency=dataclasses.replace(part, v_t=v_pre.detach()))
 
 

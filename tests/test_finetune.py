@@ -89,3 +89,31 @@ def test_finetune_preset_is_the_toy_recipe_stepping_along_the_pretrained_velocit
     assert dataclasses.replace(finetune, consistency_velocity="conditional") == toy
     # r starts at 1, where a converted network fine-tuned from its own weights is a fixed point
     assert finetune.consistency_times.schedule(0, 100) == 1.0
+
+
+def test_pretrained_velocity_gets_each_samples_omega_only_when_it_is_omega_conditioned():
+    from soflow_core import ClassifierFreeGuidance, GuidanceScaleDistribution
+
+    guidance = ClassifierFreeGuidance(scale=GuidanceScaleDistribution(low=1.0, high=3.0), null_cond=4)
+    objective = dataclasses.replace(SoFlowObjective.from_preset("toy"), guidance=guidance)
+    generator = torch.Generator().manual_seed(0)
+    batch = objective.sample_batch(
+        torch.randn(16, 2), torch.randint(0, 4, (16,)), step=0, total_steps=10, generator=generator
+    )
+    sc = batch.consistency
+    assert sc.omega is not None
+    torch.manual_seed(0)
+    conditioned = MLPBackbone(dim=2, num_classes=4, width=16, depth=1, omega_range=(1.0, 3.0)).eval()
+    with torch.no_grad():
+        conditioned.output.weight.normal_(0.0, 0.5)
+        for p in conditioned.omega_embedding.parameters():
+            p.normal_(0.0, 0.5)  # ω moves the output, so a missing or wrong ω would show
+        expected = conditioned(sc.x_t, sc.t, sc.t, sc.cond, omega=sc.omega)
+    replaced = with_pretrained_velocity(batch, conditioned, param=objective.param)
+    torch.testing.assert_close(replaced.consistency.v_t, expected)
+    # a plain velocity model (not ω-conditioned) is called without ω, though the batch draws it
+    plain = MLPBackbone(dim=2, num_classes=4, width=16, depth=1).eval()
+    with torch.no_grad():
+        plain.output.weight.normal_(0.0, 0.5)
+        expected = plain(sc.x_t, sc.t, sc.t, sc.cond)
+    torch.testing.assert_close(with_pretrained_velocity(batch, plain, param=objective.param).consistency.v_t, expected)
