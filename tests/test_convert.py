@@ -307,7 +307,7 @@ def test_a_declared_convention_flips_time_sign_and_label_rows():
         expected = -net(x, 1 - t, 1 - t, (labels + 1) % 5)  # the source: 0 is the null class
         torch.testing.assert_close(converted(x, t, t * 0.2, labels), expected, atol=1e-11, rtol=1e-11)
         torch.testing.assert_close(
-            converted(x, t, t, None), -net(x, 1 - t, 1 - t, torch.zeros(6)), atol=1e-11, rtol=1e-11
+            converted(x, t, t, None), -net(x, 1 - t, 1 - t, torch.zeros(6, dtype=torch.long)), atol=1e-11, rtol=1e-11
         )
 
 
