@@ -20,7 +20,7 @@ Examples:
     >>> out.backprop.backward()
 """
 
-from soflow_core.guidance import ClassifierFreeGuidance, GuidanceScaleDistribution
+from soflow_core.guidance import ClassifierFreeGuidance
 from soflow_core.losses import (
     ConsistencyOutput,
     FlowMatchingLoss,
@@ -62,7 +62,6 @@ __all__ = [
     "ExponentSchedule",
     "FlowMatchingLoss",
     "FlowMatchingOutput",
-    "GuidanceScaleDistribution",
     "LinearPath",
     "LinearSchedule",
     "LogitNormal",

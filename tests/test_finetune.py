@@ -92,7 +92,8 @@ def test_finetune_preset_is_the_toy_recipe_stepping_along_the_pretrained_velocit
 
 
 def test_pretrained_velocity_gets_each_samples_omega_only_when_it_is_omega_conditioned():
-    from soflow_core import ClassifierFreeGuidance, GuidanceScaleDistribution
+    from soflow_core import ClassifierFreeGuidance
+    from soflow_core.guidance import GuidanceScaleDistribution
 
     guidance = ClassifierFreeGuidance(scale=GuidanceScaleDistribution(low=1.0, high=3.0), null_cond=4)
     objective = dataclasses.replace(SoFlowObjective.from_preset("toy"), guidance=guidance)
