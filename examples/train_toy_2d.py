@@ -213,6 +213,9 @@ class Progress:
             self.bar.close()
 
 
+STAGE_NAMES = {"flow_matching": "Flow Matching"}  # a stage as the progress lines print it
+
+
 def lr_factor(step: int, config: ToyConfig, steps: int | None = None) -> float:
     total = config.steps if steps is None else steps
     decay_steps = max(1, int(config.lr_decay_fraction * total))
@@ -242,7 +245,7 @@ def fit(
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     progress = Progress(steps, config.progress)
     extra = {} if velocity_model is None else {"velocity_model": velocity_model}
-    label = "" if stage is None else f"{stage} "
+    label = "" if stage is None else f"{STAGE_NAMES.get(stage, stage)} "
     for step in range(steps):
         data, labels = sample_toy_2d(config.toy, config.batch_size, generator=generator)
         out = objective(
