@@ -919,19 +919,9 @@ PRESETS: dict[str, SoFlowObjective] = {
         weighting=AdaptiveWeighting(p=0.35, eps=1.0),
         guidance=None,
     ),
-    # Not the paper's: fine-tuning a converted velocity model (nets.from_velocity_model), measured in docs/finetune.md.
-    "finetune": SoFlowObjective(
-        fm_fraction=0.25,
-        fm_time=LogitNormal(mean=-0.2, std=1.0),
-        consistency_times=ConsistencyTimeSampler(
-            t_distribution=Uniform(low=0.0, high=1.0),
-            s_distribution=LogitNormal(mean=-3.0, std=1.5),
-            schedule=ExponentSchedule(r_init=1.0, r_end=0.002),
-        ),
-        weighting=AdaptiveWeighting(p=0.35, eps=1.0),
-        guidance=None,
-        consistency_velocity="pretrained",
-    ),
 }
+# Not the paper's: fine-tuning a converted velocity model (nets.from_velocity_model), measured in docs/finetune.md:
+# the "toy" recipe, stepping to x_ℓ along the frozen pretrained velocity.
+PRESETS["finetune"] = dataclasses.replace(PRESETS["toy"], consistency_velocity="pretrained")
 """The two released recipes (``imagenet``, ``cifar10``) and the library's ``toy`` and ``finetune``
 recipes; use [`SoFlowObjective.from_preset`][soflow_core.objective.SoFlowObjective.from_preset]."""
