@@ -632,7 +632,7 @@ class SoFlowObjective:
         return declared
 
     def _check_backbone(
-        self, model: Backbone, batch: TrainingBatch, omega_range: tuple[float, float] | None
+        self, model: Backbone, batch: TrainingBatch, declared_range: tuple[float, float] | None
     ) -> Backbone:
         """Check the batch against the backbone before any call; wrap it to check every output.
 
@@ -652,15 +652,15 @@ class SoFlowObjective:
         for name, part in (("flow_matching.omega", batch.flow_matching), ("consistency.omega", batch.consistency)):
             if part is None:
                 continue
-            if (part.omega is None) != (omega_range is None):
+            if (part.omega is None) != (declared_range is None):
                 state = "has no" if part.omega is None else "has an"
                 raise ValueError(
-                    f"{name}: the batch {state} ω per sample, but the backbone's omega_range is {omega_range}; "
+                    f"{name}: the batch {state} ω per sample, but the backbone's omega_range is {declared_range}; "
                     "draw the batch with this objective's sample_batch"
                 )
             if part.omega is not None:
                 check_omega(name, part.omega, part.t.shape[0])
-                checks += omega_checks(name, part.omega, omega_range)
+                checks += omega_checks(name, part.omega, declared_range)
         declared = class_count(model)
         guidance = self.guidance
         if declared is not None:
